@@ -1,0 +1,92 @@
+"""Model-state memory per rank: the analytic floor (DESIGN.md section 8) and live-tensor accounting.
+
+Model states are weights, gradients, fp32 masters and optimizer moments; activations and
+framework workspaces are not counted. Psi is every parameter, Psi_a the active ones
+(always-active + gamma decoder layers), N the data-parallel world size.
+"""
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from typing import Dict, Iterable, Sequence
+
+import torch
+
+# bytes per parameter for Adam under mixed precision: fp32 master + two fp32 moments
+ADAM_FP32_STATE_BYTES = 12
+STAGES = ("single", "zero1", "zero2", "zero3", "fsdp2")
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    total: int
+    always: int
+    per_layer: Sequence[int]
+
+    def active(self, layers: Iterable[int]) -> int:
+        return self.always + sum(self.per_layer[i] for i in layers)
+
+    def gamma_active(self, gamma: int) -> int:
+        """Psi_a for the largest gamma layers: the per-rank figure must hold for every switch."""
+        return self.always + sum(sorted(self.per_layer, reverse=True)[:gamma])
+
+
+def count_params(split) -> ParamCounts:
+    """Counts from a lisa_dist.layers.ParamSplit (parameters outside the blocks that are frozen count in Psi only)."""
+    per_layer = [sum(p.numel() for _, p in layer) for layer in split.per_layer]
+    always = sum(p.numel() for _, p in split.always)
+    frozen = sum(p.numel() for _, p in split.frozen_outside)
+    return ParamCounts(total=always + frozen + sum(per_layer), always=always, per_layer=per_layer)
+
+
+def model_state_floor(stage: str, psi: int, psi_active: int, world_size: int = 1,
+                      weight_bytes: int = 2) -> Dict[str, float]:
+    """Per-rank bytes by category for bf16/fp16 weights (weight_bytes=2) and Adam.
+
+    Full fine-tuning is the same formula with psi_active = psi.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected one of {STAGES}")
+    n = 1 if stage == "single" else world_size
+    if n < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    # fp32 weights need no separate master: the master is the weight.
+    master_bytes = 4 if weight_bytes == 2 else 0
+    moments = ADAM_FP32_STATE_BYTES - 4
+    sharded_weights = stage in ("zero3", "fsdp2")
+    sharded_grads = stage in ("zero2", "zero3", "fsdp2")
+    out = {
+        "weights": weight_bytes * psi / (n if sharded_weights else 1),
+        "grads": weight_bytes * psi_active / (n if sharded_grads else 1),
+        "master": master_bytes * psi_active / n,
+        "optimizer_state": moments * psi_active / n,
+    }
+    if stage == "single":
+        out["master"] = master_bytes * psi_active
+        out["optimizer_state"] = moments * psi_active
+    out["total"] = sum(out.values())
+    return out
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of every live tensor storage in this process, each storage counted once.
+
+    Used to show that switches free what they replace; counts parameters, gradients, optimizer
+    state and anything else reachable, so compare it across switches, not against a floor.
+    """
+    gc.collect()
+    seen = set()
+    total = 0
+    for obj in gc.get_objects():
+        try:
+            if not torch.is_tensor(obj) or obj.device.type == "meta":
+                continue
+            storage = obj.untyped_storage()
+        except Exception:  # some objects raise on attribute access (weakref proxies, lazy modules)
+            continue
+        key = (storage.data_ptr(), storage.device.type)
+        if key in seen or storage.data_ptr() == 0:
+            continue
+        seen.add(key)
+        total += storage.nbytes()
+    return total

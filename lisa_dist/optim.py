@@ -1,0 +1,228 @@
+"""LisaOptimizer: single-process LISA, and the numerical reference for every distributed backend.
+
+It wraps an ordinary torch optimizer built over fp32 master tensors for [always-active, active
+layers] only. Frozen layers hold no master, no gradient and no optimizer state, so its memory is
+that of an optimizer over the active set, not the peak set ever sampled (what the
+`requires_grad`-toggling callbacks of LMFlow/axolotl/ms-swift grow into).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
+
+import torch
+from torch import nn
+
+from .config import LisaConfig
+from .layers import ParamSplit, split_parameters
+from .sampling import LayerSampler
+
+_STATE_FORMAT = 1
+
+
+def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _state_tensors(state: dict) -> List[torch.Tensor]:
+    return [v for v in state.values() if torch.is_tensor(v)]
+
+
+def _move_state(state: dict, device) -> dict:
+    return {k: (v.to(device, copy=True) if torch.is_tensor(v) else v) for k, v in state.items()}
+
+
+class LisaOptimizer(torch.optim.Optimizer):
+    """A torch optimizer that trains always-active parameters plus `activated_layers` sampled decoder
+    layers, re-sampled every `interval_steps` optimizer steps.
+
+    The switch to interval k happens at the end of step k*K - 1 (and in `__init__` for k = 0), so the
+    backward of step k*K already computes gradients for the new set. `param_groups[0]` holds the
+    always-active parameters and `param_groups[1]` the active layers; both carry the optimizer
+    hyper-parameters, so torch LR schedulers work unchanged.
+    """
+
+    def __init__(self, model: nn.Module, config: LisaConfig,
+                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs):
+        self.config = config
+        self.split: ParamSplit = split_parameters(model, config)
+        self.sampler = LayerSampler(self.split.num_layers, config)
+        self._names: Dict[nn.Parameter, str] = {p: n for n, p in self.split.always}
+        for layer in self.split.per_layer:
+            self._names.update((p, n) for n, p in layer)
+        # Master per trainable model param; it *is* the param when the model is fp32 already.
+        self._masters: "OrderedDict[nn.Parameter, torch.Tensor]" = OrderedDict()
+        # Host copies of deactivated layers under state_policy="offload": layer -> name -> (master|None, state).
+        self._offloaded: Dict[int, Dict[str, Tuple[Optional[torch.Tensor], dict]]] = {}
+
+        for _, p in self.split.frozen_outside:
+            p.requires_grad_(False)
+        for layer in self.split.per_layer:
+            for _, p in layer:
+                p.requires_grad_(False)
+                p.grad = None
+        always = [self._attach(p, None) for p in self.split.always_params]
+        self._inner = optimizer_cls([{"params": always}, {"params": []}], **optimizer_kwargs)
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+        self.optimizer_steps = 0
+        self.switch_index = 0
+        self.active_layers: Tuple[int, ...] = ()
+        self._switch_to(self.sampler.active_layers(0))
+
+    # The inner optimizer owns groups and state; load_state_dict replaces its lists, so delegate
+    # instead of aliasing.
+    @property
+    def param_groups(self):
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self._inner.param_groups = value
+
+    @property
+    def state(self):
+        return self._inner.state
+
+    @state.setter
+    def state(self, value):
+        self._inner.state = value
+
+    @property
+    def defaults(self):
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self._inner.defaults = value
+
+    # --- masters and switching -------------------------------------------------------------
+
+    def _attach(self, p: nn.Parameter, saved: Optional[Tuple[Optional[torch.Tensor], dict]]) -> torch.Tensor:
+        """Make p trainable with a master (restored from `saved` under offload) and return the master."""
+        p.requires_grad_(True)
+        if p.dtype == torch.float32:
+            master = p
+        elif saved is not None and saved[0] is not None:
+            master = saved[0].to(p.device, copy=True)
+        else:
+            master = p.detach().to(torch.float32, copy=True)
+        self._masters[p] = master
+        if saved is not None and saved[1]:
+            self._inner.state[master] = _move_state(saved[1], p.device)
+        return master
+
+    def _detach(self, p: nn.Parameter) -> Tuple[Optional[torch.Tensor], dict]:
+        master = self._masters.pop(p)
+        state = self._inner.state.pop(master, {})
+        p.requires_grad_(False)
+        p.grad = None
+        if master is p:
+            return None, state
+        # The weight keeps its low-precision rounding of the master; offload keeps the master itself.
+        return master, state
+
+    def _switch_to(self, new_active: Tuple[int, ...]) -> None:
+        old, new = set(self.active_layers), set(new_active)
+        for i in sorted(old - new):
+            saved = {self._names[p]: self._detach(p) for _, p in self.split.per_layer[i]}
+            if self.config.state_policy == "offload":
+                self._offloaded[i] = {n: ((m.to("cpu", copy=True) if m is not None else None),
+                                          _move_state(st, "cpu")) for n, (m, st) in saved.items()}
+        for i in sorted(new - old):
+            saved = self._offloaded.pop(i, {})
+            for name, p in self.split.per_layer[i]:
+                self._attach(p, saved.get(name))
+        self.param_groups[1]["params"] = [self._masters[p] for p in self.split.layer_params(new_active)]
+        self.active_layers = tuple(new_active)
+
+    def _trained(self) -> List[Tuple[nn.Parameter, torch.Tensor]]:
+        return list(self._masters.items())
+
+    # --- torch optimizer surface ---------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for p, master in self._trained():
+            if master is not p:
+                master.grad = None if p.grad is None else p.grad.to(torch.float32)
+        self._inner.step()
+        for p, master in self._trained():
+            if master is not p:
+                p.copy_(master)
+                master.grad = None
+        self.optimizer_steps += 1
+        if self.optimizer_steps % self.config.interval_steps == 0:
+            self.switch_index = self.optimizer_steps // self.config.interval_steps
+            self._switch_to(self.sampler.active_layers(self.switch_index))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p, master in self._trained():
+            for t in (p, master):
+                if t.grad is None:
+                    continue
+                if set_to_none:
+                    t.grad = None
+                else:
+                    t.grad.zero_()
+
+    def state_bytes(self) -> Dict[str, int]:
+        """Bytes held for training beyond the model weights: fp32 masters that are not the weights
+        themselves, optimizer state on the device, and host copies kept by `offload`."""
+        masters = [m for p, m in self._masters.items() if m is not p]
+        state = [t for st in self._inner.state.values() for t in _state_tensors(st)]
+        host = [t for layer in self._offloaded.values() for m, st in layer.values()
+                for t in ([m] if m is not None else []) + _state_tensors(st)]
+        return {"master": _tensor_bytes(masters), "optimizer_state": _tensor_bytes(state),
+                "offloaded_host": _tensor_bytes(host)}
+
+    def _schedule_key(self) -> dict:
+        return {"seed": self.config.seed, "activated_layers": self.config.activated_layers,
+                "interval_steps": self.config.interval_steps, "num_layers": self.split.num_layers,
+                "state_policy": self.config.state_policy}
+
+    def state_dict(self) -> dict:
+        masters = {self._names[p]: m.detach().clone() for p, m in self._masters.items() if m is not p}
+        offloaded = {str(i): {n: {"master": m, "state": st} for n, (m, st) in layer.items()}
+                     for i, layer in self._offloaded.items()}
+        return {"format": _STATE_FORMAT,
+                "lisa": {**self._schedule_key(), "optimizer_steps": self.optimizer_steps,
+                         "switch_index": self.switch_index, "active_layers": list(self.active_layers)},
+                "inner": self._inner.state_dict(), "masters": masters, "offloaded": offloaded}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the schedule position, the active set, masters and moments. Load the model
+        weights first: frozen layers are taken from the model as they are."""
+        lisa = state_dict["lisa"]
+        expected = self._schedule_key()
+        mismatched = {k: (lisa.get(k), v) for k, v in expected.items() if lisa.get(k) != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"LISA checkpoint does not match this optimizer ({detail}); resume with the "
+                             "same model and LisaConfig, or start a new run")
+        for i in sorted(self.active_layers):  # drop current set; the saved one is rebuilt below
+            for _, p in self.split.per_layer[i]:
+                self._detach(p)
+        self.active_layers = ()
+        self._offloaded = {int(i): {n: (e["master"], e["state"]) for n, e in layer.items()}
+                           for i, layer in state_dict["offloaded"].items()}
+        self._switch_to(tuple(lisa["active_layers"]))
+        with torch.no_grad():
+            for p, m in self._masters.items():
+                name = self._names[p]
+                if m is not p and name in state_dict["masters"]:
+                    m.copy_(state_dict["masters"][name])
+        self._inner.load_state_dict(state_dict["inner"])
+        self.optimizer_steps = lisa["optimizer_steps"]
+        self.switch_index = lisa["switch_index"]
