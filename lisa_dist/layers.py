@@ -1,0 +1,228 @@
+"""Where the decoder blocks are, and which parameters LISA trains always, per layer, or never.
+
+Discovery is structural (no table of model classes), so any architecture whose blocks live in an
+``nn.ModuleList`` works without code changes; anything else is one ``layers_path`` away.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from .config import LisaConfig
+
+__all__ = ["DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters"]
+
+NamedParams = list[tuple[str, nn.Parameter]]
+
+
+@dataclass
+class DecoderLayers:
+    path: str
+    """Dotted path of the ModuleList inside the model, e.g. "model.layers"."""
+
+    layers: nn.ModuleList
+    """The decoder blocks, in forward order."""
+
+
+@dataclass
+class ParamSplit:
+    layers_path: str
+    """Dotted path of the decoder-block ModuleList the split was made against."""
+
+    always: NamedParams
+    """Outside the decoder blocks and trained every step (embeddings and/or head side, per the config)."""
+
+    frozen_outside: NamedParams
+    """Outside the decoder blocks but never trained (train_embeddings=False / train_head=False)."""
+
+    per_layer: list[NamedParams]
+    """per_layer[i]: (full name, param) of decoder block i, in model.named_parameters() order."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.per_layer)
+
+    @property
+    def always_params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.always]
+
+    def layer_params(self, indices: Iterable[int]) -> list[nn.Parameter]:
+        """Parameters of the given blocks, in model order whatever the order of ``indices``
+        (so optimizer groups built from a set are the same on every rank)."""
+        indices = sorted(set(indices))
+        bad = [i for i in indices if not 0 <= i < self.num_layers]
+        if bad:
+            raise ValueError(f"layer indices {bad} are out of range: the model has {self.num_layers} "
+                             f"decoder layers at {self.layers_path!r}, valid indices are 0..{self.num_layers - 1}")
+        return [p for i in indices for _, p in self.per_layer[i]]
+
+
+def _numel(p: torch.Tensor) -> int:
+    # ZeRO-3 partitions parameters in place (numel() == 0); ds_numel keeps the full size.
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def _describe(path: str, layers: nn.ModuleList) -> str:
+    counts = Counter(type(m).__name__ for m in layers)
+    classes = " + ".join(f"{n} x {name}" for name, n in counts.items())
+    numel = sum(_numel(p) for p in layers.parameters())
+    return f"{path or '<root>'} ({classes}, {numel:,} params)"
+
+
+def _hint(example: str) -> str:
+    return (f'pass the dotted path of the decoder-block nn.ModuleList: LisaConfig(layers_path="{example}") '
+            f"or --layers-path {example} on the CLI")
+
+
+def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
+    get = getattr(model, "get_input_embeddings", None)
+    if get is None:
+        return None
+    try:
+        return get()
+    except NotImplementedError:  # transformers' base class raises this when it cannot guess
+        return None
+
+
+def _module_paths(model: nn.Module, target: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules(remove_duplicate=False) if m is target]
+
+
+def _related(a: str, b: str) -> bool:
+    """True when one dotted path is the other or lies inside it ("" is the root, which holds everything)."""
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".") or a == "" or b == ""
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a.split(".") if a else [], b.split(".") if b else []):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _candidates(model: nn.Module, embed_paths: list[str]) -> list[tuple[str, nn.ModuleList]]:
+    """Outermost ModuleLists of parameter-holding blocks.
+
+    Blocks may be of different classes (hybrid attention/SSM stacks). Lists nested in a candidate
+    (MoE experts, per-block sub-lists) are skipped, and so is anything containing or inside the input
+    embeddings (a list of per-codebook embeddings is not a decoder stack).
+    """
+    found: list[tuple[str, nn.ModuleList]] = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(p + ".") for p, _ in found):
+            continue
+        if any(_related(path, e) for e in embed_paths):
+            continue
+        if all(any(True for _ in child.parameters()) for child in module):
+            found.append((path, module))
+    return found
+
+
+def find_decoder_layers(model: nn.Module, layers_path: Optional[str] = None) -> DecoderLayers:
+    """Locate the ModuleList of decoder blocks.
+
+    ``layers_path`` wins when given. Otherwise, among the candidate lists, prefer the one whose path
+    shares the longest prefix with the input embeddings' parent module (a vision-language model's
+    language layers sit beside its token embeddings, the vision tower does not), then the one with
+    the most parameters; a remaining tie, or no candidate, is an error naming the candidates.
+    """
+    embed = _input_embeddings(model)
+    embed_paths = _module_paths(model, embed) if embed is not None else []
+    candidates = _candidates(model, embed_paths)
+    listing = "\n".join(f"  {_describe(p, m)}" for p, m in candidates) or "  (none)"
+
+    if layers_path is not None:
+        return _resolve(model, layers_path, listing)
+
+    if not candidates:
+        raise ValueError(f"found no nn.ModuleList of parameter-holding blocks in {type(model).__name__}, "
+                         f"so its decoder layers cannot be located automatically; {_hint('model.layers')}")
+
+    # Compare with the embeddings' parent: that is the module the decoder stack normally sits in.
+    anchor = embed_paths[0].rpartition(".")[0] if embed_paths else ""
+
+    def rank(c: tuple[str, nn.ModuleList]) -> tuple[int, int]:
+        return _common_prefix(c[0], anchor), sum(_numel(p) for p in c[1].parameters())
+
+    ranked = sorted(candidates, key=rank, reverse=True)
+    if len(ranked) > 1 and rank(ranked[0]) == rank(ranked[1]):
+        tied = [c for c in ranked if rank(c) == rank(ranked[0])]
+        raise ValueError(f"cannot tell which of {len(tied)} equally plausible ModuleLists in "
+                         f"{type(model).__name__} holds the decoder layers; candidates:\n{listing}\n"
+                         f"{_hint(tied[0][0])}")
+    path, layers = ranked[0]
+    return DecoderLayers(path=path, layers=layers)
+
+
+def _resolve(model: nn.Module, layers_path: str, listing: str) -> DecoderLayers:
+    module: nn.Module = model
+    walked: list[str] = []
+    for part in layers_path.split("."):
+        child = module._modules.get(part)
+        if child is None:
+            here = ".".join(walked) or "<root>"
+            children = ", ".join(module._modules) or "(none)"
+            raise ValueError(f"layers_path {layers_path!r} does not exist: {here} "
+                             f"({type(module).__name__}) has no submodule {part!r}; its submodules are: "
+                             f"{children}. Detected candidates:\n{listing}")
+        module, walked = child, walked + [part]
+    if not isinstance(module, nn.ModuleList):
+        raise ValueError(f"layers_path {layers_path!r} is a {type(module).__name__}, not an nn.ModuleList of "
+                         f"decoder blocks. Detected candidates:\n{listing}")
+    if len(module) == 0:
+        raise ValueError(f"layers_path {layers_path!r} is an empty ModuleList: LISA needs at least one "
+                         f"decoder layer to sample. Detected candidates:\n{listing}")
+    return DecoderLayers(path=layers_path, layers=module)
+
+
+def split_parameters(model: nn.Module, config: LisaConfig) -> ParamSplit:
+    """Partition every parameter (tied ones once) into always-trained, never-trained and per-layer.
+
+    Uses ``config.layers_path``, ``config.train_embeddings`` and ``config.train_head``.
+    Outside the blocks, the input embeddings follow ``train_embeddings`` and everything else (LM head,
+    final norm, a VLM's vision tower and projector, positional tables) follows ``train_head``; a tensor
+    tied between the two trains if either flag is set.
+    """
+    found = find_decoder_layers(model, config.layers_path)
+    block_prefix = f"{found.path}." if found.path else ""
+
+    def layer_of(name: str) -> Optional[int]:
+        if not name.startswith(block_prefix):
+            return None
+        return int(name[len(block_prefix):].split(".", 1)[0])
+
+    embed = _input_embeddings(model)
+    embed_prefixes = tuple(p + "." for p in _module_paths(model, embed)) if embed is not None else ()
+    if not embed_prefixes and not config.train_embeddings:
+        raise ValueError(f"train_embeddings=False but {type(model).__name__} has no get_input_embeddings(), "
+                         "so there is nothing to freeze; set train_embeddings=True or freeze the "
+                         "embedding parameters yourself")
+
+    # A tied tensor is listed once by named_parameters(); its aliases tell which sides share it.
+    is_embed: set[int] = set()
+    is_head: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if layer_of(name) is not None:
+            continue
+        (is_embed if name.startswith(embed_prefixes) else is_head).add(id(p))
+
+    always: NamedParams = []
+    frozen_outside: NamedParams = []
+    per_layer: list[NamedParams] = [[] for _ in found.layers]
+    for name, p in model.named_parameters():
+        i = layer_of(name)
+        if i is not None:
+            per_layer[i].append((name, p))
+        elif (id(p) in is_embed and config.train_embeddings) or (id(p) in is_head and config.train_head):
+            always.append((name, p))
+        else:
+            frozen_outside.append((name, p))
+    return ParamSplit(layers_path=found.path, always=always, frozen_outside=frozen_outside, per_layer=per_layer)
