@@ -1,0 +1,107 @@
+"""LisaOptimizer on FSDP2-sharded (DTensor) parameters.
+
+The reference optimizer already works on DTensors as they are: a master is
+`p.detach().to(float32, copy=True)`, so it is an fp32 DTensor with the parameter's sharding and
+holds only this rank's shard, and the inner AdamW steps DTensors. What FSDP2 adds:
+
+- after every change of the trainable set, FSDP2's per-unit reduce dtype must be recomputed
+  (see _compat.refresh_mp_dtypes), or layers activated after the first forward reduce in bf16;
+- ranks must agree on the active set (checked with one small collective per switch);
+- byte counts must be this rank's shard, not the DTensor's global size.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Tuple, Type
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..config import LisaConfig
+from ..optim import LisaOptimizer
+from ._compat import check_torch_version, refresh_mp_dtypes
+
+
+def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes this rank holds for the given tensors (a DTensor counts its local shard only)."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        total += local.numel() * local.element_size()
+    return total
+
+
+def _state_tensors(state: dict):
+    return [v for v in state.values() if torch.is_tensor(v)]
+
+
+class FSDPLisaOptimizer(LisaOptimizer):
+    """LisaOptimizer for a model sharded by `shard_model`; build it after sharding.
+
+    `fix_mp_dtypes=False` skips the mixed-precision fix-up; it exists only so the tests can show
+    what goes wrong without it.
+    """
+
+    def __init__(self, model: nn.Module, config: LisaConfig,
+                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
+                 fix_mp_dtypes: bool = True, **optimizer_kwargs):
+        check_torch_version()
+        # Set before super().__init__(), which performs the first switch through _switch_to.
+        self._model = model
+        self._fix_mp_dtypes = fix_mp_dtypes
+        super().__init__(model, config, optimizer_cls, **optimizer_kwargs)
+
+    def _switch_to(self, new_active: Tuple[int, ...]) -> None:
+        super()._switch_to(new_active)
+        if self._fix_mp_dtypes:
+            refresh_mp_dtypes(self._model)
+        self._check_agreement()
+
+    def _check_agreement(self) -> None:
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return
+        mine = (self.switch_index, tuple(self.active_layers))
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        if any(x != mine for x in everyone):
+            listing = ", ".join(f"rank {r}: switch {k} layers {list(a)}" for r, (k, a) in enumerate(everyone))
+            raise RuntimeError(f"LISA ranks disagree on the active layer set ({listing}); every rank must use "
+                               "the same LisaConfig (seed, activated_layers, interval_steps) and resume from "
+                               "the same checkpoint")
+
+    def state_bytes(self) -> Dict[str, int]:
+        """As LisaOptimizer.state_bytes, counting this rank's shards."""
+        masters = [m for p, m in self._masters.items() if m is not p]
+        state = [t for st in self._inner.state.values() for t in _state_tensors(st)]
+        host = [t for layer in self._offloaded.values() for m, st in layer.values()
+                for t in ([m] if m is not None else []) + _state_tensors(st)]
+        return {"master": local_bytes(masters), "optimizer_state": local_bytes(state),
+                "offloaded_host": local_bytes(host)}
+
+    # --- checkpoint support ------------------------------------------------------------------
+
+    def prepare_for_load(self, active_layers: Tuple[int, ...]) -> None:
+        """Switch to a checkpoint's active set and materialise optimizer state for it, so that
+        `state_dict()` has the checkpoint's structure and can be a template for an in-place load."""
+        self._switch_to(tuple(active_layers))
+        self._materialise_state()
+
+    @torch.no_grad()
+    def _materialise_state(self) -> None:
+        # A step at lr=0 on zero gradients creates the moments without moving any master
+        # (the same trick torch.distributed.checkpoint.state_dict uses for empty optimizers).
+        masters = [m for group in self._inner.param_groups for m in group["params"]
+                   if m not in self._inner.state or not self._inner.state[m]]
+        if not masters:
+            return
+        saved_lr = [group["lr"] for group in self._inner.param_groups]
+        for group in self._inner.param_groups:
+            group["lr"] = 0.0
+        for m in masters:
+            m.grad = torch.zeros_like(m)
+        self._inner.step()
+        for m in masters:
+            m.grad = None
+        for group, lr in zip(self._inner.param_groups, saved_lr):
+            group["lr"] = lr

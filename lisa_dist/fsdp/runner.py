@@ -1,0 +1,148 @@
+"""FSDPRunner: the FSDP2 runner behind `lisa-train --backend fsdp2` (launched with torchrun)."""
+from __future__ import annotations
+
+import gc
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import LisaConfig
+from ..memory import count_params, model_state_floor
+from . import checkpoint
+from .optimizer import FSDPLisaOptimizer
+from .shard import default_device, shard_model
+
+
+def init_distributed() -> bool:
+    """Initialise the default process group from torchrun's environment unless already done.
+    Returns True when this call created it (and so the runner should destroy it)."""
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--backend fsdp2 runs under a distributed launcher: use `torchrun --nproc_per_node N "
+                         "-m lisa_dist.train --backend fsdp2 ...` (or `accelerate launch --config_file "
+                         "launch/accelerate_fsdp2.yaml ...`); RANK/WORLD_SIZE are not set")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+class FSDPRunner:
+    """One optimizer step per `train_step`; gradients accumulate over the given micro-batches.
+
+    Weights keep the dtype the model arrives in: bf16 weights are sharded as bf16 (frozen layers
+    cost 2 bytes per parameter / world size) with fp32 gradient reduction and fp32 masters for the
+    active set; fp32 weights train in fp32 throughout.
+    """
+
+    def __init__(self, model: nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
+                 cpu_offload: bool = False, activation_checkpointing: bool = False,
+                 warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True):
+        self._owns_process_group = init_distributed()
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.device = default_device()
+        self.weight_dtype = next(model.parameters()).dtype
+        if self.weight_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"FSDPRunner trains bf16 or fp32 weights, the model is {self.weight_dtype}; "
+                             "load it with dtype=torch.bfloat16 (or --dtype bf16)")
+        self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
+                                 cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
+                                 layers_path=lisa.layers_path)
+        self.optimizer = FSDPLisaOptimizer(self.model, lisa, torch.optim.AdamW, fix_mp_dtypes=fix_mp_dtypes,
+                                           lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+        self.max_grad_norm = max_grad_norm
+        self.schedule_log: List[Dict] = []
+        self._log_switch(0.0)
+
+    # --- schedule ----------------------------------------------------------------------------
+
+    @property
+    def active_layers(self) -> Tuple[int, ...]:
+        return self.optimizer.active_layers
+
+    @property
+    def switch_index(self) -> int:
+        return self.optimizer.switch_index
+
+    def _log_switch(self, seconds: float) -> None:
+        self.schedule_log.append({"step": self.optimizer.optimizer_steps, "switch_index": self.switch_index,
+                                  "active_layers": list(self.active_layers), "seconds": seconds,
+                                  "optimizer_bytes": self.optimizer_state_bytes()})
+
+    # --- training ------------------------------------------------------------------------------
+
+    def train_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> float:
+        if not micro_batches:
+            raise ValueError("train_step needs at least one micro-batch")
+        self.model.train()
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            # FSDP2 reduce-scatters after every backward and averages over ranks; scaling by the
+            # micro-batch count makes the accumulated gradient the mean over the global batch.
+            loss = self.model(**batch).loss / len(micro_batches)
+            loss.backward()
+            total += loss.detach().float()
+        if self.max_grad_norm:
+            grads = [p for p in self.model.parameters() if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        before = self.switch_index
+        start = time.perf_counter()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        if self.switch_index != before:
+            self._log_switch(time.perf_counter() - start)
+        dist.all_reduce(total)
+        return total.item() / self.world_size
+
+    # --- memory ----------------------------------------------------------------------------------
+
+    def optimizer_state_bytes(self) -> int:
+        """This rank's fp32 masters + optimizer moments (host copies kept by `offload` not included)."""
+        b = self.optimizer.state_bytes()
+        return b["master"] + b["optimizer_state"]
+
+    def full_finetune_state_bytes(self) -> int:
+        """Analytic per-rank fp32 master + moments of full fine-tuning on FSDP2 (DESIGN.md section 8)."""
+        counts = count_params(self.optimizer.split)
+        floor = model_state_floor("fsdp2", counts.total, counts.total, self.world_size,
+                                  weight_bytes=self.weight_dtype.itemsize)
+        return int(floor["master"] + floor["optimizer_state"])
+
+    # --- checkpoints and export --------------------------------------------------------------
+
+    def save_checkpoint(self, directory, step: int) -> None:
+        """Sharded checkpoint (torch.distributed.checkpoint) of weights, masters, moments, the LR
+        schedule and the LISA schedule position; every rank writes its own shards."""
+        checkpoint.save(self.model, self.optimizer, self.scheduler, Path(directory), step)
+
+    def load_checkpoint(self, directory) -> int:
+        """Restore a `save_checkpoint` directory (same model, LisaConfig and world size or not:
+        DCP reshards); returns the step it was saved at."""
+        return checkpoint.load(self.model, self.optimizer, self.scheduler, Path(directory))
+
+    def save_pretrained(self, out_dir, tokenizer=None) -> None:
+        """Gather the full weights to rank 0's host memory and write a Hugging Face safetensors model."""
+        checkpoint.export_pretrained(self.model, Path(out_dir), tokenizer)
+
+    def close(self) -> None:
+        """Free the sharded model and optimizer before the process group goes away; with gloo, a
+        process still holding an FSDP2 model at interpreter exit can abort (DESIGN.md section 7)."""
+        self.optimizer.zero_grad()
+        del self.optimizer, self.scheduler, self.model
+        gc.collect()
+        if self._owns_process_group and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
