@@ -1,0 +1,80 @@
+"""The single-process runner behind `lisa-train --backend single`: LisaOptimizer on one device."""
+from __future__ import annotations
+
+import gc
+import time
+from typing import Dict, List
+
+import torch
+
+from .config import LisaConfig
+from .memory import count_params, model_state_floor
+from .optim import LisaOptimizer
+
+
+class SingleRunner:
+    """One optimizer step per `train_step`, gradient accumulation over the given micro-batches."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, model: torch.nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
+                 warmup_steps: int = 0, max_grad_norm: float = 1.0):
+        self.model = model
+        self.optimizer = LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+        self.max_grad_norm = max_grad_norm
+        self.schedule_log: List[Dict] = []
+        self._log_switch(0.0)
+
+    @property
+    def active_layers(self):
+        return self.optimizer.active_layers
+
+    @property
+    def switch_index(self) -> int:
+        return self.optimizer.switch_index
+
+    def _log_switch(self, seconds: float) -> None:
+        self.schedule_log.append({"step": self.optimizer.optimizer_steps, "switch_index": self.switch_index,
+                                  "active_layers": list(self.active_layers), "seconds": seconds,
+                                  "optimizer_bytes": self.optimizer_state_bytes()})
+
+    def train_step(self, micro_batches: List[Dict[str, torch.Tensor]]) -> float:
+        self.model.train()
+        total = 0.0
+        for batch in micro_batches:
+            loss = self.model(**batch).loss / len(micro_batches)
+            loss.backward()
+            total += loss.item()
+        if self.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                           self.max_grad_norm)
+        before = self.switch_index
+        start = time.perf_counter()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad()
+        if self.switch_index != before:
+            self._log_switch(time.perf_counter() - start)
+        return total
+
+    def optimizer_state_bytes(self) -> int:
+        b = self.optimizer.state_bytes()
+        return b["master"] + b["optimizer_state"]
+
+    def full_finetune_state_bytes(self) -> int:
+        """What AdamW over every parameter would hold (fp32 master if the weights are not fp32, and two moments)."""
+        counts = count_params(self.optimizer.split)
+        weight_bytes = next(self.model.parameters()).element_size()
+        floor = model_state_floor("single", counts.total, counts.total, 1, weight_bytes=weight_bytes)
+        return int(floor["master"] + floor["optimizer_state"])
+
+    def save_pretrained(self, out_dir, tokenizer) -> None:
+        self.model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+
+    def close(self) -> None:
+        del self.optimizer, self.scheduler, self.model
+        gc.collect()
