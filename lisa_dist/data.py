@@ -1,0 +1,295 @@
+"""Fine-tuning data: local JSONL in Alpaca, chat or plain-text form, tokenized with loss masking.
+
+Labels follow the Hugging Face convention: `labels` is aligned with `input_ids` (the model shifts
+them), and -100 marks positions that contribute no loss (prompts, padding).
+
+Batches come from `BatchIterator`, whose batch for a step is a pure function of (seed, step), so
+a resumed run and every data-parallel rank agree on the data without communicating.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label value that the Hugging Face causal-LM loss skips."""
+
+FORMATS = ("alpaca", "chat", "text")
+ACCEPTED_SHAPES = ('alpaca: {"instruction": str, "input": str (optional), "output": str}; '
+                   'chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}; '
+                   'text: {"text": str}')
+CHAT_ROLES = ("system", "user", "assistant")
+
+# The Alpaca section layout without its one-sentence preamble: the preamble is ~20 tokens of
+# constant text per example, which a 128-token context cannot spare.
+ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+ALPACA_PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
+
+PathLike = Union[str, Path]
+Record = Dict[str, Any]
+
+
+def _read_records(path: PathLike) -> List[Tuple[str, Record]]:
+    """(location, record) pairs; the location ("line 7") lets later errors point into the file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass the path of a JSONL file "
+                                "with one JSON object per line")
+    if path.is_dir():
+        raise ValueError(f"data path {str(path)!r} is a directory; pass the path of a JSONL file")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        # A single JSON array is how the original Alpaca release (alpaca_data.json) ships.
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON array at line {err.lineno}: {err.msg}") from err
+        located = [(f"element {i}", item) for i, item in enumerate(items)]
+    else:
+        located = []
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({err}); every non-blank line "
+                                 "must be one complete JSON object") from err
+            located.append((f"line {lineno}", item))
+    for where, item in located:
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: {where} is a JSON {type(item).__name__}, expected an object "
+                             f"of one of these shapes: {ACCEPTED_SHAPES}")
+    if not located:
+        raise ValueError(f"{path}: the file contains no examples; expected one JSON object per line")
+    return located
+
+
+def load_jsonl(path: PathLike) -> List[Record]:
+    """The JSON objects of a JSONL file (blank lines skipped), or of a file holding one JSON array."""
+    return [record for _, record in _read_records(path)]
+
+
+def detect_format(record: Record) -> str:
+    """"alpaca", "chat" or "text", from the record's keys; extra keys (ids, metadata) are ignored.
+
+    A record matching several shapes resolves chat > alpaca > text: the tatsu-lab Alpaca release
+    carries a pre-rendered "text" next to instruction/output, and the structured fields are the truth.
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"a record must be a JSON object, got {type(record).__name__}; "
+                         f"accepted shapes: {ACCEPTED_SHAPES}")
+    if "messages" in record:
+        return "chat"
+    if "instruction" in record and "output" in record:
+        return "alpaca"
+    if "text" in record:
+        return "text"
+    raise ValueError(f"record with keys {sorted(record)} matches no known format; "
+                     f"accepted shapes: {ACCEPTED_SHAPES}")
+
+
+def format_alpaca_prompt(record: Record) -> str:
+    """The prompt the model sees for an Alpaca record (also what to feed it at generation time)."""
+    instruction, inp = record["instruction"], record.get("input") or ""
+    if not isinstance(instruction, str) or not isinstance(inp, str):
+        raise ValueError("alpaca 'instruction' and 'input' must be strings, got "
+                         f"{type(instruction).__name__} and {type(inp).__name__}")
+    if inp.strip():
+        return ALPACA_PROMPT.format(instruction=instruction, input=inp)
+    return ALPACA_PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def _encode(tokenizer, text: str) -> List[int]:
+    # Special tokens are placed explicitly by the callers, never by the tokenizer's post-processor.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _bos(tokenizer) -> List[int]:
+    # Tokenizers without a BOS (Qwen, GPT-2 style) simply start with the first text token.
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer) -> List[int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos_token, so the model could never learn to stop; "
+                         "set tokenizer.eos_token (e.g. '</s>') before building the dataset")
+    return [tokenizer.eos_token_id]
+
+
+def _tokenize_chat(messages: Any, tokenizer) -> Tuple[List[int], List[int]]:
+    """Train on assistant turns only; the spans come from rendering growing prefixes of the chat.
+
+    For assistant turn i, render(messages[:i], add_generation_prompt=True) ends where the reply
+    starts and render(messages[:i+1]) ends where it stops, so any template works without
+    {% generation %} markers, provided its token stream only grows as turns are appended.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"chat 'messages' must be a non-empty list, got {messages!r:.80}")
+    for m in messages:
+        if not (isinstance(m, dict) and m.get("role") in CHAT_ROLES and isinstance(m.get("content"), str)):
+            raise ValueError(f"each chat message must be {{'role': one of {CHAT_ROLES}, 'content': str}}, "
+                             f"got {m!r:.80}")
+    if messages[0]["role"] == "assistant":
+        # The reply's start is found by rendering the turns before it, and there are none.
+        raise ValueError("a chat example must start with a system or user message, not an assistant one")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a chat example needs at least one assistant message to train on")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat-format data needs a tokenizer with a chat_template; set "
+                         "tokenizer.chat_template or convert the data to the alpaca format")
+
+    def render(msgs: List[Record], generation_prompt: bool) -> List[int]:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt)
+        return _encode(tokenizer, text)
+
+    input_ids = render(messages, False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(messages[:i], True), render(messages[: i + 1], False)
+        if input_ids[: len(start)] != start or input_ids[: len(end)] != end:
+            raise ValueError("the tokenizer's chat_template is not prefix-stable (the tokens of messages "
+                             f"[:{i}] plus the generation prompt, or of messages [:{i + 1}], are not a "
+                             "prefix of the tokens of the whole chat), so assistant turns cannot be "
+                             "located for loss masking; use a template that only appends as turns are added")
+        labels[len(start):len(end)] = input_ids[len(start):len(end)]
+    return input_ids, labels
+
+
+def tokenize_example(record: Record, tokenizer, max_length: int, fmt: Optional[str] = None) -> Dict[str, List[int]]:
+    """{"input_ids", "labels"} for one record, prompt positions masked with -100.
+
+    fmt None or "auto" detects the record's format; a named format must match it.
+
+    alpaca: bos + prompt + output + eos, loss on output + eos. chat: the chat template's rendering,
+    loss on assistant turns (the template supplies their end token). text: bos + text + eos, loss on
+    everything. Sequences longer than max_length lose their tail, which can leave no label at all;
+    build_dataset drops such examples.
+    """
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
+    if fmt not in (None, "auto") + FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {FORMATS}")
+    detected = detect_format(record)
+    if fmt not in (None, "auto") and detected != fmt:
+        raise ValueError(f"record has the {detected!r} shape but fmt={fmt!r} was requested; "
+                         "pass fmt='auto' or fix the record")
+    fmt = detected
+    if fmt == "alpaca":
+        if not isinstance(record.get("output"), str):
+            raise ValueError(f"alpaca 'output' must be a string, got {record.get('output')!r:.80}")
+        prompt = _bos(tokenizer) + _encode(tokenizer, format_alpaca_prompt(record))
+        response = _encode(tokenizer, record["output"]) + _eos(tokenizer)
+        input_ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    elif fmt == "chat":
+        input_ids, labels = _tokenize_chat(record.get("messages"), tokenizer)
+    elif fmt == "text":
+        if not isinstance(record.get("text"), str):
+            raise ValueError(f"text 'text' must be a string, got {record.get('text')!r:.80}")
+        input_ids = _bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer)
+        labels = list(input_ids)
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
+
+
+def build_dataset(path: PathLike, tokenizer, max_length: int = 256, fmt: str = "auto") -> List[Dict[str, List[int]]]:
+    """Tokenize every record of a JSONL file; examples with no label left after truncation are dropped.
+
+    fmt="auto" detects each record's format on its own; naming a format requires every record to
+    have that shape.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {FORMATS}")
+    dataset = []
+    located = _read_records(path)
+    for where, record in located:
+        try:
+            example = tokenize_example(record, tokenizer, max_length, fmt)
+        except ValueError as err:
+            raise ValueError(f"{path}: {where}: {err}") from err
+        if any(label != IGNORE_INDEX for label in example["labels"]):
+            dataset.append(example)
+    if not dataset:
+        raise ValueError(f"{path}: none of its {len(located)} examples has a response token left within "
+                         f"max_length={max_length} (prompts fill the whole window); raise max_length "
+                         "or shorten the prompts")
+    return dataset
+
+
+def collate(batch: List[Dict[str, List[int]]], pad_token_id: int) -> Dict[str, torch.Tensor]:
+    """Right-pad to the longest example: input_ids, attention_mask, and labels with -100 on padding."""
+    assert batch, "collate needs at least one example"
+    width = max(len(example["input_ids"]) for example in batch)
+    input_ids = torch.full((len(batch), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(example["labels"], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class BatchIterator:
+    """Batches as a pure function of (seed, step): resume needs only the step counter.
+
+    `batch_size` is per rank. The global batch for micro-step `step` holds batch_size * world_size
+    examples and rank r takes the r-th contiguous chunk of it, so W ranks at batch_size B see
+    exactly the examples a single process sees at batch_size B * W (what parity tests rely on).
+
+    The examples form epochs: epoch e is a permutation of the dataset drawn with a torch.Generator
+    seeded with seed + e (as torch's DistributedSampler does), cut into steps_per_epoch global
+    batches; the len(dataset) % global-batch examples left over (a different few each epoch) are
+    skipped so no global batch repeats an example.
+    """
+
+    def __init__(self, dataset: List[Dict[str, List[int]]], batch_size: int, seed: int, pad_token_id: int):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(dataset) < batch_size:
+            raise ValueError(f"the dataset has {len(dataset)} examples, fewer than one batch of "
+                             f"{batch_size}; lower the batch size or add data")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.pad_token_id = pad_token_id
+        self._cached: Tuple[int, List[int]] = (-1, [])
+
+    def steps_per_epoch(self, world_size: int = 1) -> int:
+        """Global batches per pass over the data."""
+        global_batch = self.batch_size * world_size
+        if len(self.dataset) < global_batch:
+            raise ValueError(f"the dataset has {len(self.dataset)} examples, fewer than one global batch "
+                             f"(batch_size {self.batch_size} x world_size {world_size} = {global_batch}); "
+                             "lower the per-rank batch size or add data")
+        return len(self.dataset) // global_batch
+
+    def epoch(self, step: int, world_size: int = 1) -> int:
+        """The pass over the data that micro-step `step` belongs to (for logging)."""
+        return step // self.steps_per_epoch(world_size)
+
+    def _permutation(self, epoch: int) -> List[int]:
+        if self._cached[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._cached = (epoch, torch.randperm(len(self.dataset), generator=generator).tolist())
+        return self._cached[1]
+
+    def indices(self, step: int, rank: int = 0, world_size: int = 1) -> List[int]:
+        """Dataset indices of this rank's share of the global batch for micro-step `step`."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        per_epoch = self.steps_per_epoch(world_size)
+        epoch, within = divmod(step, per_epoch)
+        start = (within * world_size + rank) * self.batch_size
+        return self._permutation(epoch)[start:start + self.batch_size]
+
+    def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Dict[str, torch.Tensor]:
+        """This rank's collated batch for global micro-step `step`."""
+        return collate([self.dataset[i] for i in self.indices(step, rank, world_size)], self.pad_token_id)
