@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs/lisa", help="final weights, tokenizer and lisa_log.json")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines when there is no terminal")
     g.add_argument("--no-save", action="store_true", help="skip writing the final weights")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print world size, per-rank memory estimate (full vs LISA) and the first switches, "
+                        "from the model's config on the meta device (no weights loaded), then exit")
     return p
 
 
@@ -245,6 +248,10 @@ def train(args) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.dry_run:
+        from .plan import dry_run_report
+        print(dry_run_report(args))
+        return 0
     try:
         train(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

@@ -1,0 +1,212 @@
+"""`lisa-train --dry-run`: what a launch would cost per rank, without loading weights or starting processes.
+
+Resolves the world size from the launcher's environment, builds the model skeleton on the meta
+device (no storage is allocated, so a 70B config takes seconds on a laptop) to count Psi (every
+parameter) and Psi_a (always-active parameters + the gamma largest decoder layers), and prints the
+analytic per-rank model-state floor of DESIGN.md section 8 for full fine-tuning and for LISA, plus
+the first switches of the layer schedule. Activations, gathered ZeRO-3 buckets, communication
+buffers and the CUDA context come on top of these numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from .memory import ParamCounts, count_params, model_state_floor
+from .sampling import LayerSampler
+
+GIB = 1024 ** 3
+SHOWN_SWITCHES = 6
+STAGE_NAMES = {"single": "single process", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2",
+               "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
+
+
+@dataclass
+class DryRunPlan:
+    model: str
+    architecture: str
+    layers_path: str
+    counts: ParamCounts
+    psi_active: int
+    world_size: int
+    world_size_source: str
+    stage: str
+    weight_bytes: int
+    offload: Tuple[str, ...]
+    """Model-state categories DeepSpeed keeps in host memory ("master", "optimizer_state", "weights")."""
+    schedule: List[Tuple[int, int, Tuple[int, ...]]]
+    """(switch index, first optimizer step, active layers) for the first switches."""
+    intervals: int
+    full: Dict[str, float] = field(default_factory=dict)
+    lisa: Dict[str, float] = field(default_factory=dict)
+    by_stage: Dict[str, Tuple[float, float]] = field(default_factory=dict)
+    """stage -> (full, LISA) total bytes per rank at this world size, without offload."""
+
+
+def _positive_int(env: Mapping[str, str], name: str) -> Optional[int]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    # Slurm writes GPU counts with a type prefix ("a100:8") and repeats with "(x2)".
+    value = raw.split("(")[0].rsplit(":", 1)[-1]
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={raw!r} is not a positive integer; unset it or set it to the number of "
+                         f"{'ranks' if name == 'WORLD_SIZE' else 'nodes or processes per node'}")
+    return int(value)
+
+
+def _first(env: Mapping[str, str], *names: str) -> Tuple[Optional[int], str]:
+    for name in names:
+        value = _positive_int(env, name)
+        if value is not None:
+            return value, name
+    return None, ""
+
+
+def resolve_world_size(env: Mapping[str, str] = os.environ) -> Tuple[int, str]:
+    """(data-parallel ranks, where the number came from).
+
+    WORLD_SIZE (what torchrun and the deepspeed launcher give each rank) wins; then the launchers'
+    NNODES x NPROC_PER_NODE, each falling back to the Slurm allocation (nodes x GPUs per node);
+    then the size of an mpirun job.
+    """
+    world = _positive_int(env, "WORLD_SIZE")
+    if world is not None:
+        return world, "WORLD_SIZE"
+    nnodes, nodes_from = _first(env, "NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+    nproc, nproc_from = _first(env, "NPROC_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE")
+    if nnodes is not None or nproc is not None:
+        return ((nnodes or 1) * (nproc or 1),
+                f"{nodes_from or 'nodes'}={nnodes or 1} x {nproc_from or 'processes per node'}={nproc or 1}")
+    world = _positive_int(env, "OMPI_COMM_WORLD_SIZE")
+    if world is not None:
+        return world, "OMPI_COMM_WORLD_SIZE"
+    return 1, "default; set WORLD_SIZE, or NNODES and NPROC_PER_NODE, to plan a multi-rank job"
+
+
+def _stage_and_offload(args) -> Tuple[str, Tuple[str, ...]]:
+    if args.backend != "deepspeed":
+        return args.backend, ()
+    path = Path(args.deepspeed)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed {args.deepspeed}: no such file (see ds_configs/)")
+    zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(f"--deepspeed {args.deepspeed} has ZeRO stage {stage}; LISA on DeepSpeed needs stage "
+                         "1, 2 or 3 (set zero_optimization.stage, or start from ds_configs/zero2.json)")
+
+    def offloaded(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+    offload: Tuple[str, ...] = ()
+    if offloaded("offload_optimizer"):
+        offload += ("master", "optimizer_state")
+    if stage == 3 and offloaded("offload_param"):
+        offload += ("weights",)
+    return f"zero{stage}", offload
+
+
+def _model_skeleton(args):
+    """The model on the meta device: shapes and parameter names only, no storage, no download of weights."""
+    import torch
+    import transformers
+
+    from . import presets
+
+    if args.model in presets.PRESETS:
+        config = presets.PRESETS[args.model](presets.default_tokenizer())
+    else:
+        # A directory written by save_pretrained (only its config.json is read) or a hub id.
+        config = transformers.AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(
+            config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    return model
+
+
+def build_plan(args, env: Mapping[str, str] = os.environ) -> DryRunPlan:
+    from .layers import split_parameters
+
+    world, world_from = resolve_world_size(env)
+    stage, offload = _stage_and_offload(args)
+    if stage == "single":
+        world, world_from = 1, "--backend single"
+    model = _model_skeleton(args)
+    split = split_parameters(model, args.lisa)
+    counts = count_params(split)
+    sampler = LayerSampler(split.num_layers, args.lisa)  # raises if gamma exceeds the layer count
+    psi_active = counts.gamma_active(args.lisa.activated_layers)
+    weight_bytes = 2 if args.dtype == "bf16" else 4
+    K = args.lisa.interval_steps
+    intervals = math.ceil(args.steps / K)
+    plan = DryRunPlan(
+        model=args.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
+        psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
+        weight_bytes=weight_bytes, offload=offload, intervals=intervals,
+        schedule=[(k, k * K, sampler.active_layers(k)) for k in range(min(intervals, SHOWN_SWITCHES))],
+        full=model_state_floor(stage, counts.total, counts.total, world, weight_bytes),
+        lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes))
+    for other in ("zero1", "zero2", "zero3", "fsdp2"):
+        plan.by_stage[other] = (model_state_floor(other, counts.total, counts.total, world, weight_bytes)["total"],
+                                model_state_floor(other, counts.total, psi_active, world, weight_bytes)["total"])
+    return plan
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f}"
+
+
+def _split(floor: Dict[str, float], offload: Tuple[str, ...]) -> Tuple[float, float]:
+    host = sum(floor[c] for c in offload)
+    return floor["total"] - host, host
+
+
+def format_plan(plan: DryRunPlan, args) -> str:
+    c = plan.counts
+    gamma, K, seed = args.lisa.activated_layers, args.lisa.interval_steps, args.lisa.seed
+    stage_desc = STAGE_NAMES[plan.stage] + (f" ({args.deepspeed})" if args.backend == "deepspeed" else "")
+    if plan.offload:
+        stage_desc += ", offloaded to host: " + ", ".join(plan.offload)
+    lines = [
+        "lisa-train dry run: model skeleton on the meta device, no weights loaded, no processes started",
+        f"model        {plan.model}: {plan.architecture}, {len(c.per_layer)} decoder layers at {plan.layers_path}",
+        f"parameters   Psi = {c.total:,} ({c.total / 1e9:.2f} B); always-active {c.always:,}; "
+        f"largest layer {max(c.per_layer):,}",
+        f"             Psi_a = {plan.psi_active:,} ({plan.psi_active / 1e9:.2f} B, "
+        f"{100 * plan.psi_active / c.total:.2f}% of Psi) with gamma={gamma}",
+        f"world size   {plan.world_size} ({plan.world_size_source})",
+        f"backend      {stage_desc}; {'bf16' if plan.weight_bytes == 2 else 'fp32'} weights, "
+        f"{'fp32 master + ' if plan.weight_bytes == 2 else ''}Adam moments",
+        "",
+        "model states per rank, GiB (DESIGN.md section 8; activations and buffers not included)",
+        f"{'':14}{'weights':>8} {'grads':>8} {'master':>8} {'Adam m+v':>8} {'total':>8}",
+    ]
+    for name, floor in (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa)):
+        lines.append(f"{name:14}" + " ".join(_gib(floor[k]) for k in
+                                           ("weights", "grads", "master", "optimizer_state", "total")))
+    if plan.offload:
+        for name, floor in (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa)):
+            device, host = _split(floor, plan.offload)
+            lines.append(f"  {name}: {device / GIB:.2f} GiB on the accelerator + {host / GIB:.2f} GiB host memory")
+    lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}")
+    lines += ["", f"every stage at {plan.world_size} ranks (total GiB per rank, no offload)",
+              f"{'':14}{'full FT':>8} {'LISA':>8}"]
+    for stage, (full, lisa) in plan.by_stage.items():
+        mark = "  <- this run" if stage == plan.stage else ""
+        lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{_gib(full)} {_gib(lisa)}{mark}")
+    lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}): {plan.intervals} intervals over {args.steps} steps"]
+    for k, step, layers in plan.schedule:
+        lines.append(f"  switch {k} at step {step}: active layers {list(layers)}")
+    if plan.intervals > len(plan.schedule):
+        lines.append(f"  ... {plan.intervals - len(plan.schedule)} more")
+    return "\n".join(lines)
+
+
+def dry_run_report(args) -> str:
+    return format_plan(build_plan(args), args)
