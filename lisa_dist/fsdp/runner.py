@@ -5,7 +5,7 @@ import gc
 import os
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -45,7 +45,8 @@ class FSDPRunner:
 
     def __init__(self, model: nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  cpu_offload: bool = False, activation_checkpointing: bool = False,
-                 warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True):
+                 warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True,
+                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs):
         self._owns_process_group = init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -57,8 +58,8 @@ class FSDPRunner:
         self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
                                  cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
                                  layers_path=lisa.layers_path)
-        self.optimizer = FSDPLisaOptimizer(self.model, lisa, torch.optim.AdamW, fix_mp_dtypes=fix_mp_dtypes,
-                                           lr=lr, weight_decay=weight_decay)
+        self.optimizer = FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
+                                           lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
         self.max_grad_norm = max_grad_norm
