@@ -36,6 +36,7 @@ class DryRunPlan:
     world_size_source: str
     stage: str
     weight_bytes: int
+    weights_desc: str
     offload: Tuple[str, ...]
     """Model-state categories DeepSpeed keeps in host memory ("master", "optimizer_state", "weights")."""
     schedule: List[Tuple[int, int, Tuple[int, ...]]]
@@ -111,6 +112,20 @@ def _stage_and_offload(args) -> Tuple[str, Tuple[str, ...]]:
     return f"zero{stage}", offload
 
 
+def _weight_bytes(args) -> Tuple[int, str]:
+    """Bytes per weight on the target cluster, and why. `--dtype auto` means bf16 on GPUs; a dry run
+    plans for the GPU job even when run on a CPU login node. DeepSpeed casts to its config's dtype."""
+    if args.backend == "deepspeed":
+        ds = json.loads(Path(args.deepspeed).read_text(encoding="utf-8"))
+        for key in ("bf16", "fp16"):
+            if (ds.get(key) or {}).get("enabled") is True:
+                return 2, f"{key} weights ({key}.enabled in {args.deepspeed})"
+        return 4, f"fp32 weights (no bf16/fp16 in {args.deepspeed})"
+    if args.dtype == "fp32":
+        return 4, "fp32 weights (--dtype fp32)"
+    return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if args.dtype == "auto" else "")
+
+
 def _model_skeleton(args):
     """The model on the meta device: shapes and parameter names only, no storage, no download of weights."""
     import torch
@@ -123,10 +138,8 @@ def _model_skeleton(args):
     else:
         # A directory written by save_pretrained (only its config.json is read) or a hub id.
         config = transformers.AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
     return model
 
 
@@ -142,13 +155,13 @@ def build_plan(args, env: Mapping[str, str] = os.environ) -> DryRunPlan:
     counts = count_params(split)
     sampler = LayerSampler(split.num_layers, args.lisa)  # raises if gamma exceeds the layer count
     psi_active = counts.gamma_active(args.lisa.activated_layers)
-    weight_bytes = 2 if args.dtype == "bf16" else 4
+    weight_bytes, weights_desc = _weight_bytes(args)
     K = args.lisa.interval_steps
     intervals = math.ceil(args.steps / K)
     plan = DryRunPlan(
         model=args.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
         psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
-        weight_bytes=weight_bytes, offload=offload, intervals=intervals,
+        weight_bytes=weight_bytes, weights_desc=weights_desc, offload=offload, intervals=intervals,
         schedule=[(k, k * K, sampler.active_layers(k)) for k in range(min(intervals, SHOWN_SWITCHES))],
         full=model_state_floor(stage, counts.total, counts.total, world, weight_bytes),
         lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes))
@@ -158,8 +171,19 @@ def build_plan(args, env: Mapping[str, str] = os.environ) -> DryRunPlan:
     return plan
 
 
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f}"
+def _unit(largest: float) -> Tuple[str, int]:
+    """The largest binary unit in which `largest` bytes is at least 1, so tiny test models read too."""
+    for name, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if largest >= size:
+            return name, size
+    return "B", 1
+
+
+def _count(n: int) -> str:
+    for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {suffix}"
+    return str(n)
 
 
 def _split(floor: Dict[str, float], offload: Tuple[str, ...]) -> Tuple[float, float]:
@@ -172,34 +196,37 @@ def format_plan(plan: DryRunPlan, args) -> str:
     gamma, K, seed = args.lisa.activated_layers, args.lisa.interval_steps, args.lisa.seed
     stage_desc = STAGE_NAMES[plan.stage] + (f" ({args.deepspeed})" if args.backend == "deepspeed" else "")
     if plan.offload:
-        stage_desc += ", offloaded to host: " + ", ".join(plan.offload)
+        names = {"weights": "bf16 weight shards", "master": "fp32 master", "optimizer_state": "Adam moments"}
+        stage_desc += ", offloaded to host: " + ", ".join(names[c] for c in plan.offload)
+    unit, size = _unit(plan.full["total"])
     lines = [
         "lisa-train dry run: model skeleton on the meta device, no weights loaded, no processes started",
         f"model        {plan.model}: {plan.architecture}, {len(c.per_layer)} decoder layers at {plan.layers_path}",
-        f"parameters   Psi = {c.total:,} ({c.total / 1e9:.2f} B); always-active {c.always:,}; "
+        f"parameters   Psi = {c.total:,} ({_count(c.total)}); always-active {c.always:,}; "
         f"largest layer {max(c.per_layer):,}",
-        f"             Psi_a = {plan.psi_active:,} ({plan.psi_active / 1e9:.2f} B, "
+        f"             Psi_a = {plan.psi_active:,} ({_count(plan.psi_active)}, "
         f"{100 * plan.psi_active / c.total:.2f}% of Psi) with gamma={gamma}",
         f"world size   {plan.world_size} ({plan.world_size_source})",
-        f"backend      {stage_desc}; {'bf16' if plan.weight_bytes == 2 else 'fp32'} weights, "
-        f"{'fp32 master + ' if plan.weight_bytes == 2 else ''}Adam moments",
+        f"backend      {stage_desc}",
+        f"precision    {plan.weights_desc}, {'fp32 master + ' if plan.weight_bytes == 2 else ''}fp32 Adam moments",
         "",
-        "model states per rank, GiB (DESIGN.md section 8; activations and buffers not included)",
+        f"model states per rank in {unit} (DESIGN.md section 8; activations and buffers not included)",
         f"{'':14}{'weights':>8} {'grads':>8} {'master':>8} {'Adam m+v':>8} {'total':>8}",
     ]
     for name, floor in (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa)):
-        lines.append(f"{name:14}" + " ".join(_gib(floor[k]) for k in
+        lines.append(f"{name:14}" + " ".join(f"{floor[k] / size:8.2f}" for k in
                                            ("weights", "grads", "master", "optimizer_state", "total")))
     if plan.offload:
         for name, floor in (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa)):
             device, host = _split(floor, plan.offload)
-            lines.append(f"  {name}: {device / GIB:.2f} GiB on the accelerator + {host / GIB:.2f} GiB host memory")
+            lines.append(f"  {name}: {device / size:.2f} {unit} on the accelerator + {host / size:.2f} {unit} host memory")
     lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}")
-    lines += ["", f"every stage at {plan.world_size} ranks (total GiB per rank, no offload)",
-              f"{'':14}{'full FT':>8} {'LISA':>8}"]
-    for stage, (full, lisa) in plan.by_stage.items():
-        mark = "  <- this run" if stage == plan.stage else ""
-        lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{_gib(full)} {_gib(lisa)}{mark}")
+    if plan.world_size > 1:  # at one rank every stage is the same
+        lines += ["", f"every stage at {plan.world_size} ranks ({unit} per rank, no offload)",
+                  f"{'':14}{'full FT':>8} {'LISA':>8}"]
+        for stage, (full, lisa) in plan.by_stage.items():
+            mark = "  <- this run" if stage == plan.stage else ""
+            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f}{mark}")
     lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}): {plan.intervals} intervals over {args.steps} steps"]
     for k, step, layers in plan.schedule:
         lines.append(f"  switch {k} at step {step}: active layers {list(layers)}")
