@@ -1,0 +1,51 @@
+"""Every rank must train the same layers: check it at each switch with one small collective.
+
+Ranks that sample different sets of equal size do not fail under ZeRO-2, their replicas silently
+diverge; sets of different sizes give mismatched collectives that hang (DESIGN.md section 3). So
+each switch all-gathers a fixed-size fingerprint of (switch index, active set) and every rank
+compares all of them; on a mismatch every rank raises (a second collective fetches the sets for
+the message), so none is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+
+SKEW_ENV = "LISA_DIST_TEST_SKEW_RANK"
+"""Test-only: the rank named here samples with a perturbed seed, to exercise the mismatch error."""
+
+
+def schedule_seed(seed: int, rank: int) -> int:
+    """The sampler seed this rank uses: `seed`, except on the rank named by LISA_DIST_TEST_SKEW_RANK."""
+    skew = os.environ.get(SKEW_ENV)
+    if skew is not None and skew.strip() != "" and int(skew) == rank:
+        return seed + 1
+    return seed
+
+
+def _fingerprint(switch_index: int, active: Sequence[int]) -> int:
+    text = f"{switch_index}:{','.join(str(int(i)) for i in active)}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1  # fits int64
+
+
+def check_agreement(switch_index: int, active: Sequence[int], device: torch.device) -> None:
+    """Raise RuntimeError on every rank if any two ranks disagree on (switch index, active set)."""
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    mine = torch.tensor([switch_index, len(active), _fingerprint(switch_index, active)],
+                        dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    if all(torch.equal(g, gathered[0]) for g in gathered):
+        return
+    sets: list = [None] * dist.get_world_size()
+    dist.all_gather_object(sets, (int(switch_index), [int(i) for i in active]))
+    listing = "; ".join(f"rank {r}: switch {k} layers {layers}" for r, (k, layers) in enumerate(sets))
+    raise RuntimeError(
+        f"LISA ranks disagree on the active decoder layers ({listing}). Every rank must run with the "
+        f"same LisaConfig (seed, activated_layers, interval_steps), the same model and the same "
+        f"optimizer step count; check the launch command and environment of the listed ranks")

@@ -1,0 +1,260 @@
+"""`initialize`: deepspeed.initialize for LISA, returning an engine that switches layers by itself.
+
+The engine's `step()` is wrapped: after the step that ends an optimizer step (a gradient
+accumulation boundary) it counts the step, and when the count reaches a multiple of
+`interval_steps` it samples the next active set, checks every rank agrees, and rebuilds the ZeRO
+optimizer over [always-active, active layers] (zero12.rebuild). `engine.lisa` exposes the schedule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from contextlib import contextmanager
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..config import LisaConfig
+from ..layers import ParamSplit, split_parameters
+from ..sampling import LayerSampler
+from . import _compat, zero12
+from .agreement import check_agreement, schedule_seed
+from .memory import optimizer_bytes
+
+# torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
+# optimizer must have one entry per group of the optimizer LISA gives it.
+_PER_GROUP_SCHEDULER_ATTRS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs",
+                              "base_momentums", "max_momentums")
+
+
+class LisaEngineState:
+    """The LISA schedule of one engine (`engine.lisa`): what trains now and what happened so far."""
+
+    def __init__(self, config: LisaConfig, split: ParamSplit, rank: int, device: torch.device):
+        self.config = config
+        self.split = split
+        # Only the LISA_DIST_TEST_SKEW_RANK test hook makes this differ from config.seed.
+        self.sampler = LayerSampler(split.num_layers,
+                                    dataclasses.replace(config, seed=schedule_seed(config.seed, rank)))
+        self.device = device
+        self.active_layers: Tuple[int, ...] = ()
+        self.switch_index = 0
+        self.optimizer_steps = 0
+        self.schedule_log: List[Dict[str, Any]] = []
+        self.group_keys: List[zero12.GroupKey] = []
+        # state_policy="offload": this rank's slices of deactivated layers, on the host.
+        self.host: Optional[Dict[zero12.GroupKey, zero12.GroupSlice]] = (
+            {} if config.state_policy == "offload" else None)
+        self.managed: List[nn.Parameter] = ([p for _, p in split.always] + [p for _, p in split.frozen_outside]
+                                            + [p for layer in split.per_layer for _, p in layer])
+
+    def groups(self, active: Sequence[int]) -> List[Tuple[zero12.GroupKey, List[nn.Parameter]]]:
+        """Param groups for an active set: always-active first (if any), then one per layer in order."""
+        out: List[Tuple[zero12.GroupKey, List[nn.Parameter]]] = []
+        if self.split.always:
+            out.append((zero12.ALWAYS, self.split.always_params))
+        out.extend((i, self.split.layer_params([i])) for i in sorted(active))
+        return out
+
+    def host_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.host.values()) if self.host is not None else 0
+
+    def record(self, engine, seconds: float) -> None:
+        self.schedule_log.append({"step": self.optimizer_steps, "switch_index": self.switch_index,
+                                  "active_layers": list(self.active_layers), "seconds": seconds,
+                                  "optimizer_bytes": optimizer_bytes(engine),
+                                  "host_bytes": self.host_bytes()})
+
+    def after_optimizer_step(self, engine) -> None:
+        self.optimizer_steps += 1
+        if self.optimizer_steps % self.config.interval_steps == 0:
+            self.switch(engine, self.optimizer_steps // self.config.interval_steps)
+
+    def switch(self, engine, switch_index: int) -> None:
+        start = time.perf_counter()
+        active = self.sampler.active_layers(switch_index)
+        check_agreement(switch_index, active, self.device)
+        new_groups = self.groups(active)
+        with _quiet_deepspeed():
+            zero12.rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
+        self.group_keys = [key for key, _ in new_groups]
+        self.active_layers = active
+        self.switch_index = switch_index
+        self.record(engine, time.perf_counter() - start)
+
+
+class ZeroOptimizerView:
+    """The optimizer `initialize` returns: the engine's current ZeRO optimizer, looked up on every
+    use. Each switch replaces that optimizer; holding the first one would keep its buffers alive."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine.optimizer, name)
+
+    def __repr__(self) -> str:
+        return f"ZeroOptimizerView({type(self._engine.optimizer).__name__})"
+
+
+@contextmanager
+def _quiet_deepspeed():
+    """A rebuild repeats DeepSpeed's init-time INFO lines on rank 0; keep them out of training logs."""
+    from deepspeed.utils import logger
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_ds_config(ds_config: dict) -> None:
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage == 3:
+        raise NotImplementedError(
+            "lisa_dist.deepspeed.initialize supports ZeRO stage 1 and 2 so far; ZeRO-3 is not implemented "
+            "yet. Set \"zero_optimization\": {\"stage\": 2} in the DeepSpeed config, or use --backend fsdp2")
+    if stage not in (1, 2):
+        raise ValueError(
+            f"lisa_dist.deepspeed.initialize needs ZeRO stage 1 or 2, the DeepSpeed config has stage {stage}; "
+            "set \"zero_optimization\": {\"stage\": 2} (stage 0 keeps a full optimizer per rank: use "
+            "lisa_dist.optim.LisaOptimizer with plain data parallelism instead)")
+    offload = zero.get("offload_optimizer") or {}
+    if str(offload.get("device", "none")).lower() not in ("none", "null"):
+        raise NotImplementedError(
+            "ZeRO optimizer offload (zero_optimization.offload_optimizer) is not supported by the LISA hook "
+            "yet: remove offload_optimizer from the DeepSpeed config. LISA already keeps fp32 master and "
+            "Adam state for the active layers only")
+    if (ds_config.get("fp16") or {}).get("enabled") is True:
+        raise NotImplementedError(
+            "fp16 with loss scaling is not supported by the LISA hook (each rebuild would reset the loss "
+            "scale); use \"bf16\": {\"enabled\": true} or fp32")
+
+
+def _resize_scheduler(scheduler: Any, old_groups: int, new_groups: int) -> None:
+    """Give a torch LR scheduler built over the caller's optimizer one entry per LISA group."""
+    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
+        _resize_scheduler(child, old_groups, new_groups)
+    for name in _PER_GROUP_SCHEDULER_ATTRS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == old_groups and old_groups != new_groups:
+            setattr(scheduler, name, [values[0]] * new_groups)
+
+
+def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: Any,
+                              param_groups: List[dict]) -> None:
+    """Re-point the caller's (still unused) torch optimizer at LISA's groups, in place, so an LR
+    scheduler already bound to it keeps working; every switch re-fills this same object."""
+    if any(len(s) for s in optimizer.state.values()):
+        raise ValueError("the optimizer passed to lisa_dist.deepspeed.initialize already has state; pass a "
+                         "freshly constructed optimizer (LISA builds its parameter groups itself)")
+    options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if any(o != options[0] for o in options[1:]):
+        raise ValueError("lisa_dist builds its own parameter groups (always-active, then one per active "
+                         "layer) and gives them all the same hyper-parameters, but the optimizer's groups "
+                         "differ; construct it over model.parameters() with one set of hyper-parameters, or "
+                         "put the optimizer in the DeepSpeed config")
+    old = len(optimizer.param_groups)
+    new = len(param_groups)
+    if old not in (1, new):
+        raise ValueError(f"the optimizer has {old} param groups; lisa_dist needs it built over "
+                         "model.parameters() as one group")
+    optimizer.param_groups = [{**options[0], "params": list(g["params"])} for g in param_groups]
+    if lr_scheduler is not None and not callable(lr_scheduler):
+        bound = getattr(lr_scheduler, "optimizer", None)
+        if bound is not None and bound is not optimizer:
+            raise ValueError("lr_scheduler is bound to a different optimizer than the one passed; build it "
+                             "over the optimizer you pass to lisa_dist.deepspeed.initialize")
+        _resize_scheduler(lr_scheduler, old, new)
+
+
+def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, model_parameters=None,
+               training_data=None, lr_scheduler=None, distributed_port: Optional[int] = None, mpu=None,
+               dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
+               config_params=None, *, lisa: LisaConfig):
+    """`deepspeed.initialize` with LISA: same arguments and return value, plus `lisa`.
+
+    Before the engine exists, only the always-active parameters and the first active set require
+    grad and they are grouped [always-active, layer, layer, ...]; the returned engine re-samples
+    every `lisa.interval_steps` optimizer steps inside `engine.step()` and exposes `engine.lisa`.
+    `model_parameters`, if given, is ignored beyond a check: LISA decides what trains. `optimizer`
+    may be None (taken from the DeepSpeed config), a fresh torch optimizer with one set of
+    hyper-parameters (re-used across switches, so a torch LR scheduler bound to it keeps working),
+    or a callable taking param groups. The returned optimizer is a view of the engine's current
+    ZeRO optimizer. ZeRO stage 1 and 2 only.
+    """
+    _compat.check_deepspeed_version()
+    import deepspeed
+    from deepspeed import comm as ds_comm
+    from deepspeed.accelerator import get_accelerator
+
+    if not isinstance(lisa, LisaConfig):
+        raise ValueError(f"lisa must be a lisa_dist.LisaConfig, got {type(lisa).__name__}")
+    if model is None:
+        raise ValueError("lisa_dist.deepspeed.initialize needs model=")
+    if model_parameters is not None:
+        model_parameters = list(model_parameters)
+        if any(isinstance(p, dict) for p in model_parameters):
+            raise ValueError("lisa_dist builds the optimizer's parameter groups itself; pass model.parameters() "
+                             "(or nothing) as model_parameters, not param-group dicts")
+    from_args = config is None and config_params is None and getattr(args, "deepspeed_config", None) is not None
+    if config is None:
+        config = config_params if config_params is not None else getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= (dict or JSON path) or args.deepspeed_config")
+    ds_config = _compat.load_ds_config(config)
+    _check_ds_config(ds_config)
+    if optimizer is None and "optimizer" not in ds_config:
+        raise ValueError("LISA trains through the optimizer: add an \"optimizer\" section to the DeepSpeed "
+                         "config or pass optimizer=")
+
+    # The first active set must be agreed on before the engine is built over it.
+    port_kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
+    ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                             dist_init_required=dist_init_required, **port_kwargs)
+    device = torch.device(get_accelerator().current_device_name())
+    split = split_parameters(model, lisa)
+    state = LisaEngineState(lisa, split, dist.get_rank(), device)
+    active = state.sampler.active_layers(0)
+    check_agreement(0, active, device)
+    groups = state.groups(active)
+    trainable = {id(p) for _, params in groups for p in params}
+    for p in state.managed:
+        p.requires_grad_(id(p) in trainable)
+    param_groups = [{"params": params} for _, params in groups]
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _regroup_client_optimizer(optimizer, lr_scheduler, param_groups)
+
+    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+        args=args, model=model, optimizer=optimizer, model_parameters=param_groups, training_data=training_data,
+        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
+        config=None if from_args else ds_config, mesh_param=mesh_param, **port_kwargs)
+    assert isinstance(engine.optimizer, _compat.zero12_optimizer_class()), (
+        f"expected DeepSpeed's ZeRO-1/2 optimizer, got {type(engine.optimizer).__name__}")
+    assert len(engine.basic_optimizer.param_groups) == len(groups), "DeepSpeed dropped a LISA param group"
+    del ds_optimizer
+
+    state.group_keys = [key for key, _ in groups]
+    state.active_layers = active
+    engine.lisa = state
+    _wrap_step(engine, state)
+    state.record(engine, 0.0)
+    return engine, ZeroOptimizerView(engine), loader, scheduler
+
+
+def _wrap_step(engine, state: LisaEngineState) -> None:
+    original = engine.step
+
+    def step(lr_kwargs=None):
+        # Read before stepping: step() advances the micro-step counter the boundary is derived from.
+        boundary = engine.is_gradient_accumulation_boundary()
+        original(lr_kwargs=lr_kwargs)
+        if boundary:
+            state.after_optimizer_step(engine)
+
+    engine.step = step
