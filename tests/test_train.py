@@ -1,0 +1,98 @@
+"""`lisa-train` end to end on the embedded default and on a local save_pretrained directory, and its errors."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from lisa_dist import presets
+from lisa_dist.train import main
+
+pytestmark = pytest.mark.unit
+
+FAST = ["--steps", "6", "--interval-steps", "2", "--batch-size", "4", "--max-length", "64", "--log-every", "2"]
+
+
+def test_embedded_default_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(FAST + ["--output-dir", str(out), "--steps", "8"]) == 0
+    log = json.loads((out / "lisa_log.json").read_text())
+    assert [e["step"] for e in log["schedule"]] == [0, 2, 4, 6, 8]
+    assert all(len(e["active_layers"]) == 2 for e in log["schedule"])
+    assert log["optimizer_bytes_per_rank"] < log["full_finetune_optimizer_bytes_per_rank"]
+    assert len(log["losses"]) == 8
+    text = capsys.readouterr().out
+    assert "switch 1 at step 2" in text and "optimizer memory per rank" in text
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert (out / "model.safetensors").is_file()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert model(**tok("hello", return_tensors="pt")).logits.shape[-1] == model.config.vocab_size
+
+
+def test_local_model_directory_and_config_file(tmp_path):
+    tok = presets.default_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tmp_path / 'base'}\nactivated_layers: 1\ninterval-steps: 3\nsteps: 6\n"
+                   f"state_policy: offload\ndata: {presets.CHAT_DATA}\nbatch_size: 2\n")
+    out = tmp_path / "run"
+    assert main(["--config", str(cfg), "--output-dir", str(out), "--interval-steps", "2"]) == 0
+    log = json.loads((out / "lisa_log.json").read_text())
+    assert log["lisa"]["interval_steps"] == 2 and log["lisa"]["state_policy"] == "offload"  # flag beats file
+    assert [len(e["active_layers"]) for e in log["schedule"]] == [1, 1, 1, 1]
+    trained = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(trained).__name__ == "Qwen2ForCausalLM"
+    assert not torch.equal(trained.lm_head.weight, model.lm_head.weight)
+
+
+def _error(argv, capsys):
+    try:
+        code = main(FAST + ["--no-save"] + argv)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--activated-layers", "0"], "activated_layers (gamma) must be >= 1"),
+    (["--activated-layers", "9"], "only 8 decoder layers"),
+    (["--interval-steps", "0"], "interval_steps (K) must be >= 1"),
+    (["--layers-path", "model.blocks"], "layers_path"),
+    (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
+    (["--backend", "deepspeed"], "--deepspeed CONFIG.json"),
+    (["--steps", "0"], "--steps must be >= 1"),
+])
+def test_bad_input_is_a_clear_error(argv, message, capsys):
+    code, err = _error(argv, capsys)
+    assert code != 0
+    assert message in err
+
+
+def test_malformed_and_empty_data(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    code, err = _error(["--data", str(bad)], capsys)
+    assert code != 0 and "line 2" in err and "bad.jsonl" in err
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    code, err = _error(["--data", str(empty)], capsys)
+    assert code != 0 and "no examples" in err
+
+
+def test_unknown_architecture(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "not-a-model", "hidden_size": 8}))
+    code, err = _error(["--model", str(tmp_path)], capsys)
+    assert code != 0 and "not-a-model" in err
+
+
+def test_console_script_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lisa_dist.train", "--activated-layers", "-1"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "activated_layers" in proc.stderr
