@@ -1,7 +1,10 @@
 """lisa_dist: LISA fine-tuning on DeepSpeed ZeRO and FSDP2."""
 from .config import LisaConfig
-from .sampling import LayerSampler, sample_layers
 from .layers import DecoderLayers, ParamSplit, find_decoder_layers, split_parameters
+from .optim import LisaOptimizer
+from .sampling import LayerSampler, sample_layers
 
-__all__ = ["LisaConfig", "LayerSampler", "sample_layers",
-           "DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters"]
+__version__ = "0.1.0"
+
+__all__ = ["LisaConfig", "LayerSampler", "LisaOptimizer", "sample_layers",
+           "DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters", "__version__"]
