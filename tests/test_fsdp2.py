@@ -86,7 +86,14 @@ def test_reduce_scatter_fp32_and_only_for_active_units(runs):
 
 
 def test_offload_and_activation_checkpointing_match_plain(runs):
-    assert all(r["offload_and_checkpointing_max_abs_diff"] == 0.0 for r in runs["main"])
+    for rank in runs["main"]:
+        assert rank["offload_and_checkpointing_max_abs_diff"] == 0.0
+        plain, checkpointed = rank["layer0_mlp_forwards_plain_vs_checkpointed"]
+        assert checkpointed == 2 * plain  # recomputed in backward
+
+
+def test_ranks_that_disagree_on_the_schedule_get_an_error(runs):
+    assert all("ranks disagree" in r["disagreement_error"] for r in runs["main"])
 
 
 def test_resume_is_bit_identical(runs):

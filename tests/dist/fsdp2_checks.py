@@ -272,17 +272,40 @@ def check_memory_flat(results: Dict) -> None:
 def check_offload_and_checkpointing(results: Dict) -> None:
     """cpu_offload + activation checkpointing train to the same weights as the plain runner."""
     lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=1)
-    finals = []
+    finals, mlp_calls = [], []
     for kw in ({}, {"cpu_offload": True, "activation_checkpointing": True}):
         runner = FSDPRunner(build_model(), lisa, lr=1e-2, max_grad_norm=1.0, **kw)
+        # Count layer 0's MLP forwards: checkpointing recomputes them in backward. (Forward hooks
+        # do not fire during the recompute, so wrap the method instead.)
+        calls = []
+        mlp = runner.model.model.layers[0].mlp
+        forward = mlp.forward
+        mlp.forward = lambda *a, **k: (calls.append(1), forward(*a, **k))[1]
         for step in range(3):
             runner.train_step(rank_batches(step, dist.get_rank()))
         finals.append(full_state(runner.model))
+        mlp_calls.append(len(calls))
         runner.close()
     worst = max((finals[0][k].float() - finals[1][k].float()).abs().max().item() for k in finals[0])
     results["offload_and_checkpointing_max_abs_diff"] = worst
-    log(f"cpu_offload + activation checkpointing vs plain: max |diff| {worst}")
+    results["layer0_mlp_forwards_plain_vs_checkpointed"] = mlp_calls
+    log(f"cpu_offload + activation checkpointing vs plain: max |diff| {worst}, layer-0 MLP forwards {mlp_calls}")
     assert worst == 0.0, worst
+    assert mlp_calls == [3 * MICRO, 2 * 3 * MICRO], mlp_calls
+
+
+def check_disagreement_raises(results: Dict) -> None:
+    """Ranks configured with different seeds get a clear error at the first switch, not a hang."""
+    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=dist.get_rank())
+    try:
+        FSDPRunner(build_model(), lisa, lr=1e-3)
+    except RuntimeError as e:
+        assert "ranks disagree" in str(e) and "rank 0" in str(e) and "rank 1" in str(e), e
+        results["disagreement_error"] = str(e)
+        log(f"different seeds per rank: {e}")
+    else:
+        raise AssertionError("ranks with different LISA seeds were not detected")
+    gc.collect()
 
 
 def _digest(state: Dict[str, torch.Tensor]) -> str:
@@ -364,6 +387,7 @@ def main() -> int:
     parser.add_argument("--only", nargs="*", help="run just these main-phase checks (debugging)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    args.workdir.mkdir(parents=True, exist_ok=True)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     results: Dict = {}
@@ -374,7 +398,7 @@ def main() -> int:
         checks = {f"parity_{o}_{d}": functools.partial(check_parity_dtype_and_comm, dtype=dt, opt_name=o)
                   for o, d, dt in runs}
         checks.update({"fixup": check_dtype_fixup_needed, "memory": check_memory_flat,
-                       "offload": check_offload_and_checkpointing,
+                       "offload": check_offload_and_checkpointing, "disagree": check_disagreement_raises,
                        "resume": lambda r: check_resume_first_half(r, args.workdir)})
         for name, check in checks.items():
             if not args.only or name in args.only:
