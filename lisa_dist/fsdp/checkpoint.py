@@ -17,7 +17,6 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      set_model_state_dict)
-from torch.distributed.tensor import DTensor
 
 from .optimizer import FSDPLisaOptimizer
 

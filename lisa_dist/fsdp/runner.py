@@ -130,8 +130,9 @@ class FSDPRunner:
         checkpoint.save(self.model, self.optimizer, self.scheduler, Path(directory), step)
 
     def load_checkpoint(self, directory) -> int:
-        """Restore a `save_checkpoint` directory (same model, LisaConfig and world size or not:
-        DCP reshards); returns the step it was saved at."""
+        """Restore a `save_checkpoint` directory written with the same model and LisaConfig; returns
+        the step it was saved at. Tested at the same world size (DCP can reshard DTensors to another
+        one, which is not tested here)."""
         return checkpoint.load(self.model, self.optimizer, self.scheduler, Path(directory))
 
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
