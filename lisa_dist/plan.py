@@ -235,5 +235,5 @@ def format_plan(plan: DryRunPlan, args) -> str:
     return "\n".join(lines)
 
 
-def dry_run_report(args) -> str:
-    return format_plan(build_plan(args), args)
+def dry_run_report(args, env: Mapping[str, str] = os.environ) -> str:
+    return format_plan(build_plan(args, env), args)

@@ -1,0 +1,76 @@
+"""`lisa-train --dry-run` internals: world size from launcher environments, the plan's numbers, errors."""
+import json
+
+import pytest
+
+from lisa_dist.memory import model_state_floor
+from lisa_dist.plan import build_plan, dry_run_report, resolve_world_size
+from lisa_dist.sampling import LayerSampler
+from lisa_dist.train import main, parse_args
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.mark.parametrize("env, world, source", [
+    ({"WORLD_SIZE": "16", "NNODES": "4", "NPROC_PER_NODE": "8"}, 16, "WORLD_SIZE"),
+    ({"NNODES": "4", "NPROC_PER_NODE": "8"}, 32, "NNODES=4 x NPROC_PER_NODE=8"),
+    ({"NPROC_PER_NODE": "2"}, 2, "nodes=1 x NPROC_PER_NODE=2"),
+    ({"SLURM_JOB_NUM_NODES": "4", "SLURM_GPUS_ON_NODE": "8"}, 32, "SLURM_JOB_NUM_NODES=4 x SLURM_GPUS_ON_NODE=8"),
+    ({"SLURM_NNODES": "2", "SLURM_GPUS_PER_NODE": "a100:8"}, 16, "SLURM_NNODES=2 x SLURM_GPUS_PER_NODE=8"),
+    ({"SLURM_JOB_NUM_NODES": "3", "NPROC_PER_NODE": "2"}, 6, "SLURM_JOB_NUM_NODES=3 x NPROC_PER_NODE=2"),
+    ({"OMPI_COMM_WORLD_SIZE": "4"}, 4, "OMPI_COMM_WORLD_SIZE"),
+    ({}, 1, "default"),
+])
+def test_world_size_from_environment(env, world, source):
+    got, why = resolve_world_size(env)
+    assert got == world and why.startswith(source)
+
+
+def test_world_size_rejects_garbage():
+    with pytest.raises(ValueError, match="NNODES='two' is not a positive integer"):
+        resolve_world_size({"NNODES": "two"})
+
+
+def _ds_config(tmp_path, zero):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": zero}))
+    return str(path)
+
+
+def test_plan_numbers_match_floor_and_sampler(tmp_path):
+    args = parse_args(["--backend", "deepspeed", "--deepspeed", _ds_config(tmp_path, {"stage": 2}),
+                       "--activated-layers", "3", "--interval-steps", "5", "--steps", "100", "--seed", "7"])
+    plan = build_plan(args, {"WORLD_SIZE": "4"})
+    c = plan.counts
+    assert plan.stage == "zero2" and plan.world_size == 4 and plan.weight_bytes == 2
+    assert c.total == 1_714_304 and len(c.per_layer) == 8  # the tiny-llama preset
+    assert plan.psi_active == c.always + 3 * max(c.per_layer)
+    assert plan.full == model_state_floor("zero2", c.total, c.total, 4)
+    assert plan.lisa == model_state_floor("zero2", c.total, plan.psi_active, 4)
+    sampler = LayerSampler(8, args.lisa)
+    assert plan.schedule == [(k, 5 * k, sampler.active_layers(k)) for k in range(6)]
+    assert plan.intervals == 20
+    report = dry_run_report(args, {"WORLD_SIZE": "4"})
+    assert "world size   4 (WORLD_SIZE)" in report and "... 14 more" in report
+    assert "ZeRO-2" in report.split("every stage at 4 ranks")[1].split("<- this run")[0].splitlines()[-1]
+
+
+def test_offload_moves_states_to_host_in_the_report(tmp_path):
+    config = _ds_config(tmp_path, {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                   "offload_param": {"device": "cpu"}})
+    args = parse_args(["--backend", "deepspeed", "--deepspeed", config])
+    plan = build_plan(args, {"WORLD_SIZE": "2"})
+    assert plan.offload == ("master", "optimizer_state", "weights")
+    report = dry_run_report(args, {"WORLD_SIZE": "2"})
+    assert "offloaded to host: fp32 master, Adam moments, bf16 weight shards" in report
+    assert " on the accelerator + " in report
+
+
+def test_dry_run_cli_errors(tmp_path, capsys):
+    with pytest.raises(ValueError, match="ZeRO stage 0"):
+        build_plan(parse_args(["--backend", "deepspeed", "--deepspeed", _ds_config(tmp_path, {"stage": 0})]), {})
+    with pytest.raises(ValueError, match="activated_layers"):
+        build_plan(parse_args(["--activated-layers", "9"]), {})
+    assert main(["--dry-run", "--backend", "fsdp2", "--steps", "4", "--interval-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "no weights loaded" in out and "switch 1 at step 2: active layers" in out
