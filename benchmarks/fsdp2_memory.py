@@ -38,7 +38,8 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E4
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.fsdp import FSDPRunner, init_distributed, local_bytes  # noqa: E402
+from lisa_dist.fsdp import FSDPRunner, init_distributed  # noqa: E402
+from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
 from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
 from lisa_dist.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402

@@ -68,6 +68,15 @@ def model_state_floor(stage: str, psi: int, psi_active: int, world_size: int = 1
     return out
 
 
+def local_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes this rank holds for the given tensors; a DTensor (FSDP2) counts its local shard only."""
+    total = 0
+    for t in tensors:
+        local = t.to_local() if hasattr(t, "to_local") else t
+        total += local.numel() * local.element_size()
+    return total
+
+
 def live_tensor_bytes() -> int:
     """Bytes of every live tensor storage in this process, each storage counted once.
 
@@ -82,11 +91,14 @@ def live_tensor_bytes() -> int:
             if not torch.is_tensor(obj) or obj.device.type == "meta":
                 continue
             storage = obj.untyped_storage()
-        except Exception:  # some objects raise on attribute access (weakref proxies, lazy modules)
+            key = (storage.data_ptr(), storage.device.type)
+            nbytes = storage.nbytes()
+        # Weakref proxies and lazy modules raise on attribute access; storages FSDP2 has freed
+        # raise "invalid python storage". None of them hold memory.
+        except Exception:
             continue
-        key = (storage.data_ptr(), storage.device.type)
-        if key in seen or storage.data_ptr() == 0:
+        if key in seen or key[0] == 0:
             continue
         seen.add(key)
-        total += storage.nbytes()
+        total += nbytes
     return total

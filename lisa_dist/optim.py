@@ -8,20 +8,17 @@ that of an optimizer over the active set, not the peak set ever sampled (what th
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 from torch import nn
 
 from .config import LisaConfig
 from .layers import ParamSplit, split_parameters
+from .memory import local_tensor_bytes
 from .sampling import LayerSampler
 
 _STATE_FORMAT = 1
-
-
-def _tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _state_tensors(state: dict) -> List[torch.Tensor]:
@@ -178,14 +175,14 @@ class LisaOptimizer(torch.optim.Optimizer):
                     t.grad.zero_()
 
     def state_bytes(self) -> Dict[str, int]:
-        """Bytes held for training beyond the model weights: fp32 masters that are not the weights
-        themselves, optimizer state on the device, and host copies kept by `offload`."""
+        """Bytes this rank holds for training beyond the model weights: fp32 masters that are not the
+        weights themselves, optimizer state on the device, and host copies kept by `offload`."""
         masters = [m for p, m in self._masters.items() if m is not p]
         state = [t for st in self._inner.state.values() for t in _state_tensors(st)]
         host = [t for layer in self._offloaded.values() for m, st in layer.values()
                 for t in ([m] if m is not None else []) + _state_tensors(st)]
-        return {"master": _tensor_bytes(masters), "optimizer_state": _tensor_bytes(state),
-                "offloaded_host": _tensor_bytes(host)}
+        return {"master": local_tensor_bytes(masters), "optimizer_state": local_tensor_bytes(state),
+                "offloaded_host": local_tensor_bytes(host)}
 
     def _schedule_key(self) -> dict:
         return {"seed": self.config.seed, "activated_layers": self.config.activated_layers,

@@ -158,10 +158,47 @@ def make_runner(args, model):
                             warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm)
     if args.backend == "deepspeed":
         from .deepspeed.runner import DeepSpeedRunner
-        return DeepSpeedRunner(model, args.lisa, args.deepspeed)
+        return DeepSpeedRunner(model, args.lisa, resolve_ds_config(args, model))
     from .fsdp import FSDPRunner
     return FSDPRunner(model, args.lisa, lr=args.lr, weight_decay=args.weight_decay,
+                      warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
                       cpu_offload=args.cpu_offload, activation_checkpointing=args.gradient_checkpointing)
+
+
+def resolve_ds_config(args, model) -> Dict:
+    """The DeepSpeed config with lisa-train's flags applied.
+
+    The JSON file owns the ZeRO stage, buckets, offload, optimizer type and betas; the flags own
+    what a user tunes per run (batch, accumulation, LR, warm-up, clipping, precision), so one
+    config file serves every model size and the command line never silently loses to the file.
+    """
+    path = Path(args.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"--deepspeed {path}: no such file; the shipped configs are in ds_configs/")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--deepspeed {path}: not valid JSON: {e}") from e
+    import torch
+
+    cfg["train_micro_batch_size_per_gpu"] = args.batch_size
+    cfg["gradient_accumulation_steps"] = args.grad_accum
+    cfg.pop("train_batch_size", None)  # DeepSpeed derives it; a stale value would contradict the flags
+    cfg["gradient_clipping"] = args.max_grad_norm
+    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    cfg.setdefault("bf16", {})["enabled"] = bf16
+    cfg.pop("fp16", None)
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt.setdefault("params", {}).update(lr=args.lr, weight_decay=args.weight_decay)
+    sched = cfg.get("scheduler")
+    if sched and sched.get("type") in ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"):
+        params = sched.setdefault("params", {})
+        params["warmup_num_steps"] = args.warmup_steps
+        if "warmup_max_lr" in params or sched["type"] != "WarmupCosineLR":
+            params["warmup_max_lr"] = args.lr
+        if sched["type"] in ("WarmupDecayLR", "WarmupCosineLR"):
+            params["total_num_steps"] = args.steps
+    return cfg
 
 
 def _fmt_bytes(n: float) -> str:
@@ -173,7 +210,6 @@ def _fmt_bytes(n: float) -> str:
 
 
 def train(args) -> Dict:
-    import torch
     from tqdm import tqdm
 
     from . import data, presets

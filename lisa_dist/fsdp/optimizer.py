@@ -7,33 +7,19 @@ holds only this rank's shard, and the inner AdamW steps DTensors. What FSDP2 add
 - after every change of the trainable set, FSDP2's per-unit reduce dtype must be recomputed
   (see _compat.refresh_mp_dtypes), or layers activated after the first forward reduce in bf16;
 - ranks must agree on the active set (checked with one small collective per switch);
-- byte counts must be this rank's shard, not the DTensor's global size.
+- byte counts are this rank's shard (lisa_dist.memory.local_tensor_bytes handles DTensors).
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple, Type
+from typing import Tuple, Type
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
 
 from ..config import LisaConfig
 from ..optim import LisaOptimizer
 from ._compat import check_torch_version, refresh_mp_dtypes
-
-
-def local_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes this rank holds for the given tensors (a DTensor counts its local shard only)."""
-    total = 0
-    for t in tensors:
-        local = t.to_local() if isinstance(t, DTensor) else t
-        total += local.numel() * local.element_size()
-    return total
-
-
-def _state_tensors(state: dict):
-    return [v for v in state.values() if torch.is_tensor(v)]
 
 
 class FSDPLisaOptimizer(LisaOptimizer):
@@ -69,15 +55,6 @@ class FSDPLisaOptimizer(LisaOptimizer):
             raise RuntimeError(f"LISA ranks disagree on the active layer set ({listing}); every rank must use "
                                "the same LisaConfig (seed, activated_layers, interval_steps) and resume from "
                                "the same checkpoint")
-
-    def state_bytes(self) -> Dict[str, int]:
-        """As LisaOptimizer.state_bytes, counting this rank's shards."""
-        masters = [m for p, m in self._masters.items() if m is not p]
-        state = [t for st in self._inner.state.values() for t in _state_tensors(st)]
-        host = [t for layer in self._offloaded.values() for m, st in layer.values()
-                for t in ([m] if m is not None else []) + _state_tensors(st)]
-        return {"master": local_bytes(masters), "optimizer_state": local_bytes(state),
-                "offloaded_host": local_bytes(host)}
 
     # --- checkpoint support ------------------------------------------------------------------
 

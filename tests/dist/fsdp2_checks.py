@@ -29,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.fsdp import FSDPRunner, local_bytes  # noqa: E402
+from lisa_dist.fsdp import FSDPRunner  # noqa: E402
+from lisa_dist.memory import live_tensor_bytes, local_tensor_bytes as local_bytes  # noqa: E402
 from lisa_dist.fsdp._compat import unit_reduce_dtype  # noqa: E402
 from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
@@ -61,26 +62,6 @@ def rank_batches(step: int, rank: int) -> List[Dict[str, torch.Tensor]]:
 def full_state(model) -> Dict[str, torch.Tensor]:
     """Full weights on every rank (collective)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-
-
-def live_bytes() -> int:
-    """Bytes of every live tensor storage, each counted once. Like lisa_dist.memory.live_tensor_bytes,
-    which raises on FSDP2's freed unsharded-parameter storages ("invalid python storage")."""
-    gc.collect()
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if not torch.is_tensor(obj) or obj.device.type == "meta":
-                continue
-            storage = obj.untyped_storage()
-            key = (storage.data_ptr(), storage.device.type)
-        except RuntimeError:
-            continue
-        if key in seen or key[0] == 0:
-            continue
-        seen.add(key)
-        total += storage.nbytes()
-    return total
 
 
 def log(msg: str) -> None:
@@ -235,7 +216,7 @@ def check_memory_flat(results: Dict) -> None:
         expected = 12 * local_bytes(active) // 2 + 4 * len(active)
         assert in_step[-1] == expected, (in_step[-1], expected)
         if opt.optimizer_steps in (9, switches - 1):
-            live[opt.optimizer_steps] = live_bytes()
+            live[opt.optimizer_steps] = live_tensor_bytes()
 
     live: Dict[int, int] = {}
     switches = 100
