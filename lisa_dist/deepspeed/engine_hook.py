@@ -20,7 +20,7 @@ from torch import nn
 from ..config import LisaConfig
 from ..layers import ParamSplit, split_parameters
 from ..sampling import LayerSampler
-from . import _compat, zero12
+from . import _compat, checkpoint, zero12
 from .agreement import check_agreement, schedule_seed
 from .memory import optimizer_bytes
 
@@ -243,6 +243,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     state.active_layers = active
     engine.lisa = state
     _wrap_step(engine, state)
+    checkpoint.install(engine)  # save/load_checkpoint carry the LISA schedule and optimizer layout
     state.record(engine, 0.0)
     return engine, ZeroOptimizerView(engine), loader, scheduler
 
