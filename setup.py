@@ -26,5 +26,5 @@ setup(
         "mpi": ["mpi4py"],
         "bench": ["matplotlib"],
     },
-    entry_points={"console_scripts": ["lisa-train=lisa_dist.train:main"]},
+    entry_points={"console_scripts": ["lisa-train=lisa_dist.train:main", "lisa-export=lisa_dist.export:main"]},
 )

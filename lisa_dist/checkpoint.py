@@ -182,3 +182,51 @@ def _test_kill_in_save(step: int) -> None:
     if (_env_int("LISA_DIST_TEST_KILL_IN_SAVE_AT_STEP") == step and _first_attempt()
             and _rank() == (_env_int("LISA_DIST_TEST_KILL_RANK") or 0)):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+# --- lisa-train glue ------------------------------------------------------------------------------
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def resume_for_train(runner, args) -> int:
+    """`--resume`: restore the runner from the chosen checkpoint and return the step to continue
+    from (0 when `auto` finds none)."""
+    if not args.resume:
+        return 0
+    found = resolve_resume(args.resume, Path(args.output_dir))
+    if found is None:
+        if runner.rank == 0:
+            print(f"lisa-train: --resume auto: no complete checkpoint in {Path(args.output_dir) / 'checkpoints'}, "
+                  "starting from step 0", flush=True)
+        return 0
+    marker = read_marker(found)
+    if marker.get("backend") != args.backend or marker.get("world_size") != runner.world_size:
+        raise ValueError(f"--resume {found}: written by --backend {marker.get('backend')} on "
+                         f"{marker.get('world_size')} rank(s), this run is --backend {args.backend} on "
+                         f"{runner.world_size}; resume with the backend and number of ranks that wrote it")
+    step = runner.load_checkpoint(found)
+    assert step == marker["step"], f"{found}: runner restored step {step}, marker says {marker['step']}"
+    if runner.rank == 0:
+        print(f"lisa-train: resumed from {found} at step {step}", flush=True)
+    return step
+
+
+def save_for_train(runner, args, step: int, tokenizer) -> Optional[Path]:
+    """`--save-steps`: an atomic checkpoint every N optimizer steps (and at the last one)."""
+    if not args.save_steps or (step % args.save_steps and step != args.steps):
+        return None
+
+    def write(tmp: Path) -> None:
+        runner.save_checkpoint(tmp, step)
+        if runner.rank == 0 and tokenizer is not None:
+            tokenizer.save_pretrained(tmp / "tokenizer")
+
+    return save(Path(args.output_dir) / "checkpoints", step, write, rank=runner.rank, barrier=_barrier,
+                keep_last=args.keep_last,
+                meta={"backend": args.backend, "world_size": runner.world_size, "model": args.model,
+                      "lisa": args.lisa.to_dict(), "active_layers": list(runner.active_layers),
+                      "switch_index": runner.switch_index})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -70,6 +71,33 @@ class SingleRunner:
         weight_bytes = next(self.model.parameters()).element_size()
         floor = model_state_floor("single", counts.total, counts.total, 1, weight_bytes=weight_bytes)
         return int(floor["master"] + floor["optimizer_state"])
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory, step: int) -> None:
+        """Weights as safetensors; LisaOptimizer (schedule, masters, moments, offloaded host copies),
+        LR schedule and RNG as plain tensors and numbers, read back weights-only."""
+        from safetensors.torch import save_model
+        directory = Path(directory)
+        save_model(self.model, str(directory / "model.safetensors"))
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "step": step}, directory / "training_state.pt")
+
+    def load_checkpoint(self, directory) -> int:
+        """Restore a `save_checkpoint` directory; returns the step it was saved at."""
+        from safetensors.torch import load_model
+        directory = Path(directory)
+        state = torch.load(directory / "training_state.pt", map_location="cpu", weights_only=True)
+        try:
+            load_model(self.model, str(directory / "model.safetensors"))
+        except RuntimeError as e:  # missing/unexpected names or shapes
+            raise ValueError(f"{directory}: the checkpoint holds another model ({e}); resume with the --model "
+                             "that wrote it") from None
+        self.optimizer.load_state_dict(state["optimizer"])  # ValueError on another gamma / K / seed
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self._log_switch(0.0)
+        return int(state["step"])
 
     def save_pretrained(self, out_dir, tokenizer) -> None:
         self.model.save_pretrained(out_dir, safe_serialization=True)

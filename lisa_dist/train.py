@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output-dir", default="runs/lisa", help="final weights, tokenizer and lisa_log.json")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines when there is no terminal")
     g.add_argument("--no-save", action="store_true", help="skip writing the final weights")
+    g.add_argument("--save-steps", type=int, default=0,
+                   help="write a resumable checkpoint to OUTPUT_DIR/checkpoints/step-N every N optimizer steps "
+                        "and at the last one (0: never)")
+    g.add_argument("--keep-last", type=int, default=0, help="keep only the newest N checkpoints (0: keep all)")
+    g.add_argument("--resume", metavar="PATH|auto",
+                   help="continue from a checkpoint directory, or `auto`: the latest complete one in "
+                        "OUTPUT_DIR/checkpoints (a fresh start if there is none)")
     g.add_argument("--dry-run", action="store_true",
                    help="print world size, per-rank memory estimate (full vs LISA) and the first switches, "
                         "from the model's config on the meta device (no weights loaded), then exit")
@@ -108,6 +115,9 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("save_steps", "keep_last"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if args.lr <= 0:
         parser.error(f"--lr must be > 0, got {args.lr}")
     if args.backend == "deepspeed" and not args.deepspeed:
@@ -212,7 +222,7 @@ def _fmt_bytes(n: float) -> str:
 def train(args) -> Dict:
     from tqdm import tqdm
 
-    from . import data, presets
+    from . import checkpoint, data, presets
 
     data_path = Path(args.data) if args.data else presets.DEFAULT_DATA
     model, tokenizer = load_model_and_tokenizer(args)
@@ -234,11 +244,13 @@ def train(args) -> Dict:
     print(f"[rank {rank}/{world}] switch {runner.switch_index}: active layers {list(runner.active_layers)}",
           flush=True)
 
+    first_step = checkpoint.resume_for_train(runner, args)
     losses: List[float] = []
     tokens = 0
     start = time.perf_counter()
-    bar = tqdm(total=args.steps, disable=not is_main or not sys.stderr.isatty(), desc="lisa", unit="step")
-    for step in range(args.steps):
+    bar = tqdm(total=args.steps, initial=first_step, disable=not is_main or not sys.stderr.isatty(), desc="lisa",
+               unit="step")
+    for step in range(first_step, args.steps):
         micro = []
         for m in range(args.grad_accum):
             batch = batches.batch(step * args.grad_accum + m, rank=rank, world_size=world)
@@ -258,6 +270,8 @@ def train(args) -> Dict:
         if is_main and bar.disable and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
             print(f"step {step + 1}/{args.steps} loss {loss:.4f} tok/s/rank {rate:.0f} "
                   f"active {list(runner.active_layers)}", flush=True)
+        checkpoint.save_for_train(runner, args, step + 1, tokenizer)
+        checkpoint.kill_for_test_after_step(step + 1)
     bar.close()
     elapsed = time.perf_counter() - start
 

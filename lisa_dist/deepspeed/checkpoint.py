@@ -123,8 +123,7 @@ def save_checkpoint(engine, original, save_dir, tag=None, client_state={}, save_
     if host:
         # Each rank's slices of the layers parked on the host: part of the optimizer state under
         # state_policy="offload", invisible to DeepSpeed.
-        torch.save({str(key): {"fp32": s.fp32, "state": s.state} for key, s in host.items()},
-                   tmp / host_file(dist.get_rank()))
+        torch.save({str(key): _slice_to_dict(s) for key, s in host.items()}, tmp / host_file(dist.get_rank()))
     if _rank0():
         config = getattr(engine.module, "config", None)
         if hasattr(config, "to_json_file"):
@@ -142,7 +141,21 @@ def save_checkpoint(engine, original, save_dir, tag=None, client_state={}, save_
     return True
 
 
-def _saved_host(tag_dir: Path, saved: Dict[str, Any]) -> Dict[zero12.GroupKey, zero12.GroupSlice]:
+def _slice_to_dict(s) -> Dict[str, Any]:
+    # ZeRO-1/2 park one GroupSlice per layer, ZeRO-3 a GroupShards of several (one per sub-group).
+    if isinstance(s, zero12.GroupSlice):
+        return {"fp32": s.fp32, "state": s.state}
+    return {"parts": [_slice_to_dict(p) for p in s.parts]}
+
+
+def _slice_from_dict(d: Dict[str, Any]):
+    if "parts" in d:
+        from .zero3 import GroupShards
+        return GroupShards([_slice_from_dict(p) for p in d["parts"]])
+    return zero12.GroupSlice(d["fp32"], d["state"])
+
+
+def _saved_host(tag_dir: Path, saved: Dict[str, Any]) -> Dict[zero12.GroupKey, Any]:
     if not saved["host_layers"]:
         return {}
     path = tag_dir / host_file(dist.get_rank())
@@ -150,7 +163,7 @@ def _saved_host(tag_dir: Path, saved: Dict[str, Any]) -> Dict[zero12.GroupKey, z
         raise ValueError(f"{tag_dir} lists offloaded layers {saved['host_layers']} but has no {path.name}; "
                          "the checkpoint is incomplete, resume from an earlier one")
     raw = load_tensors(path)
-    return {(int(k) if k.isdigit() else k): zero12.GroupSlice(v["fp32"], v["state"]) for k, v in raw.items()}
+    return {(int(k) if k.isdigit() else k): _slice_from_dict(v) for k, v in raw.items()}
 
 
 def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
@@ -166,9 +179,13 @@ def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
     assert keys == [zero12.ALWAYS if k == zero12.ALWAYS else int(k) for k in saved["group_keys"]], (
         f"groups {keys} differ from the saved {saved['group_keys']}")
     if keys != lisa.group_keys:
+        if int(engine.zero_optimization_stage()) == 3:
+            from .zero3 import rebuild
+        else:
+            rebuild = zero12.rebuild
         with _quiet_deepspeed():
             # host=None: the groups of the fresh layout are discarded, DeepSpeed restores the saved ones.
-            zero12.rebuild(engine, lisa.group_keys, groups, lisa.managed, None)
+            rebuild(engine, lisa.group_keys, groups, lisa.managed, None)
     lisa.group_keys = keys
     lisa.active_layers = active
 

@@ -87,6 +87,19 @@ class DeepSpeedRunner:
         floor = model_state_floor(stage, counts.total, counts.total, self.world_size, weight_bytes=2)
         return int(floor["master"] + floor["optimizer_state"])
 
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory, step: int) -> None:
+        """engine.save_checkpoint (LISA-aware, lisa_dist/deepspeed/checkpoint.py) under tag "zero"."""
+        self.engine.save_checkpoint(str(directory), tag="zero", client_state={"lisa_train_step": step})
+
+    def load_checkpoint(self, directory) -> int:
+        """Restore a `save_checkpoint` directory (same model, LISA settings, stage and world size);
+        returns the step it was saved at."""
+        path, client = self.engine.load_checkpoint(str(directory), tag="zero")
+        assert path is not None, f"DeepSpeed found no checkpoint in {directory}"
+        return int(client["lisa_train_step"])
+
     # --- export and teardown -----------------------------------------------------------------
 
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
