@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -80,9 +82,31 @@ def assert_job_ok(returncodes: Sequence[int], outputs: Sequence[str], world_size
     assert log["world_size"] == world_size and len(log["losses"]) == STEPS
 
 
+def start(cmd: Sequence[str], env: Dict[str, str], **kwargs) -> subprocess.Popen:
+    """A launcher in its own process group, so a timeout can end its ranks too, not just the launcher."""
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    return subprocess.Popen(list(cmd), cwd=ROOT, env=env, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def run(cmd: Sequence[str], env: Dict[str, str], timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=timeout)
+    proc = start(cmd, env)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        raise
+    return subprocess.CompletedProcess(list(cmd), proc.returncode, out)
 
 
 def shell_scripts() -> List[Path]:
@@ -213,16 +237,14 @@ def test_torchrun_two_nodes(tmp_path, backend):
     cmd = ["bash", "launch/torchrun.sh", *TRAIN_ARGS, "--output-dir", str(tmp_path)]
     logs = [tmp_path / f"node{i}.log" for i in range(2)]
     procs = []
-    for node, log in enumerate(logs):
-        with open(log, "w") as f:
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=dict(env, NODE_RANK=str(node)),
-                                          stdout=f, stderr=subprocess.STDOUT, text=True))
     try:
+        for node, log in enumerate(logs):
+            with open(log, "w") as f:
+                procs.append(start(cmd, dict(env, NODE_RANK=str(node)), stdout=f))
         codes = [p.wait(timeout=TIMEOUT) for p in procs]
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
+            stop(p)
     outputs = [log.read_text() for log in logs]
     assert_job_ok(codes, outputs, 2, tmp_path)
     # Each node's log holds only its own rank: the two launchers really are separate nodes.
@@ -232,6 +254,12 @@ def test_torchrun_two_nodes(tmp_path, backend):
 def test_mpirun_deepspeed_mpi_discovery(tmp_path):
     """No RANK/WORLD_SIZE in the environment: DeepSpeed discovers them from Open MPI through mpi4py."""
     pytest.importorskip("mpi4py", reason="mpirun.sh needs mpi4py (pip install mpi4py)")
+    # DeepSpeed 0.19.8's mpi_discovery sets MASTER_PORT to init_distributed's distributed_port
+    # (29500), overwriting the environment, and DeepSpeedRunner does not pass one: a busy 29500
+    # (another DeepSpeed job on this host) would make the ranks join that job's store.
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 29500)) == 0:
+            pytest.skip("port 29500 is in use on this host and DeepSpeed's MPI discovery always uses it")
     env = launch_env({"NP": "2", "MPIRUN_ARGS": "--oversubscribe", "MASTER_PORT": str(free_port())})
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(var, None)
