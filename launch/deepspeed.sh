@@ -17,6 +17,8 @@
 #   LAUNCHER_ARGS  extra `deepspeed` launcher flags, word-split (e.g. "--launcher openmpi")
 #   DRY_RUN        1: echo the command and exit
 # The module form `python -m lisa_dist.train` is lisa-train; it makes every node run the launcher's Python.
+# Multi-node: remote ranks get only PYTHON*/UCX*/MV2* and the accelerator's variables (NCCL_* on GPUs)
+# from this shell; list anything else as VAR=value lines in ./.deepspeed_env or ~/.deepspeed_env.
 set -euo pipefail
 
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
