@@ -113,14 +113,8 @@ def _stage_and_offload(args) -> Tuple[str, Tuple[str, ...]]:
 
 
 def _weight_bytes(args) -> Tuple[int, str]:
-    """Bytes per weight on the target cluster, and why. `--dtype auto` means bf16 on GPUs; a dry run
-    plans for the GPU job even when run on a CPU login node. DeepSpeed casts to its config's dtype."""
-    if args.backend == "deepspeed":
-        ds = json.loads(Path(args.deepspeed).read_text(encoding="utf-8"))
-        for key in ("bf16", "fp16"):
-            if (ds.get(key) or {}).get("enabled") is True:
-                return 2, f"{key} weights ({key}.enabled in {args.deepspeed})"
-        return 4, f"fp32 weights (no bf16/fp16 in {args.deepspeed})"
+    """Bytes per weight on the target cluster, and why. `--dtype auto` means bf16 on GPUs: a dry run
+    plans the GPU job even on a CPU login node (lisa-train sets DeepSpeed's bf16 from the same flag)."""
     if args.dtype == "fp32":
         return 4, "fp32 weights (--dtype fp32)"
     return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if args.dtype == "auto" else "")

@@ -312,5 +312,5 @@ def test_slurm_70b_recipes_dry_run(tmp_path, recipe, ds_config):
     assert line.startswith("srun --ntasks-per-node=1 ")
     assert "torchrun --nnodes 1 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint " in line
     assert (f"-m lisa_dist.train --backend deepspeed --deepspeed {ds_config} --model /models/Llama-2-70b-hf "
-            "--max-length 4096 --batch-size 1 --gradient-checkpointing --activated-layers 2") in line
+            "--max-length 4096 --batch-size 1 --gradient-checkpointing --lr 1e-5 --warmup-steps 20 --activated-layers 2") in line
     assert line.endswith("--steps 9")
