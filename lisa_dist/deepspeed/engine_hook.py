@@ -63,6 +63,8 @@ class LisaEngineState:
         return sum(s.nbytes() for s in self.host.values()) if self.host is not None else 0
 
     def record(self, engine, seconds: float) -> None:
+        # optimizer_bytes is what is live right after the switch: groups new to this interval get
+        # their moments at their first step (DeepSpeed's optimizers allocate state lazily).
         self.schedule_log.append({"step": self.optimizer_steps, "switch_index": self.switch_index,
                                   "active_layers": list(self.active_layers), "seconds": seconds,
                                   "optimizer_bytes": optimizer_bytes(engine),
@@ -78,9 +80,12 @@ class LisaEngineState:
         active = self.sampler.active_layers(switch_index)
         check_agreement(switch_index, active, self.device)
         new_groups = self.groups(active)
-        with _quiet_deepspeed():
-            zero12.rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
-        self.group_keys = [key for key, _ in new_groups]
+        new_keys = [key for key, _ in new_groups]
+        # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
+        if new_keys != self.group_keys:
+            with _quiet_deepspeed():
+                zero12.rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
+        self.group_keys = new_keys
         self.active_layers = active
         self.switch_index = switch_index
         self.record(engine, time.perf_counter() - start)

@@ -117,9 +117,12 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
         # loaded, so it runs only when reference counting was not enough.
         gc.collect()
     if any(ref() is not None for ref in old_flats):
-        warnings.warn("the previous ZeRO optimizer is still referenced outside the engine (keep the optimizer "
-                      "returned by lisa_dist.deepspeed.initialize, not engine.optimizer), so its flat buffers "
-                      "stay allocated after the LISA switch", RuntimeWarning, stacklevel=2)
+        # Seen once in a CPU benchmark run and not reproduced since: likely a C++ reference (a
+        # communication work object) released a moment later. User code holding engine.optimizer
+        # does it for good, hence the hint.
+        warnings.warn("the previous ZeRO optimizer's flat buffers are still referenced after the LISA switch; "
+                      "they stay allocated until that reference goes (keep the optimizer returned by "
+                      "lisa_dist.deepspeed.initialize rather than engine.optimizer)", RuntimeWarning, stacklevel=2)
 
     trainable = {id(p) for _, params in new_groups for p in params}
     for p in managed:

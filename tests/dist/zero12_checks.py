@@ -122,7 +122,7 @@ def ownership(engine) -> Dict:
 
 
 def train(engine, model, steps: int, gas: int, on_switch: Optional[Callable] = None,
-          check_frozen: bool = True, gradient_checkpointing: bool = False) -> Dict:
+          check_frozen: bool = True, torch_backward: bool = False) -> Dict:
     """Drive the engine the way DeepSpeed users do: forward, engine.backward, engine.step per micro-batch."""
     lisa = engine.lisa
     losses, frozen_checks, lrs = [], 0, []
@@ -131,7 +131,10 @@ def train(engine, model, steps: int, gas: int, on_switch: Optional[Callable] = N
         snapshot = layer_snapshot(lisa.split) if check_frozen else None
         for ids in rank_micro_batches(step, gas):
             loss = engine(input_ids=ids, labels=ids).loss
-            engine.backward(loss)
+            if torch_backward:  # DeepSpeed's post-backward hook must be re-registered on each rebuild
+                loss.backward()
+            else:
+                engine.backward(loss)
             engine.step()
             losses.append(loss.item())
         if check_frozen:
@@ -215,7 +218,7 @@ def parity(stage: int, bf16: bool, policy: str, gas: int, interval: int, steps: 
 
 
 def matrix(stage: int, name: str, bf16: bool, gas: int, clip: float, checkpointing: bool, optimizer: str,
-           scheduler: str, **zero) -> Dict:
+           scheduler: str, torch_backward: bool = False, **zero) -> Dict:
     """A configuration trains, switches, keeps ranks identical and carries the LR schedule."""
     model = build_model()
     if checkpointing:
@@ -242,7 +245,7 @@ def matrix(stage: int, name: str, bf16: bool, gas: int, clip: float, checkpointi
     engine, _, _, returned_sched = lds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg,
                                                   lisa=lisa)
     steps = 6
-    result = train(engine, model, steps, gas, on_switch=lambda: ownership(engine))
+    result = train(engine, model, steps, gas, on_switch=lambda: ownership(engine), torch_backward=torch_backward)
     # The same schedule stepped alone: the LR must survive every optimizer rebuild.
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
     if scheduler in ("WarmupLR", "WarmupDecayLR"):
@@ -399,21 +402,29 @@ def scenarios(stage: int, out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "parity_bf16_gas2": lambda: parity(stage, True, "reset", 2, 2, 8, "config"),
         "memory": lambda: memory(stage),
         "leak": lambda: leak(stage, "reset" if stage == 1 else "offload", 100),
-        "matrix_bf16_gas2_clip_ckpt_warmup": lambda: matrix(stage, "bf16_gas2_clip_ckpt_warmup", True, 2, 1.0, True,
-                                                            "config", "WarmupLR"),
-        "matrix_fp32_object_torchsched": lambda: matrix(stage, "fp32_object_torchsched", False, 1, 0.5, False,
-                                                        "object", "torch_object"),
-        "matrix_bf16_callable_decay": lambda: matrix(stage, "bf16_callable_decay", True, 1, 0.0, False, "callable",
-                                                     "WarmupDecayLR"),
         "runner": lambda: runner_check(stage, out_dir),
         "skew": lambda: skew(stage),
     }
-    if stage == 2:
-        for overlap in (True, False):
-            for contiguous in (True, False):
-                name = f"matrix_overlap{int(overlap)}_contiguous{int(contiguous)}"
-                s[name] = (lambda o=overlap, c=contiguous, n=name: matrix(
-                    stage, n, True, 2, 1.0, False, "config", "WarmupLR", overlap_comm=o, contiguous_gradients=c))
+    # Item 5 of the issue: every configuration once. ZeRO-2 crosses them with overlap_comm and
+    # contiguous_gradients on and off.
+    variants = [("bf16_gas2_clip_ckpt_warmup", dict(bf16=True, gas=2, clip=1.0, checkpointing=True,
+                                                    optimizer="config", scheduler="WarmupLR")),
+                ("fp32_object_torchsched", dict(bf16=False, gas=1, clip=0.5, checkpointing=False,
+                                                optimizer="object", scheduler="torch_object")),
+                ("bf16_callable_decay_torchbackward", dict(bf16=True, gas=1, clip=0.0, checkpointing=False,
+                                                           optimizer="callable", scheduler="WarmupDecayLR",
+                                                           torch_backward=True))]
+    if stage == 1:
+        for name, kw in variants:
+            s[f"matrix_{name}"] = lambda n=name, kw=kw: matrix(stage, n, **kw)
+    else:
+        variants.append(("bf16_config_warmup", dict(bf16=True, gas=1, clip=0.0, checkpointing=False,
+                                                    optimizer="config", scheduler="WarmupLR")))
+        combos = [(True, False), (False, False), (True, True), (False, True)]
+        for (name, kw), (overlap, contiguous) in zip(variants, combos):
+            full = f"{name}_overlap{int(overlap)}_contiguous{int(contiguous)}"
+            s[f"matrix_{full}"] = lambda n=full, kw=kw, o=overlap, c=contiguous: matrix(
+                stage, n, overlap_comm=o, contiguous_gradients=c, **kw)
     return s
 
 
