@@ -180,7 +180,6 @@ def test_version_pin():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("zero,extra,error,match", [
-    ({"stage": 3}, {}, NotImplementedError, "ZeRO-3 is not implemented yet"),
     ({"stage": 0}, {}, ValueError, "needs ZeRO stage 1 or 2"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, {}, NotImplementedError, "offload_optimizer"),
     ({"stage": 2}, {"fp16": {"enabled": True}}, NotImplementedError, "bf16"),

@@ -1,5 +1,5 @@
 """LISA on DeepSpeed ZeRO: an engine hook that makes only the sampled layers own fp32 master,
-gradient partitions and optimizer state (stage 1 and 2; stage 3 is not implemented yet).
+gradient partitions and optimizer state (stage 1, 2 and 3).
 
     engine, optimizer, _, scheduler = lisa_dist.deepspeed.initialize(model=model, config=ds_config,
                                                                      lisa=LisaConfig(...))

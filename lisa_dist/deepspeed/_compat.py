@@ -8,6 +8,7 @@ pass on the new release.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Dict, List
 
 import torch
@@ -105,3 +106,158 @@ def load_ds_config(config) -> dict:
     """A DeepSpeed config given as a dict, a JSON/HJSON path or base64, read as DeepSpeed reads it."""
     from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config as _load
     return _load(config)
+
+
+# --- ZeRO-3 optimizer (runtime/zero/stage3.py, parameter_offload.py) -----------------------------
+
+def zero3_optimizer_class():
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    return DeepSpeedZeroOptimizer_Stage3
+
+
+def zero3_fp32_partitions(zero_optimizer) -> List[torch.Tensor]:
+    """This rank's fp32 master partition per sub-group (stage3.py:1081-1208). DeepSpeed cuts each
+    param group into sub-groups of at most sub_group_size elements, so a group may have several."""
+    return zero_optimizer.fp32_partitioned_groups_flat
+
+
+def zero3_sub_group_sources(zero_optimizer) -> List[int]:
+    """For each sub-group, the index of the torch optimizer param group it came from."""
+    return [zero_optimizer.sub_group_to_group_id[i] for i in range(len(zero_optimizer.fp16_groups))]
+
+
+def zero3_trainable_params(zero_optimizer) -> List[torch.nn.Parameter]:
+    """The params the stage-3 optimizer owns (those trainable when it was built, 726-749)."""
+    return [p for group in zero_optimizer.fp16_groups for p in group]
+
+
+def zero3_parameter_offload(zero_optimizer):
+    """The DeepSpeedZeRoOffload object: it partitioned the model and owns its module hooks and the
+    gather coordinator; every stage-3 optimizer of an engine must share it."""
+    return zero_optimizer.parameter_offload
+
+
+def zero3_module_hook_count(parameter_offload) -> int:
+    """Forward and backward module hooks DeepSpeedZeRoOffload registered (parameter_offload.py)."""
+    return len(parameter_offload.forward_hooks) + len(parameter_offload.backward_hooks)
+
+
+def _defragment_in_place(tensors: List[torch.Tensor]) -> torch.Tensor:
+    """DeepSpeed's defragment (runtime/zero/utils.py:215) without its host round trip and
+    gc.collect(): one flat buffer on the tensors' device, each tensor re-pointed into it."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, device=tensors[0].device)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        flat.narrow(0, offset, n).copy_(t)
+        t.data = flat.narrow(0, offset, n)
+        offset += n
+    return flat
+
+
+@contextmanager
+def zero3_rebuild_context(parameter_offload):
+    """While active, a new stage-3 optimizer reuses `parameter_offload` and builds its flat bf16
+    buffer without DeepSpeed's defragmentation pass. Both are class/module attributes swapped for
+    the duration of one synchronous optimizer construction.
+
+    - DeepSpeedZeroOptimizer_Stage3.__init__ calls initialize_ds_offload (603-641), which would
+      build a second DeepSpeedZeRoOffload and register a second set of module hooks on top of the
+      first.
+    - defragment copies the trainable partitions to the host, runs gc.collect() and copies them
+      back, to de-fragment a device filled by model init. At a switch only the active set's
+      partitions move (2 Psi_a / N bytes) and the full collection alone took ~1 s per switch here
+      (it scales with the number of live Python objects, not with the model)."""
+    from deepspeed.runtime.zero import stage3
+    cls = zero3_optimizer_class()
+    original_offload = cls.__dict__["initialize_ds_offload"]
+    original_defragment = stage3.defragment
+    cls.initialize_ds_offload = lambda self, *args, **kwargs: parameter_offload
+    stage3.defragment = _defragment_in_place
+    try:
+        yield
+    finally:
+        cls.initialize_ds_offload = original_offload
+        stage3.defragment = original_defragment
+
+
+def zero3_lp_buffers(zero_optimizer) -> List[torch.Tensor]:
+    """The flat bf16 buffers the trainable params' partitions view: lp_param_buffer (913-1018), or
+    the host buffers per param group under offload_param (888-911)."""
+    out = list(zero_optimizer.param_groups_fp16_flat_cpu_memory)
+    if getattr(zero_optimizer, "lp_param_buffer", None) is not None:
+        out.insert(0, zero_optimizer.lp_param_buffer)
+    return out
+
+
+def zero3_flat_buffers(zero_optimizer) -> List[torch.Tensor]:
+    """Buffers sized by the trainable set that must die with the optimizer: the bf16 partitions'
+    flat buffer (lp_param_buffer, or the host buffers under offload_param), the gradient partitions,
+    and the fp32 partitions with their offload gradient buffers."""
+    out = zero3_lp_buffers(zero_optimizer)
+    if getattr(zero_optimizer, "grad_partitions_flat_buffer", None) is not None:
+        out.append(zero_optimizer.grad_partitions_flat_buffer)
+    for fp32 in zero_optimizer.fp32_partitioned_groups_flat:
+        out.append(fp32)
+        if fp32.grad is not None:
+            out.append(fp32.grad)
+    return out
+
+
+def detach_zero3(zero_optimizer) -> None:
+    """Unhook a stage-3 optimizer from the model so that it, and every buffer sized by its trainable
+    set, can be freed, while the parameter partitioning and module hooks stay (unlike destroy(),
+    539-550, which also removes the DeepSpeedZeRoOffload hooks the next optimizer needs)."""
+    for hook in zero_optimizer._grad_acc_hooks:
+        hook.remove()
+    for hook in zero_optimizer._leaf_module_hooks:
+        hook.remove()
+    zero_optimizer._grad_acc_hooks = []
+    zero_optimizer._leaf_module_hooks = []
+    zero_optimizer.unregister_grad_acc_post_hooks()
+    zero_optimizer._clear_muon_allgather_buffers()
+    zero_optimizer.ipg_buckets.clear()
+    zero_optimizer._unpin_offload_buffers()
+    # The partitions of the params this optimizer owned are views into its flat bf16 buffer
+    # (defragment, 913-1018); give each its own storage so the buffer can go.
+    with torch.no_grad():
+        for p in zero3_trainable_params(zero_optimizer):
+            p.ds_tensor.data = p.ds_tensor.data.clone()
+            p.grad = None
+    # The optimizer sits in reference cycles (its zenflow hooks are partials bound to it, 583-601),
+    # so it dies only at a full gc.collect(), which costs ~1 s in a process with transformers
+    # loaded. Drop its buffers now; the empty shell goes with the next automatic collection.
+    for fp32 in zero_optimizer.fp32_partitioned_groups_flat:
+        fp32.grad = None
+    zero_optimizer.fp32_partitioned_groups_flat = []
+    zero_optimizer.next_swappable_fp32_partitioned_groups = []
+    zero_optimizer.fp16_partitioned_groups_flat = []
+    zero_optimizer.param_groups_fp16_flat_cpu_memory = []
+    zero_optimizer.lp_param_buffer = None
+    zero_optimizer.grad_partitions_flat_buffer = None
+    zero_optimizer._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition = {}
+    zero_optimizer.averaged_gradients = {}
+
+
+def invalidate_gather_trace(zero_optimizer) -> None:
+    """Make the parameter coordinator record a fresh module trace at the next forward. The trace
+    is already invalid before the first forward (e.g. a rebuild on resume), where
+    _invalidate_trace raises instead of doing nothing (partitioned_param_coordinator.py:195)."""
+    coordinator = zero_optimizer.parameter_offload.get_param_coordinator()
+    if not coordinator.is_invalid_trace():
+        coordinator._invalidate_trace()
+
+
+def zero3_gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
+    """Gradient storage of a stage-3 optimizer, by kind (as gradient_buffers for ZeRO-1/2):
+    "partition": the reduced gradient partitions (grad_partitions_flat_buffer; under
+    offload_optimizer the fp32 partitions' .grad on the host); "buckets": reduction staging."""
+    partition: List[torch.Tensor] = []
+    if getattr(zero_optimizer, "grad_partitions_flat_buffer", None) is not None:
+        partition.append(zero_optimizer.grad_partitions_flat_buffer)
+    partition.extend(fp32.grad for fp32 in zero_optimizer.fp32_partitioned_groups_flat if fp32.grad is not None)
+    buckets: List[torch.Tensor] = []
+    for bucket in zero_optimizer.ipg_buckets.values():
+        if getattr(bucket, "buffer", None) is not None:
+            buckets.append(bucket.buffer)
+    return {"partition": partition, "buckets": buckets}

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import LisaConfig
 from ..layers import ParamSplit, split_parameters
 from ..sampling import LayerSampler
-from . import _compat, checkpoint, zero12
+from . import _compat, checkpoint, zero3, zero12
 from .agreement import check_agreement, schedule_seed
 from .memory import optimizer_bytes
 
@@ -83,8 +83,9 @@ class LisaEngineState:
         new_keys = [key for key, _ in new_groups]
         # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
         if new_keys != self.group_keys:
+            rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
             with _quiet_deepspeed():
-                zero12.rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
+                rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
         self.group_keys = new_keys
         self.active_layers = active
         self.switch_index = switch_index
@@ -120,21 +121,23 @@ def _quiet_deepspeed():
 def _check_ds_config(ds_config: dict) -> None:
     zero = ds_config.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
-    if stage == 3:
-        raise NotImplementedError(
-            "lisa_dist.deepspeed.initialize supports ZeRO stage 1 and 2 so far; ZeRO-3 is not implemented "
-            "yet. Set \"zero_optimization\": {\"stage\": 2} in the DeepSpeed config, or use --backend fsdp2")
-    if stage not in (1, 2):
+    if stage not in (1, 2, 3):
         raise ValueError(
-            f"lisa_dist.deepspeed.initialize needs ZeRO stage 1 or 2, the DeepSpeed config has stage {stage}; "
+            f"lisa_dist.deepspeed.initialize needs ZeRO stage 1, 2 or 3, the DeepSpeed config has stage {stage}; "
             "set \"zero_optimization\": {\"stage\": 2} (stage 0 keeps a full optimizer per rank: use "
             "lisa_dist.optim.LisaOptimizer with plain data parallelism instead)")
     offload = zero.get("offload_optimizer") or {}
-    if str(offload.get("device", "none")).lower() not in ("none", "null"):
+    device = str(offload.get("device", "none")).lower()
+    # ZeRO-3 rebuilds keep host-resident fp32 partitions and moments; the ZeRO-1/2 rebuild does not.
+    if stage != 3 and device not in ("none", "null"):
         raise NotImplementedError(
             "ZeRO optimizer offload (zero_optimization.offload_optimizer) is not supported by the LISA hook "
-            "yet: remove offload_optimizer from the DeepSpeed config. LISA already keeps fp32 master and "
-            "Adam state for the active layers only")
+            "with ZeRO-1/2: remove offload_optimizer from the DeepSpeed config or use ZeRO stage 3. LISA "
+            "already keeps fp32 master and Adam state for the active layers only")
+    if device == "nvme" or str((zero.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
+        raise NotImplementedError(
+            "offload to NVMe is not supported by the LISA hook (DeepSpeed's swappers keep files per sub-group "
+            "that a rebuild would orphan); use \"device\": \"cpu\" in offload_optimizer and offload_param")
     if (ds_config.get("fp16") or {}).get("enabled") is True:
         raise NotImplementedError(
             "fp16 with loss scaling is not supported by the LISA hook (each rebuild would reset the loss "
@@ -191,7 +194,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     may be None (taken from the DeepSpeed config), a fresh torch optimizer with one set of
     hyper-parameters (re-used across switches, so a torch LR scheduler bound to it keeps working),
     or a callable taking param groups. The returned optimizer is a view of the engine's current
-    ZeRO optimizer. ZeRO stage 1 and 2 only.
+    ZeRO optimizer. ZeRO stage 1, 2 and 3 (stage 3 also with offload_optimizer/offload_param to CPU).
     """
     _compat.check_deepspeed_version()
     import deepspeed
@@ -239,8 +242,10 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
         args=args, model=model, optimizer=optimizer, model_parameters=param_groups, training_data=training_data,
         lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
         config=None if from_args else ds_config, mesh_param=mesh_param, **port_kwargs)
-    assert isinstance(engine.optimizer, _compat.zero12_optimizer_class()), (
-        f"expected DeepSpeed's ZeRO-1/2 optimizer, got {type(engine.optimizer).__name__}")
+    expected = _compat.zero3_optimizer_class() if int(engine.zero_optimization_stage()) == 3 \
+        else _compat.zero12_optimizer_class()
+    assert isinstance(engine.optimizer, expected), (
+        f"expected DeepSpeed's {expected.__name__}, got {type(engine.optimizer).__name__}")
     assert len(engine.basic_optimizer.param_groups) == len(groups), "DeepSpeed dropped a LISA param group"
     del ds_optimizer
 

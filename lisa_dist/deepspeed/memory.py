@@ -41,8 +41,11 @@ def _state_tensors(optimizer: torch.optim.Optimizer):
 
 def model_state_bytes(engine) -> Dict[str, int]:
     """Live bytes of this rank by category (MODEL_STATE_CATEGORIES + OTHER_CATEGORIES), plus
-    "model_state", the sum of the model-state categories. Works for any ZeRO-1/2 engine, with or
+    "model_state", the sum of the model-state categories. Works for any ZeRO engine, with or
     without LISA (then there is no host_offload)."""
+    if int(engine.zero_optimization_stage()) == 3:
+        from . import zero3_memory
+        return zero3_memory.model_state_bytes(engine)
     out = {c: 0 for c in MODEL_STATE_CATEGORIES + OTHER_CATEGORIES}
     seen: set = set()
     zero = engine.optimizer
@@ -65,6 +68,9 @@ def model_state_bytes(engine) -> Dict[str, int]:
 def optimizer_bytes(engine) -> int:
     """This rank's fp32 master partitions + optimizer state + gradient partitions, the part of the
     model state that LISA shrinks (cheap enough to log at every switch)."""
+    if int(engine.zero_optimization_stage()) == 3:
+        from . import zero3_memory
+        return zero3_memory.optimizer_bytes(engine)
     out = {"bytes": 0}
     seen: set = set()
     zero = engine.optimizer
