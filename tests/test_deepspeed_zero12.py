@@ -180,7 +180,7 @@ def test_version_pin():
 
 @pytest.mark.unit
 @pytest.mark.parametrize("zero,extra,error,match", [
-    ({"stage": 0}, {}, ValueError, "needs ZeRO stage 1 or 2"),
+    ({"stage": 0}, {}, ValueError, "needs ZeRO stage 1, 2 or 3"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, {}, NotImplementedError, "offload_optimizer"),
     ({"stage": 2}, {"fp16": {"enabled": True}}, NotImplementedError, "bf16"),
     ({"stage": 2}, {"no_optimizer": True}, ValueError, "add an \"optimizer\" section"),
