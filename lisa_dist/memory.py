@@ -33,9 +33,13 @@ class ParamCounts:
 
 def count_params(split) -> ParamCounts:
     """Counts from a lisa_dist.layers.ParamSplit (parameters outside the blocks that are frozen count in Psi only)."""
-    per_layer = [sum(p.numel() for _, p in layer) for layer in split.per_layer]
-    always = sum(p.numel() for _, p in split.always)
-    frozen = sum(p.numel() for _, p in split.frozen_outside)
+    # ZeRO-3 partitions params in place (numel() == 0 between steps); ds_numel is the full size.
+    def numel(p) -> int:
+        return getattr(p, "ds_numel", None) or p.numel()
+
+    per_layer = [sum(numel(p) for _, p in layer) for layer in split.per_layer]
+    always = sum(numel(p) for _, p in split.always)
+    frozen = sum(numel(p) for _, p in split.frozen_outside)
     return ParamCounts(total=always + frozen + sum(per_layer), always=always, per_layer=per_layer)
 
 

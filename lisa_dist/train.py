@@ -143,6 +143,11 @@ def load_model_and_tokenizer(args):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.dtype == "auto":
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if args.backend == "deepspeed":
+        from .deepspeed.loading import load_partitioned
+        loaded = load_partitioned(args, dtype)  # ZeRO-3: partitioned as it is built, never whole on a rank
+        if loaded is not None:
+            return loaded
     if args.model in presets.PRESETS:
         tokenizer = (transformers.AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
                      else presets.default_tokenizer())

@@ -261,3 +261,9 @@ def zero3_gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
         if getattr(bucket, "buffer", None) is not None:
             buckets.append(bucket.buffer)
     return {"partition": partition, "buckets": buckets}
+
+
+def zero3_consolidated_state_dict(engine) -> Dict[str, torch.Tensor] | None:
+    """The full 16-bit state dict on rank 0 (None elsewhere), gathered one module at a time
+    (engine.py:5631). Collective: every rank must call it."""
+    return engine._zero3_consolidated_16bit_state_dict()

@@ -26,7 +26,8 @@ class DeepSpeedRunner:
 
     def __init__(self, model: nn.Module, lisa_config: LisaConfig, ds_config: Union[dict, str]):
         _compat.check_deepspeed_version()
-        self._owned_process_group = not (dist.is_available() and dist.is_initialized())
+        from .loading import owns_process_group  # ZeRO-3 loading started it on the runner's behalf
+        self._owned_process_group = not (dist.is_available() and dist.is_initialized()) or owns_process_group()
         self.engine, _, _, self.scheduler = initialize(model=model, config=ds_config, lisa=lisa_config)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -103,13 +104,19 @@ class DeepSpeedRunner:
     # --- export and teardown -----------------------------------------------------------------
 
     def save_pretrained(self, out_dir, tokenizer=None) -> None:
-        """Rank 0 writes a Hugging Face safetensors model (ZeRO-1/2 keep full weights on every rank)."""
+        """Rank 0 writes a Hugging Face safetensors model. ZeRO-1/2 keep full weights on every rank;
+        under ZeRO-3 every rank takes part in gathering them onto rank 0, one module at a time, so
+        no rank holds more than one module's full weights on the device (rank 0 collects the whole
+        model in host memory)."""
+        state = _compat.zero3_consolidated_state_dict(self.engine) if self.engine.zero_optimization_stage() == 3 \
+            else None
         if self.rank == 0:
             out = Path(out_dir)
             out.mkdir(parents=True, exist_ok=True)
             # Trainable weights are views into one ZeRO flat buffer; transformers would take views
             # sharing a storage for tied weights, so hand it independent host copies.
-            state = {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+            if state is None:
+                state = {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
             self.engine.module.save_pretrained(out, state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out)

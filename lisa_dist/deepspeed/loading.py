@@ -1,0 +1,85 @@
+"""Build or load a model already partitioned for ZeRO-3, so no rank ever holds all of it.
+
+A 70B model is 140 GB in bf16: materialising it on one rank before deepspeed.initialize
+partitions it would need that much memory per process. transformers' DeepSpeed integration builds
+the model under `deepspeed.zero.Init` instead (each module's parameters are partitioned as soon as
+the module is constructed) when a `HfDeepSpeedConfig` object is alive:
+- from_config (presets): random init runs per module on gathered parameters, on rank 0, and is
+  broadcast (transformers.integrations.deepspeed.initialize_weights_zero3);
+- from_pretrained: rank 0 reads the checkpoint and copies each module's tensors into the gathered
+  parameters, which are re-partitioned module by module.
+transformers holds that object only through a weak reference, so it is kept on the model for as
+long as the model lives (resizing embeddings, generation and saving consult it too).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+_OWNS_PROCESS_GROUP = False
+
+
+def owns_process_group() -> bool:
+    """Whether load_partitioned initialised the default process group (whoever tears training down
+    destroys it then)."""
+    return _OWNS_PROCESS_GROUP
+
+
+def zero_stage(ds_config_path: str) -> int:
+    from . import _compat
+    return int((_compat.load_ds_config(ds_config_path).get("zero_optimization") or {}).get("stage", 0))
+
+
+def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module, object]]:
+    """(model, tokenizer) built or loaded under ZeRO-3 partitioning, or None when `args.deepspeed`
+    is not a ZeRO-3 config (the caller then loads the model whole). Initialises the process group
+    (zero.Init partitions across it)."""
+    global _OWNS_PROCESS_GROUP
+    import deepspeed
+    import torch.distributed as dist
+    import transformers
+    from deepspeed.accelerator import get_accelerator
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from .. import presets
+    from ..train import resolve_ds_config
+    from . import _compat
+
+    if zero_stage(args.deepspeed) != 3:
+        return None
+    _compat.check_deepspeed_version()
+    # The engine is later built from the same resolved config (make_runner); zero.Init must agree
+    # with it on precision and parameter offload, so resolve it the same way.
+    ds_config = resolve_ds_config(args, torch.nn.ParameterList([torch.nn.Parameter(torch.empty(0, dtype=dtype))]))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        _OWNS_PROCESS_GROUP = True
+    hf_ds_config = HfDeepSpeedConfig(ds_config)
+    assert hf_ds_config.is_zero3()
+
+    if args.model in presets.PRESETS:
+        tokenizer = (transformers.AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
+                     else presets.default_tokenizer())
+        torch.manual_seed(args.seed)
+        model = transformers.AutoModelForCausalLM.from_config(presets.PRESETS[args.model](tokenizer), dtype=dtype)
+    else:
+        if not Path(args.model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise FileNotFoundError(f"--model {args.model}: not a preset ({', '.join(presets.PRESETS)}) nor a local "
+                                    "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model,
+                                                               trust_remote_code=args.trust_remote_code)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
+    if whole:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} built {type(model).__name__} without ZeRO-3 partitioning "
+            f"({len(whole)} parameters whole, e.g. {whole[0]}); its DeepSpeed integration "
+            "(transformers.integrations.deepspeed.HfDeepSpeedConfig) did not take effect")
+    model._lisa_hf_ds_config = hf_ds_config  # transformers keeps only a weak reference
+    return model, tokenizer
