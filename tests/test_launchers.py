@@ -298,6 +298,32 @@ def test_slurm_generic_template(tmp_path):
 
 @pytest.mark.slurm
 @requires_slurm
+def test_slurm_70b_a100_recipe_with_tiny_model(tmp_path):
+    """The A100 recipe for real: recipe -> generic.sbatch -> srun -> torchrun -> DeepSpeed ZeRO-3, with
+    the tiny preset saved as a local model directory standing in for LLaMA-2-70B, the GPU request
+    overridden, and the test's flags appended after the recipe's (the last one wins)."""
+    import torch
+    import transformers
+
+    from lisa_dist import presets
+
+    model_dir = tmp_path / "model"
+    tokenizer = presets.default_tokenizer()
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(presets.PRESETS["tiny-llama"](tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = launch_env({"MODEL": str(model_dir), "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
+    out_file = tmp_path / "job.out"
+    proc = sbatch("launch/slurm/llama2_70b_a100_80g.sbatch", env, ["--nodes=1", "--gpus-per-node=0", "--time=10"],
+                  [*TRAIN_ARGS, "--output-dir", str(tmp_path / "run")], out_file)
+    job_log = out_file.read_text() if out_file.exists() else "(no job output file)"
+    assert proc.returncode == 0, f"sbatch: {proc.stdout}\njob output:\n{job_log[-8000:]}"
+    assert_job_ok([proc.returncode], [job_log], 2, tmp_path / "run")
+    assert f"lisa-train: {model_dir} | backend deepspeed x2" in job_log
+
+
+@pytest.mark.slurm
+@requires_slurm
 @pytest.mark.parametrize("recipe, ds_config", [("llama2_70b_a100_80g", "ds_configs/zero3.json"),
                                                ("llama2_70b_a10_24g", "ds_configs/zero3_offload.json")])
 def test_slurm_70b_recipes_dry_run(tmp_path, recipe, ds_config):
