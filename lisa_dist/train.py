@@ -224,6 +224,23 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def _say(line: str) -> None:
+    # One write per line: ranks share the launcher's stdout, and print() writes text and newline
+    # separately, which interleaves ranks' lines mid-line.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _per_rank(value: int, world: int) -> List[int]:
+    import torch.distributed as dist
+
+    if world == 1 or not dist.is_initialized():
+        return [value]
+    values: List[int] = [0] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def train(args) -> Dict:
     from tqdm import tqdm
 
@@ -242,12 +259,11 @@ def train(args) -> Dict:
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"lisa-train: {args.model} | backend {args.backend} x{world} | {len(dataset)} examples from "
-              f"{data_path} | gamma={args.lisa.activated_layers} K={args.lisa.interval_steps} "
-              f"seed={args.lisa.seed} policy={args.lisa.state_policy}", flush=True)
+        _say(f"lisa-train: {args.model} | backend {args.backend} x{world} | {len(dataset)} examples from "
+             f"{data_path} | gamma={args.lisa.activated_layers} K={args.lisa.interval_steps} "
+             f"seed={args.lisa.seed} policy={args.lisa.state_policy}")
     # Every rank prints its own schedule line so disagreement is visible in multi-node logs too.
-    print(f"[rank {rank}/{world}] switch {runner.switch_index}: active layers {list(runner.active_layers)}",
-          flush=True)
+    _say(f"[rank {rank}/{world}] switch {runner.switch_index}: active layers {list(runner.active_layers)}")
 
     first_step = checkpoint.resume_for_train(runner, args)
     losses: List[float] = []
@@ -267,14 +283,14 @@ def train(args) -> Dict:
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or use --dtype fp32")
         if runner.switch_index != before:
-            print(f"[rank {rank}/{world}] switch {runner.switch_index} at step {step + 1}: "
-                  f"active layers {list(runner.active_layers)}", flush=True)
+            _say(f"[rank {rank}/{world}] switch {runner.switch_index} at step {step + 1}: "
+                 f"active layers {list(runner.active_layers)}")
         rate = tokens / (time.perf_counter() - start)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s_rank=f"{rate:.0f}", layers=list(runner.active_layers))
         bar.update(1)
         if is_main and bar.disable and ((step + 1) % args.log_every == 0 or step + 1 == args.steps):
-            print(f"step {step + 1}/{args.steps} loss {loss:.4f} tok/s/rank {rate:.0f} "
-                  f"active {list(runner.active_layers)}", flush=True)
+            _say(f"step {step + 1}/{args.steps} loss {loss:.4f} tok/s/rank {rate:.0f} "
+                 f"active {list(runner.active_layers)}")
         checkpoint.save_for_train(runner, args, step + 1, tokenizer)
         checkpoint.kill_for_test_after_step(step + 1)
     bar.close()
@@ -287,6 +303,7 @@ def train(args) -> Dict:
         "loss_start": sum(losses[:window]) / window, "loss_end": sum(losses[-window:]) / window,
         "losses": losses, "schedule": runner.schedule_log,
         "optimizer_bytes_per_rank": runner.optimizer_state_bytes(),
+        "optimizer_bytes_all_ranks": _per_rank(runner.optimizer_state_bytes(), world),
         "full_finetune_optimizer_bytes_per_rank": runner.full_finetune_state_bytes(),
     }
     if not args.no_save:
@@ -294,12 +311,12 @@ def train(args) -> Dict:
     if is_main:
         (out_dir / "lisa_log.json").write_text(json.dumps(summary, indent=1))
         ratio = summary["optimizer_bytes_per_rank"] / summary["full_finetune_optimizer_bytes_per_rank"]
-        print(f"\nloss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} (mean of first/last {window} steps)\n"
-              f"schedule: " + ", ".join(f"step {e['step']}: {e['active_layers']}" for e in runner.schedule_log) +
-              f"\noptimizer memory per rank (fp32 master + moments): "
-              f"{_fmt_bytes(summary['optimizer_bytes_per_rank'])} vs full fine-tuning "
-              f"{_fmt_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} ({ratio:.2f}x)\n"
-              f"{'weights and ' if not args.no_save else ''}log in {out_dir}", flush=True)
+        per_rank = ", ".join(f"rank {r}: {_fmt_bytes(b)}" for r, b in enumerate(summary["optimizer_bytes_all_ranks"]))
+        _say(f"\nloss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} (mean of first/last {window} steps)\n"
+             f"schedule: " + ", ".join(f"step {e['step']}: {e['active_layers']}" for e in runner.schedule_log) +
+             f"\noptimizer memory per rank (fp32 master + moments): {per_rank}; full fine-tuning would hold "
+             f"{_fmt_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} per rank ({ratio:.2f}x)\n"
+             f"{'weights and ' if not args.no_save else ''}log in {out_dir}")
     runner.close()
     del model
     return summary
@@ -307,11 +324,11 @@ def train(args) -> Dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if args.dry_run:
-        from .plan import dry_run_report
-        print(dry_run_report(args))
-        return 0
     try:
+        if args.dry_run:
+            from .plan import dry_run_report
+            _say(dry_run_report(args))
+            return 0
         train(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"lisa-train: error: {e}", file=sys.stderr, flush=True)
