@@ -35,7 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
-from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model, global_batch,  # noqa: E402
+from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
 torch.set_num_threads(1)
@@ -78,15 +78,6 @@ def shards(split, layer: int) -> List[torch.Tensor]:
     return [p.ds_tensor.detach().clone() for _, p in split.per_layer[layer]]
 
 
-def ranks_identical_shards_differ(model) -> bool:
-    """Gathered weights agree on every rank (they are the same tensors after a gather: a sanity check
-    that every rank took part in the same collectives)."""
-    mine = gathered_weights(model)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, mine)
-    return all(torch.equal(g, gathered[0]) for g in gathered)
-
-
 def ownership(engine, offload_id: int, hooks: int) -> Dict:
     """What this rank's stage-3 optimizer owns right after a switch, against the LISA active set."""
     lisa, zero, basic = engine.lisa, engine.optimizer, engine.basic_optimizer
@@ -96,17 +87,18 @@ def ownership(engine, offload_id: int, hooks: int) -> Dict:
     partitions = _compat.zero3_fp32_partitions(zero)
     share = sum(p.ds_tensor.numel() for p in expected)  # this rank's partitions, padding included
     offload = _compat.zero3_parameter_offload(zero)
-    stale = [p for p in lisa.managed if id(p) not in {id(q) for q in expected} and (p.requires_grad or p.grad is not None)]
+    expected_ids = {id(p) for p in expected}
+    stale = [p for p in lisa.managed if id(p) not in expected_ids and (p.requires_grad or p.grad is not None)]
     state_on_partitions = all(any(k is t for t in partitions) for k in basic.state.keys())
     state_shapes = all(v.shape == k.shape for k, st in basic.state.items() for v in st.values()
                        if torch.is_tensor(v) and v.dim() > 0)
     out = {"switch_index": lisa.switch_index, "active": list(lisa.active_layers),
            "owned_ok": {id(p) for p in owned} == {id(p) for p in expected},
-           "requires_grad_ok": all(p.requires_grad == (id(p) in {id(q) for q in expected}) for p in lisa.managed),
+           "requires_grad_ok": all(p.requires_grad == (id(p) in expected_ids) for p in lisa.managed),
            "deactivated_clean": not stale, "state_on_partitions": state_on_partitions, "state_shapes_ok": state_shapes,
            "partition_numel": sum(t.numel() for t in partitions), "active_share_numel": share,
            "psi_active": sum(p.ds_numel for p in expected),
-           "all_partitioned": all(p.numel() == 0 or getattr(p, "ds_persist", False) for p in engine.module.parameters()),
+           "all_partitioned": all(p.numel() == 0 for p in engine.module.parameters()),
            "offload_same": id(offload) == offload_id, "module_hooks": _compat.zero3_module_hook_count(offload),
            "hooks_same": _compat.zero3_module_hook_count(offload) == hooks,
            "linked": all(getattr(p, "_z3_optimizer", None) is zero for p in engine.module.parameters())}
@@ -174,9 +166,15 @@ def make_optimizer(kind: str, model):
 
 # --- scenarios --------------------------------------------------------------------------------------
 
+BASELINES: Dict[str, torch.Tensor] = {}
+"""Gathered weights of earlier scenarios of this launch, for the offload runs to compare with."""
+
+
 def parity(bf16: bool, policy: str, gas: int, interval: int, steps: int, optimizer: str,
-           checkpointing: Optional[bool] = None, **cfg_kw) -> Dict:
-    """Same seed, data and schedule as LisaOptimizer; ownership after every switch; frozen shards."""
+           checkpointing: Optional[bool] = None, keep_as: Optional[str] = None, baseline: Optional[str] = None,
+           **cfg_kw) -> Dict:
+    """Same seed, data and schedule as LisaOptimizer; ownership after every switch; frozen shards.
+    `keep_as` stores the final weights under that name, `baseline` compares with stored ones."""
     model = build_model()
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
@@ -205,16 +203,204 @@ def parity(bf16: bool, policy: str, gas: int, interval: int, steps: int, optimiz
         seen_off |= set(a["active"]) - set(b["active"])
         reactivated |= set(b["active"]) & seen_off
     result["reactivated_layers"] = sorted(reactivated)
-    result["weights"] = got.tolist() if got.numel() < 200_000 else None
+    if baseline is not None:
+        want = BASELINES[baseline]
+        result["vs_baseline_max_abs_diff"] = (got - want).abs().max().item()
+        result["vs_baseline_mean_abs_diff"] = (got - want).abs().mean().item()
+    if keep_as is not None:
+        BASELINES[keep_as] = got
+    if cfg_kw.get("offload_param"):
+        result["partitions_on_host"] = all(p.ds_tensor.device.type == "cpu" for p in engine.module.parameters())
+    result["optimizer_type"] = type(engine.basic_optimizer).__name__
     close(engine)
     return result
 
 
+def leak(switches: int) -> Dict:
+    """Live tensor bytes flat over many switches (K=1, offload policy); module hooks and the
+    parameter offload object survive every rebuild; a switch costs less than a step."""
+    model = build_model(layers=4, hidden=32)
+    lisa = LisaConfig(activated_layers=1, interval_steps=1, seed=3, state_policy="offload")
+    cfg = ds3_config(False, optimizer={"type": "AdamW", "params": ADAMW})
+    engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
+    offload = _compat.zero3_parameter_offload(engine.optimizer)
+    hooks = _compat.zero3_module_hook_count(offload)
+    ids = rank_micro_batches(0, 1)[0]
+    samples, step_seconds = {}, []
+    probes = {10, switches // 2, switches}
+    for step in range(1, switches + 1):
+        t0 = time.perf_counter()
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        # the step wrapper switched after the optimizer step: take the switch out of the step time
+        step_seconds.append(time.perf_counter() - t0 - engine.lisa.schedule_log[-1]["seconds"])
+        if step in probes:
+            b = lds.model_state_bytes(engine)
+            live = live_tensor_bytes()
+            # Groups new to an interval have no Adam state until they step, and the host copies
+            # grow as layers are visited: take those out, the rest must not move.
+            samples[step] = {"live": live, "optimizer_state": b["optimizer_state"], "host": b["host_offload"],
+                             "unexplained": live - b["optimizer_state"] - b["host_offload"]}
+    assert engine.lisa.switch_index == switches
+    now = _compat.zero3_parameter_offload(engine.optimizer)
+    assert now is offload and _compat.zero3_module_hook_count(now) == hooks, "parameter offload or its hooks replaced"
+    rest = [s["unexplained"] for s in samples.values()]
+    assert max(rest) == min(rest), f"live tensor bytes grow across switches: {samples}"
+    switch_seconds = sorted(e["seconds"] for e in engine.lisa.schedule_log[1:])
+    close(engine)
+    return {"samples": samples, "module_hooks": hooks, "offload_same": True,
+            "switch_seconds_median": switch_seconds[len(switch_seconds) // 2],
+            "step_seconds_median": sorted(step_seconds)[len(step_seconds) // 2]}
+
+
+def memory() -> Dict:
+    """Model-state bytes vs the DESIGN.md floor (2Psi/N + 14Psi_a/N), and the naive toggling baseline."""
+    n = dist.get_world_size()
+    layers, gamma = 8, 2
+    cfg = ds3_config(True, optimizer={"type": "AdamW", "params": ADAMW})
+    lisa = LisaConfig(activated_layers=gamma, interval_steps=3, seed=2)
+    model = build_model(layers=layers)
+    engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
+    train(engine, 1, 1, check_frozen=False)  # every group now owns its Adam state
+    ids = rank_micro_batches(1, 1)[0]
+    engine.backward(engine(input_ids=ids, labels=ids).loss)
+    in_step = lds.model_state_bytes(engine)  # gradients reduced, not yet applied: the fullest moment
+    engine.step()
+    assert engine.lisa.switch_index == 0
+    between = lds.model_state_bytes(engine)
+    counts = count_params(engine.lisa.split)
+    psi_a = counts.active(engine.lisa.active_layers)
+    active = engine.lisa.split.always_params + engine.lisa.split.layer_params(engine.lisa.active_layers)
+    share = sum(p.ds_tensor.numel() for p in active)  # this rank's elements of the active set, padding included
+    floor = model_state_floor("zero3", counts.total, psi_a, n, weight_bytes=2)
+    full_floor = model_state_floor("zero3", counts.total, counts.total, n, weight_bytes=2)
+    close(engine)
+
+    import deepspeed
+    from lisa_dist.layers import split_parameters
+    model = build_model(layers=layers)
+    naive, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    split = split_parameters(model, lisa)
+    for i, layer in enumerate(split.per_layer):
+        for _, p in layer:
+            p.requires_grad_(i < gamma)
+    for step in range(2):
+        for ids in rank_micro_batches(step, 1):
+            naive.backward(naive(input_ids=ids, labels=ids).loss)
+            naive.step()
+    naive_bytes = lds.model_state_bytes(naive)
+    naive.destroy()
+    del naive
+    gc.collect()
+
+    def opt_bytes(b):
+        return b["fp32_master"] + b["optimizer_state"]
+
+    result = {"psi": counts.total, "psi_active": psi_a, "active_share_numel": share, "floor": floor,
+              "full_floor": full_floor, "lisa_in_step": in_step, "lisa": between, "naive": naive_bytes,
+              "lisa_over_floor": between["model_state"] / floor["total"],
+              "lisa_in_step_over_floor": in_step["model_state"] / floor["total"],
+              # fp32 master 4 + Adam 8 bytes per element of this rank's share: exact, padding included
+              "optimizer_bytes_per_share_element": opt_bytes(between) / share,
+              "weights_over_floor": between["weights"] / floor["weights"],
+              "naive_optimizer_over_full":
+                  opt_bytes(naive_bytes) / (full_floor["master"] + full_floor["optimizer_state"]),
+              "lisa_optimizer_over_naive": opt_bytes(between) / opt_bytes(naive_bytes)}
+    assert result["optimizer_bytes_per_share_element"] == 12, result
+    assert result["lisa_in_step_over_floor"] <= 1.1 and result["lisa_over_floor"] <= 1.1, result
+    return result
+
+
+def runner_check(out_dir: Path) -> Dict:
+    """DeepSpeedRunner on ZeRO-3: parity with 2 micro-batches, gathered save_pretrained, reload."""
+    from transformers import LlamaForCausalLM
+
+    from lisa_dist.deepspeed.runner import DeepSpeedRunner
+    model = build_model()
+    start = copy.deepcopy(model)
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7)
+    gas, steps = 2, 5
+    ref = reference(model, lisa, steps, gas, bf16=False)
+    cfg = ds3_config(False, 1, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)})
+    runner = DeepSpeedRunner(model, lisa, cfg)
+    losses = []
+    for step in range(steps):
+        micro = [{"input_ids": ids, "labels": ids} for ids in rank_micro_batches(step, gas)]
+        losses.append(runner.train_step(micro))
+    got = gathered_weights(runner.engine.module)
+    result = compare(got, plain_weights(ref), plain_weights(start))
+    result.update({"losses": losses, "switch_index": runner.switch_index,
+                   "optimizer_state_bytes": runner.optimizer_state_bytes(),
+                   "full_finetune_state_bytes": runner.full_finetune_state_bytes()})
+    save_dir = out_dir / "saved"
+    runner.save_pretrained(save_dir, None)
+    if runner.rank == 0:
+        result["saved_files"] = sorted(p.name for p in save_dir.iterdir())
+        reloaded = LlamaForCausalLM.from_pretrained(save_dir)
+        result["reload_max_diff"] = (plain_weights(reloaded) - got).abs().max().item()
+    BASELINES["saved"] = got
+    dist.barrier()
+    runner.close()
+    return result
+
+
+def loading(out_dir: Path) -> Dict:
+    """lisa-train's ZeRO-3 loading: a preset built under zero.Init, and the runner's saved model
+    loaded partitioned with from_pretrained; both partitioned on arrival, the latter equal to what
+    was saved."""
+    import argparse as _argparse
+
+    from lisa_dist.deepspeed.loading import load_partitioned
+    cfg_path = out_dir / "zero3.json"
+    if dist.get_rank() == 0:
+        cfg_path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                                        "train_micro_batch_size_per_gpu": 1}))
+    dist.barrier()
+    result = {}
+    for name, model_arg in (("preset", "tiny-llama"), ("pretrained", str(out_dir / "saved"))):
+        args = _argparse.Namespace(model=model_arg, tokenizer=None, trust_remote_code=False, seed=0,
+                                   deepspeed=str(cfg_path), batch_size=1, grad_accum=1, max_grad_norm=1.0,
+                                   lr=1e-3, weight_decay=0.0, warmup_steps=0, steps=1)
+        if model_arg != "tiny-llama":
+            args.tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
+        model, _ = load_partitioned(args, torch.float32)
+        params = list(model.parameters())
+        r = {"all_zero3": all(hasattr(p, "ds_id") for p in params),
+             "local_numel": sum(p.numel() for p in params),
+             "shard_numel": sum(p.ds_tensor.numel() for p in params), "total_numel": sum(p.ds_numel for p in params)}
+        weights = gathered_weights(model)
+        if name == "pretrained":
+            r["vs_saved_max_abs_diff"] = (weights - BASELINES["saved"]).abs().max().item()
+        else:
+            everyone = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
+            dist.all_gather(everyone, weights)
+            r["ranks_identical"] = all(torch.equal(w, everyone[0]) for w in everyone)
+            r["std"] = weights.std().item()
+        result[name] = r
+        del model, params
+        gc.collect()
+    return result
+
+
 def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
+    offload_run = dict(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config")
     return {
         "parity_fp32": lambda: parity(False, "reset", 1, 2, 8, "object"),
         "parity_fp32_offload_policy": lambda: parity(False, "offload", 1, 1, 8, "config_torch"),
         "parity_bf16_gas2": lambda: parity(True, "reset", 2, 2, 8, "config"),
+        "ckpt_reentrant_false": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False),
+        "ckpt_reentrant_true": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=True),
+        # The offload runs against the same run without offload (DeepSpeed's own AdamW; CPU Adam
+        # under offload_optimizer).
+        "offload_none": lambda: parity(**offload_run, keep_as="no_offload"),
+        "offload_optimizer": lambda: parity(**offload_run, baseline="no_offload", offload_optimizer=True),
+        "offload_param": lambda: parity(**offload_run, baseline="no_offload", offload_param=True),
+        "offload_both": lambda: parity(**offload_run, baseline="no_offload", offload_optimizer=True,
+                                       offload_param=True),
+        "leak": lambda: leak(100),
+        "memory": memory,
+        "runner": lambda: runner_check(out_dir),
+        "loading": lambda: loading(out_dir),
     }
 
 
