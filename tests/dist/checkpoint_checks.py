@@ -82,7 +82,11 @@ def train_step(engine, step: int) -> None:
 
 
 def flat(engine) -> torch.Tensor:
-    return torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+    import deepspeed
+    params = list(engine.module.parameters())
+    # ZeRO-3 params are empty placeholders outside a gather (a no-op for stage 1/2).
+    with deepspeed.zero.GatheredParameters(params):
+        return torch.cat([p.detach().flatten().clone() for p in params])
 
 
 def probe_logits(engine) -> torch.Tensor:
@@ -112,8 +116,9 @@ def phase_train(out: Path) -> dict:
                 engine.save_checkpoint(save_dir, tag=f"step{step + 1}", client_state={"step": step + 1})
         engine.save_checkpoint(save_dir, tag="final", client_state={"step": STEPS})
         torch.save(flat(engine), out / f"zero{stage}_straight_rank{dist.get_rank()}.pt")
+        logits = probe_logits(engine)  # on every rank: a ZeRO-3 forward gathers collectively
         if dist.get_rank() == 0:
-            torch.save(probe_logits(engine), out / f"zero{stage}_logits.pt")
+            torch.save(logits, out / f"zero{stage}_logits.pt")
         result[f"zero{stage}"] = {"schedule": [[e["step"], e["active_layers"]] for e in engine.lisa.schedule_log],
                                   "latest": (save_dir / "latest").read_text(),
                                   "host_layers": sorted(map(str, engine.lisa.host or {}))}
@@ -160,8 +165,8 @@ def phase_resume(out: Path) -> dict:
         assert torch.equal(flat(engine), straight), f"zero{stage}: latest did not load the final checkpoint"
         close(engine)
 
-    stage = 2
-    save_dir = out / "zero2"
+    stage = max(STAGES)
+    save_dir = out / f"zero{stage}"
     errors = {}
     for name, make, needles in (
             ("gamma", lambda: engine_for(stage, activated_layers=3), ("activated_layers", "checkpoint 2 vs now 3")),
@@ -179,8 +184,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=("train", "resume"), required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--stages", default="1:reset,2:offload", help="ZeRO stage:state policy pairs")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    STAGES.clear()
+    STAGES.update({int(a): b for a, b in (pair.split(":") for pair in args.stages.split(","))})
     out = Path(args.out)
     result = phase_train(out) if args.phase == "train" else phase_resume(out)
     (out / f"{args.phase}_rank{dist.get_rank()}.json").write_text(json.dumps(result, indent=1))
