@@ -34,6 +34,9 @@ MASTER_PORT=${MASTER_PORT:-29500}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 RDZV_ID=${RDZV_ID:-lisa}
+# Restarted workers (--max_restarts) otherwise reuse the rendezvous store and read the dead rank's
+# stale address: gloo's connectFullMesh is then refused (torch 2.13, tests/test_checkpoint.py).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 case $BACKEND in
     fsdp2) backend_args=(--backend fsdp2) ;;
