@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import transformers  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
@@ -41,6 +39,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.fsdp import FSDPRunner, init_distributed  # noqa: E402
 from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
 from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
+from machine_info import machine, versions  # noqa: E402
 from lisa_dist.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
@@ -166,20 +165,8 @@ def frozen_backward_control(args) -> Dict[str, float]:
 
 
 def environment(args) -> Dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"machine": {"platform": platform.platform(), "cpu": cpu, "cpus_visible": os.cpu_count(),
-                        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                        "backend": dist.get_backend(), "world_size": dist.get_world_size(),
-                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
-            "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                         "transformers": transformers.__version__},
+    return {"machine": {**machine(), "backend": dist.get_backend(), "world_size": dist.get_world_size()},
+            "versions": versions(),
             "command": " ".join([f"torchrun --nproc_per_node {dist.get_world_size()} benchmarks/fsdp2_memory.py",
                                  *sys.argv[1:]]),
             "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ from pathlib import Path
 import torch
 import transformers
 
-import lisa_dist
 from lisa_dist import LisaConfig, data, presets
 from lisa_dist.optim import LisaOptimizer
+from machine_info import machine, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -79,10 +78,8 @@ def main():
         "command": "python benchmarks/single_optimizer.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "dtype") +
             f" --dtype {'bf16' if args.dtype == torch.bfloat16 else 'fp32'}",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-                    "python": platform.python_version()},
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "lisa_dist": lisa_dist.__version__},
+        "machine": {**machine(), "torch_threads": torch.get_num_threads()},
+        "versions": versions(),
         "config": {"model": "tiny-llama (8 layers, hidden 128)", "gamma": args.gamma, "K": args.interval,
                    "batch_size": args.batch_size, "dtype": str(args.dtype)},
         "full": full, "lisa": lisa,

@@ -19,12 +19,19 @@ class SingleRunner:
     rank = 0
     world_size = 1
 
+    stage = "single"
+
     def __init__(self, model: torch.nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  warmup_steps: int = 0, max_grad_norm: float = 1.0):
         self.model = model
-        self.optimizer = LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay)
+        self._attach_optimizer(LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
+                               warmup_steps, max_grad_norm)
+
+    def _attach_optimizer(self, optimizer: LisaOptimizer, warmup_steps: int, max_grad_norm: float) -> None:
+        """Linear warm-up schedule, clipping and the schedule log around a LisaOptimizer (shared with FSDP2)."""
+        self.optimizer = optimizer
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+            optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
         self.max_grad_norm = max_grad_norm
         self.schedule_log: List[Dict] = []
         self._log_switch(0.0)
@@ -49,6 +56,11 @@ class SingleRunner:
             loss = self.model(**batch).loss / len(micro_batches)
             loss.backward()
             total += loss.item()
+        self._clip_and_step()
+        return total
+
+    def _clip_and_step(self) -> None:
+        """Clip, step (which may switch the active set), advance the LR schedule, log a switch."""
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                            self.max_grad_norm)
@@ -59,17 +71,17 @@ class SingleRunner:
         self.optimizer.zero_grad()
         if self.switch_index != before:
             self._log_switch(time.perf_counter() - start)
-        return total
 
     def optimizer_state_bytes(self) -> int:
         b = self.optimizer.state_bytes()
         return b["master"] + b["optimizer_state"]
 
     def full_finetune_state_bytes(self) -> int:
-        """What AdamW over every parameter would hold (fp32 master if the weights are not fp32, and two moments)."""
+        """What AdamW over every parameter would hold per rank (fp32 master if the weights are not
+        fp32, and two moments; DESIGN.md section 8)."""
         counts = count_params(self.optimizer.split)
         weight_bytes = next(self.model.parameters()).element_size()
-        floor = model_state_floor("single", counts.total, counts.total, 1, weight_bytes=weight_bytes)
+        floor = model_state_floor(self.stage, counts.total, counts.total, self.world_size, weight_bytes=weight_bytes)
         return int(floor["master"] + floor["optimizer_state"])
 
     # --- checkpoints --------------------------------------------------------------------------

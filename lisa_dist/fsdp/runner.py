@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 from pathlib import Path
-from typing import Dict, List, Tuple, Type
+from typing import Dict, List, Type
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import LisaConfig
-from ..memory import count_params, model_state_floor
+from ..single import SingleRunner
 from . import checkpoint
 from .optimizer import FSDPLisaOptimizer
 from .shard import default_device, shard_model
@@ -35,13 +34,15 @@ def init_distributed() -> bool:
     return True
 
 
-class FSDPRunner:
+class FSDPRunner(SingleRunner):
     """One optimizer step per `train_step`; gradients accumulate over the given micro-batches.
 
     Weights keep the dtype the model arrives in: bf16 weights are sharded as bf16 (frozen layers
     cost 2 bytes per parameter / world size) with fp32 gradient reduction and fp32 masters for the
     active set; fp32 weights train in fp32 throughout.
     """
+
+    stage = "fsdp2"
 
     def __init__(self, model: nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  cpu_offload: bool = False, activation_checkpointing: bool = False,
@@ -58,28 +59,9 @@ class FSDPRunner:
         self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
                                  cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
                                  layers_path=lisa.layers_path)
-        self.optimizer = FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
-                                           lr=lr, weight_decay=weight_decay, **optimizer_kwargs)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
-        self.max_grad_norm = max_grad_norm
-        self.schedule_log: List[Dict] = []
-        self._log_switch(0.0)
-
-    # --- schedule ----------------------------------------------------------------------------
-
-    @property
-    def active_layers(self) -> Tuple[int, ...]:
-        return self.optimizer.active_layers
-
-    @property
-    def switch_index(self) -> int:
-        return self.optimizer.switch_index
-
-    def _log_switch(self, seconds: float) -> None:
-        self.schedule_log.append({"step": self.optimizer.optimizer_steps, "switch_index": self.switch_index,
-                                  "active_layers": list(self.active_layers), "seconds": seconds,
-                                  "optimizer_bytes": self.optimizer_state_bytes()})
+        self._attach_optimizer(FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
+                                                 lr=lr, weight_decay=weight_decay, **optimizer_kwargs),
+                               warmup_steps, max_grad_norm)
 
     # --- training ------------------------------------------------------------------------------
 
@@ -95,32 +77,9 @@ class FSDPRunner:
             loss = self.model(**batch).loss / len(micro_batches)
             loss.backward()
             total += loss.detach().float()
-        if self.max_grad_norm:
-            grads = [p for p in self.model.parameters() if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
-        before = self.switch_index
-        start = time.perf_counter()
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad()
-        if self.switch_index != before:
-            self._log_switch(time.perf_counter() - start)
+        self._clip_and_step()
         dist.all_reduce(total)
         return total.item() / self.world_size
-
-    # --- memory ----------------------------------------------------------------------------------
-
-    def optimizer_state_bytes(self) -> int:
-        """This rank's fp32 masters + optimizer moments (host copies kept by `offload` not included)."""
-        b = self.optimizer.state_bytes()
-        return b["master"] + b["optimizer_state"]
-
-    def full_finetune_state_bytes(self) -> int:
-        """Analytic per-rank fp32 master + moments of full fine-tuning on FSDP2 (DESIGN.md section 8)."""
-        counts = count_params(self.optimizer.split)
-        floor = model_state_floor("fsdp2", counts.total, counts.total, self.world_size,
-                                  weight_bytes=self.weight_dtype.itemsize)
-        return int(floor["master"] + floor["optimizer_state"])
 
     # --- checkpoints and export --------------------------------------------------------------
 
