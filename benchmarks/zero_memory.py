@@ -3,8 +3,8 @@
     deepspeed --num_gpus 2 benchmarks/zero_memory.py                 # CPU/gloo: writes benchmarks/results/zero_memory.{json,md,png}
     deepspeed --num_gpus 8 benchmarks/zero_memory.py --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000  # a GPU node
 
-Rows, for each ZeRO stage asked for (--stages; "3" gives full and naive rows and marks lisa as not
-implemented until the stage-3 hook lands):
+Rows, for each ZeRO stage asked for (--stages: 1, 2, 3, and 3o for ZeRO-3 with offload_optimizer to
+the CPU):
 - full: deepspeed.initialize over every parameter.
 - naive: the same engine, with requires_grad toggled to the LISA schedule every K steps (what the
   LMFlow / axolotl / ms-swift callbacks do): DeepSpeed keeps owning every parameter.
@@ -15,7 +15,9 @@ Per row: model-state bytes per rank measured from the engine's live tensors (sto
 lisa_dist.deepspeed.model_state_bytes) at the fullest moment (gradients reduced, before the
 optimizer step) and between steps, against lisa_dist.memory.model_state_floor; median step time
 with the rows' steps interleaved, so load from other processes hits every row alike; for lisa, the
-time of each switch; how many "frozen" layers moved anyway.
+time of each switch and the peak extra resident memory of the process during it (VmHWM after the
+switch minus VmRSS before, with the high-water mark reset first: every allocation, not just tensors);
+how many "frozen" layers moved anyway.
 """
 from __future__ import annotations
 
@@ -64,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--interval", type=int, default=5)
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--stages", default="1,2", help="comma-separated ZeRO stages")
+    p.add_argument("--stages", default="1,2,3,3o", help="comma-separated ZeRO stages; 3o: ZeRO-3 with "
+                   "offload_optimizer to the CPU")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results directory")
     p.add_argument("--name", default="zero_memory", help="file stem of the results")
@@ -80,19 +83,48 @@ def build_model(args) -> LlamaForCausalLM:
                                         max_position_embeddings=args.seq))
 
 
-def ds_config(args, stage: int) -> dict:
+def ds_config(args, stage: str) -> dict:
+    zero = {"stage": int(stage[0]), "reduce_bucket_size": 2e6, "allgather_bucket_size": 2e6,
+            "overlap_comm": False, "contiguous_gradients": True}
+    if zero["stage"] == 3:
+        # 0: partition every parameter; DeepSpeed's 1e5 default would keep all of this small model's
+        # parameters whole on every rank, unlike a 7B model where only the norms stay whole.
+        zero.update(stage3_prefetch_bucket_size=2e6, stage3_param_persistence_threshold=0)
+    if stage.endswith("o"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     return {"train_micro_batch_size_per_gpu": args.batch, "gradient_accumulation_steps": 1,
             "steps_per_print": 10 ** 9, "gradient_clipping": 1.0, "bf16": {"enabled": args.dtype == "bf16"},
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "weight_decay": 0.01}},
             # Buckets sized to the model: DeepSpeed's 5e8-element default would dwarf a small model.
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 2e6, "allgather_bucket_size": 2e6,
-                                  "overlap_comm": False, "contiguous_gradients": True}}
+            "zero_optimization": zero}
+
+
+def stage_label(stage: str) -> str:
+    return f"ZeRO-{stage[0]}" + (" + CPU optimizer offload" if stage.endswith("o") else "")
+
+
+def _rss_with_reset_peak() -> int:
+    """Resident bytes now, after resetting the kernel's high-water mark (VmHWM) to it."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_bytes("VmRSS")
+
+
+def _proc_status_bytes(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 partition, else the parameter."""
+    return getattr(p, "ds_tensor", p)
 
 
 class Row:
     """One engine of the comparison, stepped one optimizer step at a time."""
 
-    def __init__(self, args, stage: int, kind: str, lisa: LisaConfig):
+    def __init__(self, args, stage: str, kind: str, lisa: LisaConfig):
         import deepspeed
         self.kind, self.stage, self.args, self.lisa = kind, stage, args, lisa
         model = build_model(args)
@@ -105,6 +137,16 @@ class Row:
                                                         config=ds_config(args, stage))
         self.steps = 0
         self.step_seconds: List[float] = []
+        self.switch_peak_extra: List[int] = []
+        if kind == "lisa":
+            switch = self.engine.lisa.switch
+
+            def measured_switch(engine, switch_index):
+                before = _rss_with_reset_peak()
+                switch(engine, switch_index)
+                self.switch_peak_extra.append(_proc_status_bytes("VmHWM") - before)
+
+            self.engine.lisa.switch = measured_switch
         self.frozen_moved = 0
         self.frozen_checked = 0
         if kind == "naive":
@@ -134,12 +176,13 @@ class Row:
 
     def optimizer_step(self) -> None:
         frozen = [i for i in range(self.split.num_layers) if i not in set(self.active)]
-        before = {i: [p.detach().clone() for _, p in self.split.per_layer[i]] for i in frozen}
+        before = {i: [_local(p).detach().clone() for _, p in self.split.per_layer[i]] for i in frozen}
         self.engine.step()
         self.steps += 1
         for i, snapshot in before.items():
             self.frozen_checked += 1
-            self.frozen_moved += any(not torch.equal(p, q) for (_, p), q in zip(self.split.per_layer[i], snapshot))
+            self.frozen_moved += any(not torch.equal(_local(p), q)
+                                     for (_, p), q in zip(self.split.per_layer[i], snapshot))
         if self.kind == "naive" and self.steps % self.lisa.interval_steps == 0:
             self._toggle(self.steps // self.lisa.interval_steps)
 
@@ -157,7 +200,7 @@ class Row:
         del self.engine
 
 
-def measure_rows(args, stage: int) -> Dict[str, Dict]:
+def measure_rows(args, stage: str) -> Dict[str, Dict]:
     n = dist.get_world_size()
     lisa = LisaConfig(activated_layers=args.gamma, interval_steps=args.interval, seed=0)
     rows: Dict[str, Row] = {}
@@ -166,7 +209,8 @@ def measure_rows(args, stage: int) -> Dict[str, Dict]:
         try:
             rows[kind] = Row(args, stage, kind, lisa)
         except NotImplementedError as e:
-            results[kind] = {"stage": stage, "row": kind, "not_implemented": str(e).split(";")[0]}
+            results[kind] = {"stage": stage, "label": stage_label(stage), "row": kind,
+                             "not_implemented": str(e).split(";")[0]}
     # Warm-up, then one untimed step measured at its fullest moment (gradients reduced, Adam state
     # allocated for every group since the warm-up step), then timed steps interleaved across rows.
     for _ in range(args.warmup):
@@ -185,15 +229,16 @@ def measure_rows(args, stage: int) -> Dict[str, Dict]:
         counts = count_params(row.split)
         psi_a = counts.total if kind != "lisa" else counts.gamma_active(args.gamma)
         weight_bytes = 2 if args.dtype == "bf16" else 4
-        floor = model_state_floor(f"zero{stage}", counts.total, psi_a, n, weight_bytes=weight_bytes)
+        floor = model_state_floor(f"zero{stage[0]}", counts.total, psi_a, n, weight_bytes=weight_bytes)
         between = lds.model_state_bytes(row.engine)
         switches = row.engine.lisa.schedule_log[1:] if kind == "lisa" else []
         results[kind] = {
-            "stage": stage, "row": kind, "psi": counts.total, "psi_active": psi_a,
+            "stage": stage, "label": stage_label(stage), "row": kind, "psi": counts.total, "psi_active": psi_a,
             "in_step": in_step[kind], "between_steps": between, "floor": floor,
             "median_step_seconds": statistics.median(row.step_seconds),
             "mean_step_seconds": statistics.mean(row.step_seconds),
             "switch_seconds": [e["seconds"] for e in switches],
+            "switch_peak_extra_bytes": row.switch_peak_extra,
             "frozen_layer_steps_moved": row.frozen_moved, "frozen_layer_steps_checked": row.frozen_checked,
         }
         row.close()
@@ -253,12 +298,12 @@ def markdown(report: Dict) -> str:
     ]
     for r in report["rows"]:
         if "not_implemented" in r:
-            lines.append(f"| ZeRO-{r['stage']} | {r['row']} | not implemented: {r['not_implemented']} |"
+            lines.append(f"| {r['label']} | {r['row']} | not implemented: {r['not_implemented']} |"
                          + " |" * 9)
             continue
         b = r["in_step"]
         grads = b["grads"] + b["grad_partitions"]
-        lines.append(f"| ZeRO-{r['stage']} | {r['row']} | {r['psi_active']:,} / {r['psi']:,} | {mib(b['weights'])} | "
+        lines.append(f"| {r['label']} | {r['row']} | {r['psi_active']:,} / {r['psi']:,} | {mib(b['weights'])} | "
                      f"{mib(grads)} | {mib(b['fp32_master'])} | {mib(b['optimizer_state'])} | "
                      f"{mib(b['model_state'])} | {mib(r['floor']['total'])} | {r['vs_floor']:.2f}x | "
                      f"{r['vs_full_model_state']:.2f}x | {mib(r['between_steps']['model_state'])} |")
@@ -269,26 +314,39 @@ def markdown(report: Dict) -> str:
         "partition, so ZeRO-1 measures below its floor, which assumes full-size bf16 gradients (2Psi_a); "
         "naive holds more than full. Reduction buckets (a workspace sized by reduce_bucket_size) are not "
         "model states and are left out; they are in the JSON as comm_buckets. The floor is DESIGN.md section 8: "
-        "ZeRO-1 2Psi + 2Psi_a + 12Psi_a/N, ZeRO-2 2Psi + 14Psi_a/N.", "",
+        "ZeRO-1 2Psi + 2Psi_a + 12Psi_a/N, ZeRO-2 2Psi + 14Psi_a/N, ZeRO-3 2Psi/N + 14Psi_a/N. Under CPU "
+        "optimizer offload the fp32 master, moments and fp32 gradient partitions are the same bytes in host "
+        "memory (a CPU run cannot tell the two apart; on a GPU they leave the device); DeepSpeed then also keeps "
+        "an fp32 copy of the reduced gradients on the host (each fp32 partition's .grad, 4Psi_a/N), which is why "
+        "those rows sit above the floor.", "",
         "## Step time per rank, switch cost, and frozen layers", "",
-        "| stage | row | median step | vs full | mean step | switches (median) | frozen layer-steps that moved |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | row | median step | vs full | mean step | switches (median) | median switch / median step | "
+        "switch peak extra RSS (max) | frozen layer-steps that moved |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "not_implemented" in r:
             continue
         sw = r["switch_seconds"]
         sw_text = f"{len(sw)} ({statistics.median(sw) * 1e3:.0f} ms)" if sw else "-"
-        lines.append(f"| ZeRO-{r['stage']} | {r['row']} | {r['median_step_seconds'] * 1e3:.0f} ms | "
-                     f"{r['vs_full_step_time']:.2f}x | {r['mean_step_seconds'] * 1e3:.0f} ms | {sw_text} | "
+        ratio = f"{statistics.median(sw) / r['median_step_seconds']:.2f}" if sw else "-"
+        peak = r.get("switch_peak_extra_bytes") or []
+        peak_text = mib(max(0, max(peak))) if peak else "-"
+        lines.append(f"| {r['label']} | {r['row']} | {r['median_step_seconds'] * 1e3:.0f} ms | "
+                     f"{r['vs_full_step_time']:.2f}x | {r['mean_step_seconds'] * 1e3:.0f} ms | {sw_text} | {ratio} | "
+                     f"{peak_text} | "
                      f"{r['frozen_layer_steps_moved']} / {r['frozen_layer_steps_checked']} |")
     lines += [
         "",
         "A switch (lisa) rebuilds the ZeRO optimizer: it checks rank agreement (one all-gather), frees the old "
         "flat buffers, builds the new ones and carries the always-active group's fp32 master and moments; its "
-        "time is included in the mean step, not the median. \"Frozen\" layer-steps that moved: under naive "
+        "time is included in the mean step, not the median. Under ZeRO-3 the parameter partitioning and its "
+        "module hooks stay; the new optimizer gathers each newly trainable parameter once to hook it. \"Frozen\" layer-steps that moved: under naive "
         "toggling, DeepSpeed still steps parameters whose requires_grad is off (zero-filled gradients, Adam "
-        "momentum and weight decay), so frozen layers drift; lisa leaves them bit-identical.", "",
+        "momentum and weight decay), so frozen layers drift; lisa leaves them bit-identical. Switch peak extra "
+        "RSS: the kernel's resident-set counters are batched per thread, so values within about 0.25 MiB of zero "
+        "(negative ones in the JSON) are noise: the old buffers are freed before the new ones are allocated, and "
+        "the allocator reuses them.", "",
         "CPU numbers: gloo on a shared machine; bf16 matrix products are slow on this CPU, so step-time ratios are "
         "indicative only and absolute times are not GPU figures.",
     ]
@@ -300,8 +358,9 @@ def plot(report: Dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in report["rows"] if "in_step" in r]
-    labels = [f"ZeRO-{r['stage']}\n{r['row']}" for r in rows]
-    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['label'].replace('ZeRO-', 'Z').replace(' + CPU optimizer offload', '+off')}\n{r['row']}"
+              for r in rows]
+    fig, (ax_mem, ax_time) = plt.subplots(1, 2, figsize=(max(12, 1.1 * len(rows)), 4.5))
     bottom = [0.0] * len(rows)
     for cat, key in (("weights", ("weights",)), ("grads", ("grads", "grad_partitions")),
                      ("fp32 master", ("fp32_master",)), ("moments", ("optimizer_state",))):
@@ -312,7 +371,10 @@ def plot(report: Dict, path: Path) -> None:
                    zorder=3, label="floor (DESIGN.md)")
     ax_mem.set_ylabel("MiB per rank")
     ax_mem.set_title("Model states per rank (in-step peak)")
-    ax_mem.legend(fontsize=8)
+    ax_mem.set_ylim(0, 1.35 * max(bottom))  # room for the legend above the bars
+    ax_mem.legend(fontsize=8, ncol=3, loc="upper center")
+    for ax in (ax_mem, ax_time):
+        ax.tick_params(axis="x", labelsize=8)
     ax_time.bar(labels, [r["median_step_seconds"] * 1e3 for r in rows], color="tab:gray")
     ax_time.set_ylabel("ms")
     ax_time.set_title("Median step time per rank")
@@ -332,11 +394,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     rank, world = dist.get_rank(), dist.get_world_size()
     rows: List[Dict] = []
-    for stage in (int(s) for s in args.stages.split(",") if s):
+    for stage in (s.strip() for s in args.stages.split(",") if s.strip()):
+        if stage not in ("1", "2", "3", "3o"):
+            raise SystemExit(f"--stages: unknown stage {stage!r}; use 1, 2, 3 or 3o")
         results = measure_rows(args, stage)
         rows.extend(results[kind] for kind in ROWS if kind in results)
         if rank == 0:
-            print(f"ZeRO-{stage}: " + ", ".join(
+            print(f"{stage_label(stage)}: " + ", ".join(
                 f"{r['row']} {mib(r['in_step']['model_state'])} {r['median_step_seconds'] * 1e3:.0f} ms"
                 for r in results.values() if "in_step" in r), flush=True)
     if rank == 0:
