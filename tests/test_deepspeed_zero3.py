@@ -98,6 +98,22 @@ def test_frozen_layer_shards_bit_identical(ranks):
 
 
 @distributed
+def test_lr_schedule_continues_across_switches(ranks):
+    for rank in ranks:
+        for name in ("lr_config_scheduler", "lr_torch_scheduler"):
+            r = rank[name]
+            assert r["switches"] >= 3 and r["lrs"] == pytest.approx(r["expected_lrs"], rel=1e-12, abs=1e-15), r
+
+
+@distributed
+def test_groups_split_into_sub_groups_move_whole(ranks):
+    # sub_group_size 5000: the always-active group and each layer span several sub-groups
+    for rank in ranks:
+        owned = rank["parity_fp32_offload_policy"]["ownership"]
+        assert all(o["sub_groups"] > 3 for o in owned), [o["sub_groups"] for o in owned]
+
+
+@distributed
 def test_module_hooks_and_offload_object_survive_switches(ranks):
     for rank in ranks:
         hooks = {rank[name]["module_hooks"] for name in RUNS}
@@ -190,6 +206,7 @@ def test_lisa_train_zero3_offload_end_to_end(tmp_path):
     ({"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, "NVMe"),
     ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}, "NVMe"),
     ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "use ZeRO stage 3"),
+    ({"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}, "SuperOffload"),
 ])
 def test_refused_offload_configurations(zero, match):
     import lisa_dist.deepspeed as lds

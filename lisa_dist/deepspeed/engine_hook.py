@@ -138,6 +138,10 @@ def _check_ds_config(ds_config: dict) -> None:
         raise NotImplementedError(
             "offload to NVMe is not supported by the LISA hook (DeepSpeed's swappers keep files per sub-group "
             "that a rebuild would orphan); use \"device\": \"cpu\" in offload_optimizer and offload_param")
+    if zero.get("zenflow") or offload.get("super_offload"):
+        raise NotImplementedError(
+            "ZenFlow and SuperOffload (zero_optimization.zenflow, offload_optimizer.super_offload) use their own "
+            "stage-3 optimizers, which the LISA hook does not rebuild; remove them from the DeepSpeed config")
     if (ds_config.get("fp16") or {}).get("enabled") is True:
         raise NotImplementedError(
             "fp16 with loss scaling is not supported by the LISA hook (each rebuild would reset the loss "

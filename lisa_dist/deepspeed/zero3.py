@@ -102,8 +102,9 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
 
     _restore(engine, new_keys, kept, host)
     del kept
-    # Every param's _z3_optimizer now points at the new optimizer, the last thing besides reference
-    # cycles that pinned the old one (and, through views, its buffers).
+    # detach_zero3 dropped the old optimizer's references to its buffers and the saved shards are
+    # consumed: only a reference from outside (a view someone kept) can still hold one. The full
+    # collection is the slow path (~1 s with transformers loaded) and must stay exceptional.
     if any(ref() is not None for ref in old_buffers):
         gc.collect()
     if any(ref() is not None for ref in old_buffers):

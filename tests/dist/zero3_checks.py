@@ -97,6 +97,7 @@ def ownership(engine, offload_id: int, hooks: int) -> Dict:
            "requires_grad_ok": all(p.requires_grad == (id(p) in expected_ids) for p in lisa.managed),
            "deactivated_clean": not stale, "state_on_partitions": state_on_partitions, "state_shapes_ok": state_shapes,
            "partition_numel": sum(t.numel() for t in partitions), "active_share_numel": share,
+           "sub_groups": len(partitions),
            "psi_active": sum(p.ds_numel for p in expected),
            "all_partitioned": all(p.numel() == 0 for p in engine.module.parameters()),
            "offload_same": id(offload) == offload_id, "module_hooks": _compat.zero3_module_hook_count(offload),
@@ -382,11 +383,48 @@ def loading(out_dir: Path) -> Dict:
     return result
 
 
+def lr_schedule(kind: str) -> Dict:
+    """The LR schedule runs on across optimizer rebuilds: a DeepSpeed config scheduler (bound to the
+    torch optimizer the hook re-fills) or a torch scheduler over the caller's optimizer."""
+    model = build_model()
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=11)
+    opt, sched, sched_cfg = None, None, None
+    if kind == "config":
+        sched_cfg = {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
+                                                         "warmup_num_steps": 3, "total_num_steps": 8}}
+        opt_cfg = {"type": "AdamW", "params": ADAMW}
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        opt_cfg = None
+    cfg = ds3_config(True, optimizer=opt_cfg, scheduler=sched_cfg, clip=1.0)
+    engine, _, _, returned = lds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg, lisa=lisa)
+    steps = 6
+    result = train(engine, steps, 1)
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    if kind == "config":
+        from deepspeed.runtime.lr_schedules import WarmupDecayLR
+        replica = WarmupDecayLR(dummy, **sched_cfg["params"])
+    else:
+        replica = torch.optim.lr_scheduler.LambdaLR(dummy, lambda s: 1.0 / (1 + s))
+    dummy.step()
+    expected = []
+    for _ in range(steps):
+        replica.step()
+        expected.append(dummy.param_groups[0]["lr"])
+    assert returned is engine.lr_scheduler
+    assert all(abs(a - b) <= 1e-12 for a, b in zip(result["lrs"], expected)), (result["lrs"], expected)
+    switches = len(engine.lisa.schedule_log) - 1
+    close(engine)
+    return {"lrs": result["lrs"], "expected_lrs": expected, "switches": switches}
+
+
 def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
     offload_run = dict(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config")
     return {
         "parity_fp32": lambda: parity(False, "reset", 1, 2, 8, "object"),
-        "parity_fp32_offload_policy": lambda: parity(False, "offload", 1, 1, 8, "config_torch"),
+        # sub_group_size below one layer's share: each group spans several DeepSpeed sub-groups
+        "parity_fp32_offload_policy": lambda: parity(False, "offload", 1, 1, 8, "config_torch", sub_group_size=5000),
         "parity_bf16_gas2": lambda: parity(True, "reset", 2, 2, 8, "config"),
         "ckpt_reentrant_false": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False),
         "ckpt_reentrant_true": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=True),
@@ -397,6 +435,8 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "offload_param": lambda: parity(**offload_run, baseline="no_offload", offload_param=True),
         "offload_both": lambda: parity(**offload_run, baseline="no_offload", offload_optimizer=True,
                                        offload_param=True),
+        "lr_config_scheduler": lambda: lr_schedule("config"),
+        "lr_torch_scheduler": lambda: lr_schedule("torch"),
         "leak": lambda: leak(100),
         "memory": memory,
         "runner": lambda: runner_check(out_dir),
