@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -254,12 +253,8 @@ def test_torchrun_two_nodes(tmp_path, backend):
 def test_mpirun_deepspeed_mpi_discovery(tmp_path):
     """No RANK/WORLD_SIZE in the environment: DeepSpeed discovers them from Open MPI through mpi4py."""
     pytest.importorskip("mpi4py", reason="mpirun.sh needs mpi4py (pip install mpi4py)")
-    # DeepSpeed 0.19.8's mpi_discovery sets MASTER_PORT to init_distributed's distributed_port
-    # (29500), overwriting the environment, and DeepSpeedRunner does not pass one: a busy 29500
-    # (another DeepSpeed job on this host) would make the ranks join that job's store.
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", 29500)) == 0:
-            pytest.skip("port 29500 is in use on this host and DeepSpeed's MPI discovery always uses it")
+    # DeepSpeed's mpi_discovery overwrites MASTER_PORT with init_distributed's distributed_port;
+    # lisa-train passes MASTER_PORT through, so a free port here must be the one the ranks use.
     env = launch_env({"NP": "2", "MPIRUN_ARGS": "--oversubscribe", "MASTER_PORT": str(free_port())})
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(var, None)

@@ -28,11 +28,6 @@ def owns_process_group() -> bool:
     return _OWNS_PROCESS_GROUP
 
 
-def zero_stage(ds_config_path: str) -> int:
-    from . import _compat
-    return int((_compat.load_ds_config(ds_config_path).get("zero_optimization") or {}).get("stage", 0))
-
-
 def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module, object]]:
     """(model, tokenizer) built or loaded under ZeRO-3 partitioning, or None when `args.deepspeed`
     is not a ZeRO-3 config (the caller then loads the model whole). Initialises the process group
@@ -47,15 +42,18 @@ def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module
     from .. import presets
     from ..train import resolve_ds_config
     from . import _compat
+    from .runner import master_port
 
-    if zero_stage(args.deepspeed) != 3:
+    # The engine is later built from the same resolved config (make_runner); zero.Init must agree
+    # with it on precision and parameter offload, so resolve it the same way (a stand-in module
+    # carries the dtype the model will have).
+    ds_config = resolve_ds_config(args, torch.nn.ParameterList([torch.nn.Parameter(torch.empty(0, dtype=dtype))]))
+    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) != 3:
         return None
     _compat.check_deepspeed_version()
-    # The engine is later built from the same resolved config (make_runner); zero.Init must agree
-    # with it on precision and parameter offload, so resolve it the same way.
-    ds_config = resolve_ds_config(args, torch.nn.ParameterList([torch.nn.Parameter(torch.empty(0, dtype=dtype))]))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   distributed_port=master_port())
         _OWNS_PROCESS_GROUP = True
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     assert hf_ds_config.is_zero3()

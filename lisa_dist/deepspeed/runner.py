@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+import os
 from pathlib import Path
 from typing import Dict, List, Tuple, Union
 
@@ -16,6 +17,13 @@ from .engine_hook import initialize
 from .memory import model_state_bytes, optimizer_bytes
 
 
+def master_port() -> int:
+    """The launcher's MASTER_PORT. DeepSpeed's MPI discovery overwrites MASTER_PORT with
+    init_distributed's distributed_port (default 29500), so it must be passed explicitly or
+    mpirun jobs ignore the port they were given and can join another job's store."""
+    return int(os.environ.get("MASTER_PORT", 29500))
+
+
 class DeepSpeedRunner:
     """One optimizer step per `train_step`, over however many micro-batches it is given.
 
@@ -28,7 +36,8 @@ class DeepSpeedRunner:
         _compat.check_deepspeed_version()
         from .loading import owns_process_group  # ZeRO-3 loading started it on the runner's behalf
         self._owned_process_group = not (dist.is_available() and dist.is_initialized()) or owns_process_group()
-        self.engine, _, _, self.scheduler = initialize(model=model, config=ds_config, lisa=lisa_config)
+        self.engine, _, _, self.scheduler = initialize(model=model, config=ds_config, lisa=lisa_config,
+                                                       distributed_port=master_port())
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.lisa_config = lisa_config
