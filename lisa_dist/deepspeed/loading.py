@@ -13,8 +13,6 @@ long as the model lives (resizing embeddings, generation and saving consult it t
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -39,8 +37,7 @@ def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module
     from deepspeed.accelerator import get_accelerator
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from .. import presets
-    from ..train import resolve_ds_config
+    from ..train import build_model_and_tokenizer, resolve_ds_config
     from . import _compat
     from .runner import master_port
 
@@ -58,21 +55,7 @@ def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     assert hf_ds_config.is_zero3()
 
-    if args.model in presets.PRESETS:
-        tokenizer = (transformers.AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
-                     else presets.default_tokenizer())
-        torch.manual_seed(args.seed)
-        model = transformers.AutoModelForCausalLM.from_config(presets.PRESETS[args.model](tokenizer), dtype=dtype)
-    else:
-        if not Path(args.model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(f"--model {args.model}: not a preset ({', '.join(presets.PRESETS)}) nor a local "
-                                    "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.tokenizer or args.model,
-                                                               trust_remote_code=args.trust_remote_code)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
+    model, tokenizer = build_model_and_tokenizer(args, dtype)
     whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
     if whole:
         raise RuntimeError(
