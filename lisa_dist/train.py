@@ -136,9 +136,6 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 def load_model_and_tokenizer(args):
     """The model (a preset with random init, or from_pretrained) and its tokenizer."""
     import torch
-    import transformers
-
-    from . import presets
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if args.dtype == "auto":
@@ -148,12 +145,23 @@ def load_model_and_tokenizer(args):
         loaded = load_partitioned(args, dtype)  # ZeRO-3: partitioned as it is built, never whole on a rank
         if loaded is not None:
             return loaded
+    return build_model_and_tokenizer(args, dtype)
+
+
+def build_model_and_tokenizer(args, dtype):
+    """Build a preset or call from_pretrained; under ZeRO-3 the caller keeps transformers'
+    HfDeepSpeedConfig alive so both paths construct the model partitioned."""
+    import torch
+    import transformers
+
+    from . import presets
+
     if args.model in presets.PRESETS:
         tokenizer = (transformers.AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer
                      else presets.default_tokenizer())
         torch.manual_seed(args.seed)
-        model = transformers.AutoModelForCausalLM.from_config(presets.PRESETS[args.model](tokenizer))
-        return model.to(dtype), tokenizer
+        model = transformers.AutoModelForCausalLM.from_config(presets.PRESETS[args.model](tokenizer), dtype=dtype)
+        return model, tokenizer
     if not Path(args.model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"--model {args.model}: not a preset ({', '.join(presets.PRESETS)}) nor a local "
                                 "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
