@@ -22,21 +22,18 @@ how many "frozen" layers moved anyway.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +44,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
+from machine_info import machine, versions  # noqa: E402
 
 ROWS = ("full", "naive", "lisa")
 CATEGORIES = ("weights", "grads", "fp32_master", "optimizer_state")
@@ -254,26 +252,6 @@ def measure_rows(args, stage: str) -> Dict[str, Dict]:
     return results
 
 
-def machine() -> Dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores_visible": os.cpu_count(), "gpu": gpu, "platform": platform.platform(),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-
-
-def versions() -> Dict:
-    import deepspeed
-    return {"python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-            "transformers": transformers.__version__}
-
-
 def mib(b: float) -> str:
     return f"{b / 2 ** 20:.2f} MiB"
 
@@ -283,7 +261,7 @@ def markdown(report: Dict) -> str:
     lines = [
         "# DeepSpeed ZeRO: full fine-tuning vs naive requires_grad toggling vs lisa_dist", "",
         f"Command: `{report['command']}`", "",
-        f"Machine: {report['machine']['cpu']} ({report['machine']['cores_visible']} CPUs visible, shared), "
+        f"Machine: {report['machine']['cpu']} ({report['machine']['cpus_visible']} CPUs visible, shared), "
         f"GPU: {report['machine']['gpu']}, backend {report['backend']}, {report['world_size']} ranks, "
         f"OMP_NUM_THREADS={report['machine']['omp_num_threads']}; {report['machine']['platform']}",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),

@@ -46,8 +46,11 @@ class GroupSlice:
     fp32: torch.Tensor
     state: Dict[str, Any]
 
+    @torch.no_grad()
     def to_host(self) -> "GroupSlice":
-        # Scalars such as torch AdamW's `step` tensor stay where the optimizer expects them.
+        # no_grad: the fp32 partition requires grad, and a copy recorded by autograd would keep
+        # the old partition alive after the rebuild. Scalars such as torch AdamW's `step` tensor
+        # stay where the optimizer expects them.
         state = {k: (v.to("cpu", copy=True) if _is_flat_like(v, self.fp32) else _clone(v))
                  for k, v in self.state.items()}
         return GroupSlice(self.fp32.to("cpu", copy=True), state)
