@@ -13,7 +13,6 @@ what was compared.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import sys
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
+from ds_common import close  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -37,7 +37,7 @@ VOCAB, SEQ, MB = 128, 12, 2
 STEPS, K = 8, 3
 SAVE_AT = {3: "boundary", 4: "mid"}  # step 3 = K: saved right after the switch to interval 1
 # ZeRO-1 with reset, ZeRO-2 with offload (host slices must travel through the checkpoint too).
-STAGES = {1: "reset", 2: "offload"}
+STAGES = {1: "reset", 2: "offload", 3: "offload"}
 SEED = 3  # interval 2 re-samples a layer parked in interval 0, so offload's host slice matters
 
 
@@ -96,13 +96,6 @@ def probe_logits(engine) -> torch.Tensor:
         out = engine.module(input_ids=ids).logits
     engine.module.train()
     return out
-
-
-def close(engine) -> None:
-    engine.destroy()
-    engine.optimizer = None
-    engine.lisa = None
-    gc.collect()
 
 
 def phase_train(out: Path) -> dict:
@@ -184,7 +177,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=("train", "resume"), required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--stages", default="1:reset,2:offload", help="ZeRO stage:state policy pairs")
+    parser.add_argument("--stages", default="1:reset,2:offload,3:offload", help="ZeRO stage:state policy pairs")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     STAGES.clear()

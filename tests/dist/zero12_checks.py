@@ -12,12 +12,9 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -35,6 +32,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
+from ds_common import close, compare, run_scenarios  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -172,19 +170,6 @@ def reference(model, lisa: LisaConfig, steps: int, gas: int, bf16: bool) -> Llam
     return ref
 
 
-def compare(model, ref, start) -> Dict:
-    got, want, init = flat_weights(model), flat_weights(ref), flat_weights(start)
-    return {"max_abs_diff": (got - want).abs().max().item(), "mean_abs_diff": (got - want).abs().mean().item(),
-            "mean_abs_update": (want - init).abs().mean().item()}
-
-
-def close(engine) -> None:
-    engine.destroy()
-    engine.optimizer = None
-    engine.lisa = None
-    gc.collect()
-
-
 # --- scenarios --------------------------------------------------------------------------------------
 
 def parity(stage: int, bf16: bool, policy: str, gas: int, interval: int, steps: int, optimizer: str) -> Dict:
@@ -204,7 +189,7 @@ def parity(stage: int, bf16: bool, policy: str, gas: int, interval: int, steps: 
     result = train(engine, model, steps, gas, on_switch=lambda: owned.append(ownership(engine)))
     if bf16:
         start = start.to(torch.bfloat16)
-    result.update(compare(engine.module, ref, start))
+    result.update(compare(flat_weights(engine.module), flat_weights(ref), flat_weights(start)))
     result["ownership"] = owned
     result["ranks_identical"] = ranks_identical(engine.module)
     reactivated = set()
@@ -370,7 +355,7 @@ def runner_check(stage: int, out_dir: Path) -> Dict:
     for step in range(steps):
         micro = [{"input_ids": ids, "labels": ids} for ids in rank_micro_batches(step, gas)]
         losses.append(runner.train_step(micro))
-    result = compare(runner.engine.module, ref, start)
+    result = compare(flat_weights(runner.engine.module), flat_weights(ref), flat_weights(start))
     result.update({"losses": losses, "rank": runner.rank, "world_size": runner.world_size,
                    "active_layers": list(runner.active_layers), "switch_index": runner.switch_index,
                    "schedule_log": runner.schedule_log, "optimizer_state_bytes": runner.optimizer_state_bytes(),
@@ -437,22 +422,9 @@ def main() -> None:
     args = parser.parse_args()
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
     table = scenarios(args.stage, args.out)
     names = [n for n in args.only.split(",") if n] or [n for n in table if n not in ("skew", "runner")] + ["runner"]
-    results = {}
-    for name in names:
-        t0 = time.perf_counter()
-        results[name] = table[name]()
-        results[name]["seconds"] = time.perf_counter() - t0
-        if rank == 0:
-            print(f"[zero12_checks stage {args.stage}] {name}: {results[name]['seconds']:.1f}s", flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, default=str))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+    run_scenarios(table, names, args.out, f"zero12_checks stage {args.stage}")
 
 if __name__ == "__main__":
     main()

@@ -35,6 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
+from ds_common import close, compare, run_scenarios  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
@@ -143,18 +144,6 @@ def train(engine, steps: int, gas: int, on_switch: Optional[Callable] = None, ch
     return {"losses": losses, "frozen_layer_checks": frozen_checks, "lrs": lrs,
             "schedule": [(e["step"], e["switch_index"], e["active_layers"]) for e in lisa.schedule_log],
             "switch_seconds": [e["seconds"] for e in lisa.schedule_log[1:]]}
-
-
-def compare(got: torch.Tensor, want: torch.Tensor, init: torch.Tensor) -> Dict:
-    return {"max_abs_diff": (got - want).abs().max().item(), "mean_abs_diff": (got - want).abs().mean().item(),
-            "mean_abs_update": (want - init).abs().mean().item()}
-
-
-def close(engine) -> None:
-    engine.destroy()
-    engine.optimizer = None
-    engine.lisa = None
-    gc.collect()
 
 
 def make_optimizer(kind: str, model):
@@ -452,22 +441,9 @@ def main() -> None:
     args = parser.parse_args()
     import deepspeed
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
     table = scenarios(args.out)
     names = [n for n in args.only.split(",") if n] or list(table)
-    results = {}
-    for name in names:
-        t0 = time.perf_counter()
-        results[name] = table[name]()
-        results[name]["seconds"] = time.perf_counter() - t0
-        if rank == 0:
-            print(f"[zero3_checks] {name}: {results[name]['seconds']:.1f}s", flush=True)
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"rank{rank}.json").write_text(json.dumps(results, indent=1, default=str))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
+    run_scenarios(table, names, args.out, "zero3_checks")
 
 if __name__ == "__main__":
     main()
