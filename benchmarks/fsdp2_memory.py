@@ -33,13 +33,12 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.fsdp import FSDPRunner, init_distributed  # noqa: E402
 from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
 from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
-from machine_info import machine, versions  # noqa: E402
+from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
 from lisa_dist.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
@@ -49,28 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=352)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
-    p.add_argument("--gamma", type=int, default=2)
-    p.add_argument("--interval", type=int, default=5, help="K; switches are part of the timed steps")
-    p.add_argument("--warmup", type=int, default=2)
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps per row")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fsdp2")
     return p.parse_args()
-
-
-def build_model(args, dtype: torch.dtype) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq)
-    return LlamaForCausalLM(config).to(dtype)
 
 
 def batch(args, step: int, device) -> Dict[str, torch.Tensor]:
@@ -84,7 +65,7 @@ class FullFSDP:
 
     def __init__(self, args, lr: float):
         self.device = default_device()
-        self.model = build_model(args, torch.float32)
+        self.model = build_model(args).to(torch.float32)
         mesh = init_device_mesh(self.device.type, (dist.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         layers = self.model.model.layers
@@ -121,7 +102,7 @@ class Lisa:
 
     def __init__(self, args, lr: float, gamma: int):
         lisa = LisaConfig(activated_layers=gamma, interval_steps=args.interval, seed=0)
-        self.runner = FSDPRunner(build_model(args, torch.bfloat16), lisa, lr=lr, max_grad_norm=0.0)
+        self.runner = FSDPRunner(build_model(args).to(torch.bfloat16), lisa, lr=lr, max_grad_norm=0.0)
         self.device = self.runner.device
         self.peak: Dict[str, int] = {}
         self.runner.optimizer._inner.register_step_post_hook(lambda *_: self._measure())
@@ -148,7 +129,7 @@ def frozen_backward_control(args) -> Dict[str, float]:
     What freezing layers can save on this machine's kernels, to read the FSDP2 ratio against."""
     out = {}
     for dtype in (torch.bfloat16, torch.float32):
-        model = build_model(args, dtype)
+        model = build_model(args).to(dtype)
         ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
         best = {}
         for mode in ("full", "lisa") * 2:
@@ -195,7 +176,7 @@ def run(args) -> Dict:
                 times[name].append(elapsed)
                 comm.setdefault(name, log.summary())
 
-    model = build_model(args, torch.bfloat16)
+    model = build_model(args).to(torch.bfloat16)
     split = split_parameters(model, LisaConfig(activated_layers=args.gamma))
     counts = count_params(split)
     del model

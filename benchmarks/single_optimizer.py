@@ -19,7 +19,7 @@ import transformers
 
 from lisa_dist import LisaConfig, data, presets
 from lisa_dist.optim import LisaOptimizer
-from machine_info import machine, versions
+from bench_common import machine, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

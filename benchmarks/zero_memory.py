@@ -34,7 +34,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -44,7 +43,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
-from machine_info import machine, versions  # noqa: E402
+from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
 
 ROWS = ("full", "naive", "lisa")
 CATEGORIES = ("weights", "grads", "fp32_master", "optimizer_state")
@@ -52,18 +51,8 @@ CATEGORIES = ("weights", "grads", "fp32_master", "optimizer_state")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--intermediate", type=int, default=352)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=512)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
-    p.add_argument("--gamma", type=int, default=2)
-    p.add_argument("--interval", type=int, default=5)
+    add_model_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--stages", default="1,2,3,3o", help="comma-separated ZeRO stages; 3o: ZeRO-3 with "
                    "offload_optimizer to the CPU")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
@@ -71,14 +60,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--name", default="zero_memory", help="file stem of the results")
     p.add_argument("--local_rank", type=int, default=None)  # passed by the deepspeed launcher
     return p.parse_args(argv)
-
-
-def build_model(args) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
-                                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                                        max_position_embeddings=args.seq))
 
 
 def ds_config(args, stage: str) -> dict:

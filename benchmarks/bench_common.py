@@ -1,0 +1,61 @@
+"""Shared by the benchmark scripts: the benchmark model's shape flags and builder, and what every
+result records about where it ran (CPU/GPU, visible cores, versions)."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+from typing import Dict
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def machine() -> Dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": platform.platform(), "cpu": cpu, "cpus_visible": os.cpu_count(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+
+
+def versions() -> Dict:
+    out = {"python": platform.python_version()}
+    for package in ("torch", "deepspeed", "transformers", "lisa_dist"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The benchmark model (a small Llama), its batch and the LISA knobs, identical across benchmarks
+    so their rows compare."""
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--intermediate", type=int, default=352)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--vocab", type=int, default=512)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--batch", type=int, default=2, help="sequences per rank per step")
+    p.add_argument("--gamma", type=int, default=2)
+    p.add_argument("--interval", type=int, default=5, help="K; switches are part of the timed steps")
+    p.add_argument("--warmup", type=int, default=2)
+
+
+def build_model(args) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden,
+                                        intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                                        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                                        max_position_embeddings=args.seq))
