@@ -279,6 +279,10 @@ def train(args) -> Dict:
     start = time.perf_counter()
     bar = tqdm(total=args.steps, initial=first_step, disable=not is_main or not sys.stderr.isatty(), desc="lisa",
                unit="step")
+    # Optimizers create moments at a parameter's first step, so the bytes logged at a switch miss
+    # the new layers'; record each interval's figure once its set has stepped.
+    stepped_pending = True
+    stepped_bytes: List[int] = []
     for step in range(first_step, args.steps):
         micro = []
         for m in range(args.grad_accum):
@@ -290,7 +294,11 @@ def train(args) -> Dict:
         losses.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or use --dtype fp32")
-        if runner.switch_index != before:
+        if stepped_pending and runner.switch_index == before:
+            stepped_bytes.append(runner.optimizer_state_bytes())
+            runner.schedule_log[-1]["optimizer_bytes_after_first_step"] = stepped_bytes[-1]
+        stepped_pending = runner.switch_index != before
+        if stepped_pending:
             _say(f"[rank {rank}/{world}] switch {runner.switch_index} at step {step + 1}: "
                  f"active layers {list(runner.active_layers)}")
         rate = tokens / (time.perf_counter() - start)
@@ -310,8 +318,8 @@ def train(args) -> Dict:
         "lisa": args.lisa.to_dict(), "seconds": elapsed, "tokens_per_second_per_rank": tokens / elapsed,
         "loss_start": sum(losses[:window]) / window, "loss_end": sum(losses[-window:]) / window,
         "losses": losses, "schedule": runner.schedule_log,
-        "optimizer_bytes_per_rank": runner.optimizer_state_bytes(),
-        "optimizer_bytes_all_ranks": _per_rank(runner.optimizer_state_bytes(), world),
+        "optimizer_bytes_per_rank": max(stepped_bytes + [runner.optimizer_state_bytes()]),
+        "optimizer_bytes_all_ranks": _per_rank(max(stepped_bytes + [runner.optimizer_state_bytes()]), world),
         "full_finetune_optimizer_bytes_per_rank": runner.full_finetune_state_bytes(),
     }
     if not args.no_save:

@@ -22,6 +22,11 @@ def test_embedded_default_end_to_end(tmp_path, capsys):
     assert [e["step"] for e in log["schedule"]] == [0, 2, 4, 6, 8]
     assert all(len(e["active_layers"]) == 2 for e in log["schedule"])
     assert log["optimizer_bytes_per_rank"] < log["full_finetune_optimizer_bytes_per_rank"]
+    # Every interval's set stepped (K=2): its moments exist, so it holds more than at the switch,
+    # and the same for every interval since all layers are the same size.
+    stepped = [e["optimizer_bytes_after_first_step"] for e in log["schedule"][:-1]]
+    assert len(set(stepped)) == 1 and stepped[0] == log["optimizer_bytes_per_rank"]
+    assert all(e["optimizer_bytes_after_first_step"] > e["optimizer_bytes"] for e in log["schedule"][1:-1])
     assert len(log["losses"]) == 8
     text = capsys.readouterr().out
     assert "switch 1 at step 2" in text and "optimizer memory per rank" in text
