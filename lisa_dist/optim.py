@@ -189,6 +189,16 @@ class LisaOptimizer(torch.optim.Optimizer):
                 "interval_steps": self.config.interval_steps, "num_layers": self.split.num_layers,
                 "state_policy": self.config.state_policy}
 
+    def check_resumable(self, saved: dict, source: str) -> None:
+        """Raise ValueError naming every schedule field where `saved` (a state dict's "lisa" section)
+        differs from this optimizer: resuming across any of them would train other layers."""
+        expected = self._schedule_key()
+        mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+        if mismatched:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
+            raise ValueError(f"{source} does not match this run ({detail}); resume with the "
+                             "same model and LisaConfig, or start a new run")
+
     def state_dict(self) -> dict:
         masters = {self._names[p]: m.detach().clone() for p, m in self._masters.items() if m is not p}
         offloaded = {str(i): {n: {"master": m, "state": st} for n, (m, st) in layer.items()}
@@ -202,12 +212,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         """Restore the schedule position, the active set, masters and moments. Load the model
         weights first: frozen layers are taken from the model as they are."""
         lisa = state_dict["lisa"]
-        expected = self._schedule_key()
-        mismatched = {k: (lisa.get(k), v) for k, v in expected.items() if lisa.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"LISA checkpoint does not match this optimizer ({detail}); resume with the "
-                             "same model and LisaConfig, or start a new run")
+        self.check_resumable(lisa, "LISA checkpoint")
         for i in sorted(self.active_layers):  # drop current set; the saved one is rebuilt below
             for _, p in self.split.per_layer[i]:
                 self._detach(p)

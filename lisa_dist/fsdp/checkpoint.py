@@ -75,12 +75,7 @@ def _offload_template(optimizer: FSDPLisaOptimizer, layout: Dict) -> Dict:
 def load(model: nn.Module, optimizer: FSDPLisaOptimizer, scheduler, directory: Path) -> int:
     sidecar = read_sidecar(directory)
     lisa = sidecar["lisa"]
-    expected = optimizer._schedule_key()
-    mismatched = {k: (lisa.get(k), v) for k, v in expected.items() if lisa.get(k) != v}
-    if mismatched:
-        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-        raise ValueError(f"{directory}: LISA checkpoint does not match this run ({detail}); resume with the "
-                         "same model and LisaConfig, or start a new run")
+    optimizer.check_resumable(lisa, f"{directory}: LISA checkpoint")
     optimizer.prepare_for_load(tuple(lisa["active_layers"]))
     optimizer._offloaded = _offload_template(optimizer, sidecar["offloaded"])
     state = {"model": get_model_state_dict(model), "optim": optimizer.state_dict(),

@@ -41,3 +41,26 @@ def run_scenarios(table: Dict[str, Callable[[], Dict]], names: Sequence[str], ou
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def naive_toggling_bytes(model, cfg: dict, lisa, gamma: int, micro_batches: Callable[[int, int], Sequence]) -> Dict:
+    """Model-state bytes of what LMFlow/axolotl/ms-swift do: DeepSpeed built over every parameter,
+    then requires_grad toggled to the first `gamma` layers, after two steps."""
+    import deepspeed
+
+    import lisa_dist.deepspeed as lds
+    from lisa_dist.layers import split_parameters
+
+    naive, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    for i, layer in enumerate(split_parameters(model, lisa).per_layer):
+        for _, p in layer:
+            p.requires_grad_(i < gamma)
+    for step in range(2):
+        for ids in micro_batches(step, 1):
+            naive.backward(naive(input_ids=ids, labels=ids).loss)
+            naive.step()
+    measured = lds.model_state_bytes(naive)
+    naive.destroy()
+    del naive
+    gc.collect()
+    return measured

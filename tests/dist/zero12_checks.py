@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import math
 import os
 import sys
@@ -32,7 +31,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
-from ds_common import close, compare, run_scenarios  # noqa: E402
+from ds_common import close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -284,23 +283,7 @@ def memory(stage: int) -> Dict:
     close(engine)
 
     # Naive: DeepSpeed over every parameter, then requires_grad toggled the LMFlow/axolotl way.
-    model = build_model(layers=layers)
-    import deepspeed
-    naive, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    from lisa_dist.layers import split_parameters
-    split = split_parameters(model, lisa)
-    active = set(range(gamma))
-    for i, layer in enumerate(split.per_layer):
-        for _, p in layer:
-            p.requires_grad_(i in active)
-    for step in range(2):
-        for ids in rank_micro_batches(step, 1):
-            naive.backward(naive(input_ids=ids, labels=ids).loss)
-            naive.step()
-    naive_bytes = lds.model_state_bytes(naive)
-    naive.destroy()
-    del naive
-    gc.collect()
+    naive_bytes = naive_toggling_bytes(build_model(layers=layers), cfg, lisa, gamma, rank_micro_batches)
 
     opt_bytes = lambda b: b["fp32_master"] + b["optimizer_state"]  # noqa: E731
     result = {"psi": counts.total, "psi_active": psi_a, "floor": floor, "full_floor": full_floor,

@@ -35,7 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
-from ds_common import close, compare, run_scenarios  # noqa: E402
+from ds_common import close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
@@ -266,22 +266,7 @@ def memory() -> Dict:
     full_floor = model_state_floor("zero3", counts.total, counts.total, n, weight_bytes=2)
     close(engine)
 
-    import deepspeed
-    from lisa_dist.layers import split_parameters
-    model = build_model(layers=layers)
-    naive, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
-    split = split_parameters(model, lisa)
-    for i, layer in enumerate(split.per_layer):
-        for _, p in layer:
-            p.requires_grad_(i < gamma)
-    for step in range(2):
-        for ids in rank_micro_batches(step, 1):
-            naive.backward(naive(input_ids=ids, labels=ids).loss)
-            naive.step()
-    naive_bytes = lds.model_state_bytes(naive)
-    naive.destroy()
-    del naive
-    gc.collect()
+    naive_bytes = naive_toggling_bytes(build_model(layers=layers), cfg, lisa, gamma, rank_micro_batches)
 
     def opt_bytes(b):
         return b["fp32_master"] + b["optimizer_state"]
