@@ -19,11 +19,10 @@ import os
 import re
 import shutil
 import signal
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional
+from typing import Callable, List, Optional
 
-import torch
+from .serialization import write_text_atomic
 
 LATEST = "latest"
 MARKER = "lisa_train_state.json"
@@ -33,16 +32,6 @@ _FORMAT = 1
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Readers see the old content or the new one, never a torn file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def is_complete(directory: Path) -> bool:
@@ -115,41 +104,6 @@ def save(root: Path, step: int, write: Callable[[Path], None], *, rank: int, bar
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-# --- weights-only loading -----------------------------------------------------------------------
-
-def _deepspeed_safe_globals() -> List:
-    """Non-tensor objects DeepSpeed 0.19 pickles into its checkpoint files. They are plain data
-    (enums, a dataclass of two ints, the loss scaler's attributes), safe to allow by name."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
-        return []
-    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
-
-
-@contextmanager
-def weights_only_loads(extra_globals: Iterable = ()):
-    """Every torch.load inside runs with weights_only=True, including DeepSpeed's own (which ask for
-    weights_only=False): a checkpoint from elsewhere cannot run code when it is loaded."""
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals() + list(extra_globals)):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
-def load_tensors(path: Path):
-    """torch.load of a file this package wrote (tensors, numbers, strings, lists, dicts only)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 # --- fault-injection hooks for the recovery tests ---------------------------------------------------

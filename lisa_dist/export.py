@@ -17,7 +17,8 @@ from typing import Dict, Optional
 
 import torch
 
-from .checkpoint import weights_only_loads
+from .deepspeed import _compat as ds_compat
+from .serialization import weights_only_loads
 
 _MODEL_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
 
@@ -42,7 +43,7 @@ def consolidated_state_dict(tag_dir: Path) -> Dict[str, torch.Tensor]:
     """Full fp32 weights of every parameter (and persistent buffer) of the checkpointed model."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with weights_only_loads():
+    with weights_only_loads(ds_compat.checkpoint_safe_globals()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         model_states = tag_dir / _MODEL_STATES[0]
         if model_states.is_file():  # ZeRO-1/2: the module state is complete

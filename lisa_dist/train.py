@@ -142,7 +142,8 @@ def load_model_and_tokenizer(args):
         dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     if args.backend == "deepspeed":
         from .deepspeed.loading import load_partitioned
-        loaded = load_partitioned(args, dtype)  # ZeRO-3: partitioned as it is built, never whole on a rank
+        # ZeRO-3: partitioned as it is built, never whole on a rank
+        loaded = load_partitioned(resolve_ds_config(args, dtype), lambda: build_model_and_tokenizer(args, dtype))
         if loaded is not None:
             return loaded
     return build_model_and_tokenizer(args, dtype)
@@ -181,14 +182,14 @@ def make_runner(args, model):
                             warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm)
     if args.backend == "deepspeed":
         from .deepspeed.runner import DeepSpeedRunner
-        return DeepSpeedRunner(model, args.lisa, resolve_ds_config(args, model))
+        return DeepSpeedRunner(model, args.lisa, resolve_ds_config(args, next(model.parameters()).dtype))
     from .fsdp import FSDPRunner
     return FSDPRunner(model, args.lisa, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
                       cpu_offload=args.cpu_offload, activation_checkpointing=args.gradient_checkpointing)
 
 
-def resolve_ds_config(args, model) -> Dict:
+def resolve_ds_config(args, dtype) -> Dict:
     """The DeepSpeed config with lisa-train's flags applied.
 
     The JSON file owns the ZeRO stage, buckets, offload, optimizer type and betas; the flags own
@@ -208,7 +209,7 @@ def resolve_ds_config(args, model) -> Dict:
     cfg["gradient_accumulation_steps"] = args.grad_accum
     cfg.pop("train_batch_size", None)  # DeepSpeed derives it; a stale value would contradict the flags
     cfg["gradient_clipping"] = args.max_grad_norm
-    bf16 = next(model.parameters()).dtype == torch.bfloat16
+    bf16 = dtype == torch.bfloat16
     cfg.setdefault("bf16", {})["enabled"] = bf16
     cfg.pop("fp16", None)
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})

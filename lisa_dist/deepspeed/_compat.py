@@ -8,6 +8,7 @@ pass on the new release.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Dict, List
 
@@ -100,6 +101,27 @@ def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
         buckets.extend(bucket.buffer)
         buckets.extend(g for g in bucket.grads if torch.is_tensor(g))
     return {"partition": [t for t in partition if torch.is_tensor(t)], "buckets": buckets}
+
+
+def checkpoint_safe_globals() -> List:
+    """Non-tensor objects DeepSpeed pickles into its checkpoint files. They are plain data (enums, a
+    dataclass of two ints, the loss scaler's attributes), safe to allow in weights-only loads."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+@contextmanager
+def quiet_logs():
+    """A rebuild repeats DeepSpeed's init-time INFO lines on rank 0; keep them out of training logs."""
+    from deepspeed.utils import logger
+    level = logger.level
+    logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def load_ds_config(config) -> dict:

@@ -27,8 +27,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import load_tensors, weights_only_loads, write_text_atomic
-from . import zero12
+from ..serialization import load_tensors, weights_only_loads, write_text_atomic
+from . import _compat, zero12
 from .agreement import check_agreement
 
 SIDECAR = "lisa_checkpoint.json"
@@ -169,8 +169,6 @@ def _saved_host(tag_dir: Path, saved: Dict[str, Any]) -> Dict[zero12.GroupKey, A
 def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
     """Rebuild the ZeRO optimizer over the saved active set, so DeepSpeed's per-group restore meets
     the layout it saved."""
-    from .engine_hook import _quiet_deepspeed
-
     lisa = engine.lisa
     active = tuple(saved["active_layers"])
     check_agreement(saved["switch_index"], active, lisa.device)
@@ -183,7 +181,7 @@ def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
             from .zero3 import rebuild
         else:
             rebuild = zero12.rebuild
-        with _quiet_deepspeed():
+        with _compat.quiet_logs():
             # host=None: the groups of the fresh layout are discarded, DeepSpeed restores the saved ones.
             rebuild(engine, lisa.group_keys, groups, lisa.managed, None)
     lisa.group_keys = keys
@@ -208,7 +206,7 @@ def load_checkpoint(engine, original, load_dir, tag=None, load_module_strict=Tru
     lisa = engine.lisa
     if restore:
         _move_to_saved_set(engine, saved)
-    with weights_only_loads():
+    with weights_only_loads(_compat.checkpoint_safe_globals()):
         path, client = original(load_dir, tag=str(tag), **kwargs)
     if client is not None:
         client.pop(CLIENT_KEY, None)

@@ -8,9 +8,7 @@ optimizer over [always-active, active layers] (zero12.rebuild). `engine.lisa` ex
 from __future__ import annotations
 
 import dataclasses
-import logging
 import time
-from contextlib import contextmanager
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -84,7 +82,7 @@ class LisaEngineState:
         # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
         if new_keys != self.group_keys:
             rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
-            with _quiet_deepspeed():
+            with _compat.quiet_logs():
                 rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
         self.group_keys = new_keys
         self.active_layers = active
@@ -104,18 +102,6 @@ class ZeroOptimizerView:
 
     def __repr__(self) -> str:
         return f"ZeroOptimizerView({type(self._engine.optimizer).__name__})"
-
-
-@contextmanager
-def _quiet_deepspeed():
-    """A rebuild repeats DeepSpeed's init-time INFO lines on rank 0; keep them out of training logs."""
-    from deepspeed.utils import logger
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_ds_config(ds_config: dict) -> None:

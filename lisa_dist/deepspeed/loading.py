@@ -13,9 +13,9 @@ long as the model lives (resizing embeddings, generation and saving consult it t
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
-import torch
+from torch import nn
 
 _OWNS_PROCESS_GROUP = False
 
@@ -26,27 +26,26 @@ def owns_process_group() -> bool:
     return _OWNS_PROCESS_GROUP
 
 
-def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module, object]]:
-    """(model, tokenizer) built or loaded under ZeRO-3 partitioning, or None when `args.deepspeed`
-    is not a ZeRO-3 config (the caller then loads the model whole). Initialises the process group
-    (zero.Init partitions across it)."""
+def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
+                     ) -> Optional[Tuple[nn.Module, Any]]:
+    """`build()`'s (model, tokenizer), built or loaded under ZeRO-3 partitioning, or None when
+    `ds_config` is not a ZeRO-3 config (the caller then builds the model whole). `ds_config` must be
+    the resolved config the engine will be built from: zero.Init has to agree with it on precision
+    and parameter offload. `build` constructs the model with from_config or from_pretrained, which
+    transformers routes through zero.Init while the HfDeepSpeedConfig made here is alive.
+    Initialises the process group (zero.Init partitions across it)."""
     global _OWNS_PROCESS_GROUP
+    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) != 3:
+        return None
     import deepspeed
     import torch.distributed as dist
     import transformers
     from deepspeed.accelerator import get_accelerator
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from ..train import build_model_and_tokenizer, resolve_ds_config
     from . import _compat
     from .runner import master_port
 
-    # The engine is later built from the same resolved config (make_runner); zero.Init must agree
-    # with it on precision and parameter offload, so resolve it the same way (a stand-in module
-    # carries the dtype the model will have).
-    ds_config = resolve_ds_config(args, torch.nn.ParameterList([torch.nn.Parameter(torch.empty(0, dtype=dtype))]))
-    if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) != 3:
-        return None
     _compat.check_deepspeed_version()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
@@ -55,7 +54,7 @@ def load_partitioned(args, dtype: torch.dtype) -> Optional[Tuple[torch.nn.Module
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     assert hf_ds_config.is_zero3()
 
-    model, tokenizer = build_model_and_tokenizer(args, dtype)
+    model, tokenizer = build()
     whole = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
     if whole:
         raise RuntimeError(

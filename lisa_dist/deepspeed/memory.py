@@ -1,42 +1,15 @@
 """This rank's model-state bytes under DeepSpeed, measured from the tensors the engine holds.
 
-Each storage is counted once, in the first category that reaches it (trainable weights view the
-ZeRO flat buffer, so the buffer, padding included, is counted as weights).
+Categories and counting rules: byte_count.py; ZeRO-3's own counter: zero3_memory.py.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable
+from typing import Dict
 
 import torch
 
-from . import _compat
-
-MODEL_STATE_CATEGORIES = ("weights", "grads", "grad_partitions", "fp32_master", "optimizer_state")
-"""Summed into "model_state"; DESIGN.md section 8's floor covers exactly these."""
-
-OTHER_CATEGORIES = ("comm_buckets", "host_offload")
-"""Reported, not summed: reduction staging buffers (sized by reduce_bucket_size, a workspace) and
-the host copies `state_policy="offload"` parks deactivated layers in."""
-
-
-def _storage_key(t: torch.Tensor):
-    s = t.untyped_storage()
-    return s.data_ptr(), s.device.type, s.device.index
-
-
-def _add(out: Dict[str, int], seen: set, category: str, tensors: Iterable[torch.Tensor]) -> None:
-    for t in tensors:
-        if t is None or not torch.is_tensor(t) or t.device.type == "meta":
-            continue
-        key = _storage_key(t)
-        if key[0] == 0 or key in seen:
-            continue
-        seen.add(key)
-        out[category] += t.untyped_storage().nbytes()
-
-
-def _state_tensors(optimizer: torch.optim.Optimizer):
-    return [v for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+from . import _compat, zero3_memory
+from .byte_count import MODEL_STATE_CATEGORIES, OTHER_CATEGORIES, add, state_tensors
 
 
 def model_state_bytes(engine) -> Dict[str, int]:
@@ -44,22 +17,21 @@ def model_state_bytes(engine) -> Dict[str, int]:
     "model_state", the sum of the model-state categories. Works for any ZeRO engine, with or
     without LISA (then there is no host_offload)."""
     if int(engine.zero_optimization_stage()) == 3:
-        from . import zero3_memory
         return zero3_memory.model_state_bytes(engine)
     out = {c: 0 for c in MODEL_STATE_CATEGORIES + OTHER_CATEGORIES}
     seen: set = set()
     zero = engine.optimizer
     params = list(engine.module.parameters())
-    _add(out, seen, "weights", params)
-    _add(out, seen, "grads", [p.grad for p in params] + [getattr(p, "grad_accum", None) for p in params])
+    add(out, seen, "weights", params)
+    add(out, seen, "grads", [p.grad for p in params] + [getattr(p, "grad_accum", None) for p in params])
     grads = _compat.gradient_buffers(zero)
-    _add(out, seen, "grad_partitions", grads["partition"])
-    _add(out, seen, "fp32_master", _compat.fp32_partitions(zero))
-    _add(out, seen, "optimizer_state", _state_tensors(engine.basic_optimizer))
-    _add(out, seen, "comm_buckets", grads["buckets"])
+    add(out, seen, "grad_partitions", grads["partition"])
+    add(out, seen, "fp32_master", _compat.fp32_partitions(zero))
+    add(out, seen, "optimizer_state", state_tensors(engine.basic_optimizer))
+    add(out, seen, "comm_buckets", grads["buckets"])
     lisa = getattr(engine, "lisa", None)
     if lisa is not None and lisa.host is not None:
-        _add(out, seen, "host_offload", [t for s in lisa.host.values()
+        add(out, seen, "host_offload", [t for s in lisa.host.values()
                                          for t in [s.fp32, *s.state.values()] if torch.is_tensor(t)])
     out["model_state"] = sum(out[c] for c in MODEL_STATE_CATEGORIES)
     return out
@@ -69,12 +41,11 @@ def optimizer_bytes(engine) -> int:
     """This rank's fp32 master partitions + optimizer state + gradient partitions, the part of the
     model state that LISA shrinks (cheap enough to log at every switch)."""
     if int(engine.zero_optimization_stage()) == 3:
-        from . import zero3_memory
         return zero3_memory.optimizer_bytes(engine)
     out = {"bytes": 0}
     seen: set = set()
     zero = engine.optimizer
-    _add(out, seen, "bytes", _compat.fp32_partitions(zero))
-    _add(out, seen, "bytes", _state_tensors(engine.basic_optimizer))
-    _add(out, seen, "bytes", _compat.gradient_buffers(zero)["partition"])
+    add(out, seen, "bytes", _compat.fp32_partitions(zero))
+    add(out, seen, "bytes", state_tensors(engine.basic_optimizer))
+    add(out, seen, "bytes", _compat.gradient_buffers(zero)["partition"])
     return out["bytes"]

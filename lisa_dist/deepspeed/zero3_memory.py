@@ -1,4 +1,4 @@
-"""This rank's model-state bytes under ZeRO-3, in the categories of memory.model_state_bytes.
+"""This rank's model-state bytes under ZeRO-3, in the categories of byte_count.
 
 Weights are what this rank holds of every parameter: its partition (`ds_tensor`; the trainable
 ones view the optimizer's flat bf16 buffer, counted whole, padding included) plus whatever is
@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Dict
 
 from . import _compat
-from .memory import MODEL_STATE_CATEGORIES, OTHER_CATEGORIES, _add, _state_tensors
+from .byte_count import MODEL_STATE_CATEGORIES, OTHER_CATEGORIES, add, state_tensors
 
 
 def model_state_bytes(engine) -> Dict[str, int]:
@@ -20,17 +20,17 @@ def model_state_bytes(engine) -> Dict[str, int]:
     zero = engine.optimizer
     params = list(engine.module.parameters())
     # The flat bf16 buffers first, so the trainable partitions viewing them count them once, whole.
-    _add(out, seen, "weights", _compat.zero3_lp_buffers(zero))
-    _add(out, seen, "weights", [p.ds_tensor for p in params] + params)
-    _add(out, seen, "grads", [p.grad for p in params])
+    add(out, seen, "weights", _compat.zero3_lp_buffers(zero))
+    add(out, seen, "weights", [p.ds_tensor for p in params] + params)
+    add(out, seen, "grads", [p.grad for p in params])
     grads = _compat.zero3_gradient_buffers(zero)
-    _add(out, seen, "grad_partitions", grads["partition"])
-    _add(out, seen, "fp32_master", _compat.zero3_fp32_partitions(zero))
-    _add(out, seen, "optimizer_state", _state_tensors(engine.basic_optimizer))
-    _add(out, seen, "comm_buckets", grads["buckets"])
+    add(out, seen, "grad_partitions", grads["partition"])
+    add(out, seen, "fp32_master", _compat.zero3_fp32_partitions(zero))
+    add(out, seen, "optimizer_state", state_tensors(engine.basic_optimizer))
+    add(out, seen, "comm_buckets", grads["buckets"])
     lisa = getattr(engine, "lisa", None)
     if lisa is not None and lisa.host is not None:
-        _add(out, seen, "host_offload", [t for s in lisa.host.values() for t in s.tensors()])
+        add(out, seen, "host_offload", [t for s in lisa.host.values() for t in s.tensors()])
     out["model_state"] = sum(out[c] for c in MODEL_STATE_CATEGORIES)
     return out
 
@@ -40,7 +40,7 @@ def optimizer_bytes(engine) -> int:
     out = {"bytes": 0}
     seen: set = set()
     zero = engine.optimizer
-    _add(out, seen, "bytes", _compat.zero3_fp32_partitions(zero))
-    _add(out, seen, "bytes", _state_tensors(engine.basic_optimizer))
-    _add(out, seen, "bytes", _compat.zero3_gradient_buffers(zero)["partition"])
+    add(out, seen, "bytes", _compat.zero3_fp32_partitions(zero))
+    add(out, seen, "bytes", state_tensors(engine.basic_optimizer))
+    add(out, seen, "bytes", _compat.zero3_gradient_buffers(zero)["partition"])
     return out["bytes"]

@@ -338,7 +338,9 @@ def loading(out_dir: Path) -> Dict:
                                    lr=1e-3, weight_decay=0.0, warmup_steps=0, steps=1)
         if model_arg != "tiny-llama":
             args.tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
-        model, _ = load_partitioned(args, torch.float32)
+        from lisa_dist.train import build_model_and_tokenizer, resolve_ds_config
+        model, _ = load_partitioned(resolve_ds_config(args, torch.float32),
+                                    lambda: build_model_and_tokenizer(args, torch.float32))
         params = list(model.parameters())
         r = {"all_zero3": all(hasattr(p, "ds_id") for p in params),
              "local_numel": sum(p.numel() for p in params),
