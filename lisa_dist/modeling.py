@@ -1,13 +1,15 @@
 """The model and tokenizer of a `lisa-train` run: a preset with random init, or from_pretrained.
 
 Recipe code: the backends receive the built model (and, for ZeRO-3, call the builder back under
-zero.Init through `lisa_dist.deepspeed.loading.load_partitioned`).
+zero.Init through `lisa_dist.deepspeed.loading.load_partitioned`). FSDP2 gets an empty model instead
+(`build_empty_model_and_tokenizer`, parameters on the meta device) plus a `weights_loader` that fills
+each rank's shards after sharding, so no rank holds the whole model.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 
@@ -20,22 +22,91 @@ def weights_dtype(choice: str) -> torch.dtype:
 
 
 def build_model_and_tokenizer(model: str, dtype: torch.dtype, *, seed: int = 0, tokenizer: Optional[str] = None,
-                              trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
+                              trust_remote_code: bool = False, device: Optional[torch.device] = None
+                              ) -> Tuple[torch.nn.Module, Any]:
     """Build a preset (seeded with `seed`) or call from_pretrained. Under ZeRO-3 the caller keeps
-    transformers' HfDeepSpeedConfig alive so both paths construct the model partitioned."""
+    transformers' HfDeepSpeedConfig alive so both paths construct the model partitioned. With
+    `device`, from_pretrained puts each tensor there as it reads it (ZeRO-1/2 on GPUs: no host copy
+    of the model); the host then holds at most one tensor in transit, in the target dtype."""
     import transformers
 
     from . import presets
 
     if model in presets.PRESETS:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else presets.default_tokenizer()
+        tok = _tokenizer(model, tokenizer, trust_remote_code)
         torch.manual_seed(seed)
         return transformers.AutoModelForCausalLM.from_config(presets.PRESETS[model](tok), dtype=dtype), tok
+    _check_local(model)
+    placement = {"device_map": {"": device}} if device is not None and device.type != "cpu" else {}
+    built = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                              **placement)
+    return built, _tokenizer(model, tokenizer, trust_remote_code)
+
+
+def build_empty_model_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer: Optional[str] = None,
+                                    trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
+    """The model `build_model_and_tokenizer` would give, with its parameters on the meta device (no
+    weights read or initialised; buffers real) and tied weights tied; fill it with `weights_loader`."""
+    import transformers
+
+    from .fsdp.loading import meta_parameters
+
+    tok = _tokenizer(model, tokenizer, trust_remote_code)
+    config = _config(model, tok, trust_remote_code)
+    with meta_parameters():
+        built = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return built, tok
+
+
+def weights_loader(model: str, *, seed: int = 0, tokenizer: Optional[str] = None,
+                   trust_remote_code: bool = False) -> Callable[[torch.nn.Module], None]:
+    """Fills a sharded, materialized `build_empty_model_and_tokenizer` model with the weights
+    `build_model_and_tokenizer` would have given it: a checkpoint's, read slice by slice, or a
+    preset's seeded random init (built whole: presets are small, and their init must match the
+    single-process build bit for bit, which per-shard init could not)."""
+    from . import presets
+    from .fsdp import loading
+
+    if model in presets.PRESETS:
+        def fill(sharded: torch.nn.Module) -> None:
+            dtype = next(sharded.parameters()).dtype
+            whole, _ = build_model_and_tokenizer(model, dtype, seed=seed, tokenizer=tokenizer)
+            loading.load_state_dict(sharded, whole.state_dict())
+        return fill
+    _check_local(model)
+    return lambda sharded: loading.load_safetensors(sharded, Path(model))
+
+
+def _check_local(model: str) -> None:
+    from . import presets
+
     if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"--model {model}: not a preset ({', '.join(presets.PRESETS)}) nor a local "
                                 "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
-    built = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _config(model: str, tok, trust_remote_code: bool):
+    import transformers
+
+    from . import presets
+
+    if model in presets.PRESETS:
+        return presets.PRESETS[model](tok)
+    _check_local(model)
+    if not Path(model).is_dir():
+        raise ValueError(f"--model {model}: --backend fsdp2 reads checkpoints from a local directory; "
+                         "download it first (huggingface-cli download --local-dir DIR) and pass DIR")
+    return transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def _tokenizer(model: str, tokenizer: Optional[str], trust_remote_code: bool):
+    import transformers
+
+    from . import presets
+
+    if model in presets.PRESETS:
+        return transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else presets.default_tokenizer()
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return built, tok
+    return tok
