@@ -84,7 +84,7 @@ def worker(args) -> None:
 
     model_dir, backend_name, ds_config, dtype = args.worker
     run = RunConfig(model=model_dir, backend=backend_name, deepspeed=None if ds_config == "-" else ds_config,
-                    dtype=dtype, steps=1, batch_size=1, warmup_steps=0)
+                    dtype=dtype, steps=1, batch_size=1)
     backend = BACKENDS[backend_name]
     before = host_rss_bytes()
     reset_peak_host_rss()

@@ -55,6 +55,8 @@ def build_empty_model_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer
     config = _config(model, tok, trust_remote_code)
     with meta_parameters():
         built = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (Path(model) / "generation_config.json").is_file():  # from_pretrained reads it too; export writes it back
+        built.generation_config = transformers.GenerationConfig.from_pretrained(model)
     return built, tok
 
 
