@@ -36,9 +36,9 @@ def meta_parameters() -> Iterator[None]:
     original = nn.Module.register_parameter
 
     def register(module: nn.Module, name: str, param) -> None:
-        original(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
 
     nn.Module.register_parameter = register
     try:
@@ -56,9 +56,10 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     buffers keep their values. The contents are undefined until a load fills them."""
     buffers = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}
     model.to_empty(device=device)
-    for name, value in buffers.items():
-        owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner)._buffers[leaf] = value.to(device)
+    with torch.no_grad():
+        for name, empty in model.named_buffers():
+            if name in buffers:
+                empty.copy_(buffers[name])
 
 
 def _rows(param: torch.Tensor) -> slice:
@@ -78,16 +79,9 @@ def _rows(param: torch.Tensor) -> slice:
 def _targets(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Checkpoint key -> tensor to fill; tied parameters appear under each of their names."""
     targets: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
-    persistent = {n for n, _ in model.named_buffers(remove_duplicate=False)} - _non_persistent(model)
+    persistent = set(model.state_dict(keep_vars=True))  # parameters and persistent buffers
     targets.update((n, b) for n, b in model.named_buffers(remove_duplicate=False) if n in persistent)
     return targets
-
-
-def _non_persistent(model: nn.Module) -> Set[str]:
-    names = set()
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        names.update(f"{prefix}.{b}" if prefix else b for b in module._non_persistent_buffers_set)
-    return names
 
 
 @torch.no_grad()
