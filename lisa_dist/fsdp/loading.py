@@ -4,8 +4,9 @@ The model is constructed with its parameters on the meta device (`meta_parameter
 `fully_shard` (FSDPRunner, per-layer units), given empty storage for its own shards only
 (`materialize`) and then filled: `load_safetensors` reads, file by file, only the rows of each
 tensor this rank owns (`safe_open(...).get_slice`), so a rank's host memory peaks at its shards plus
-one tensor slice; `load_state_dict` copies a rank's rows out of a whole state dict (presets: small,
-randomly initialised shapes that must equal the single-process build bit for bit).
+its rows of the one file being read (the file is memory-mapped while open); `load_state_dict`
+copies a rank's rows out of a whole state dict (presets: small, randomly initialised shapes that
+must equal the single-process build bit for bit).
 
 Each rank reading its own rows was chosen over rank 0 reading and broadcasting (torchtune,
 torchtitan): across all ranks the checkpoint is read once, with no collective per tensor.
