@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 
-def rank_device() -> Optional[torch.device]:
-    """The accelerator this rank's engine will run on (the launcher's LOCAL_RANK), or None on CPUs."""
+def rank_device() -> torch.device:
+    """The device this rank's engine will run on: the launcher's LOCAL_RANK accelerator, or the CPU."""
     if not torch.cuda.is_available():
-        return None
+        return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 

@@ -56,7 +56,15 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     """Empty storage on `device` for every parameter (a sharded one gets only this rank's shard);
     buffers keep their values. The contents are undefined until a load fills them."""
     buffers = {name: b for name, b in model.named_buffers() if b.device.type != "meta"}
+    first_name: Dict[int, str] = {}
+    tied = {}  # to_empty gives each name its own tensor; tied weights must stay one
+    for name, param in model.named_parameters(remove_duplicate=False):
+        tied[name] = first_name.setdefault(id(param), name)
     model.to_empty(device=device)
+    for name, first in tied.items():
+        if name != first:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, model.get_parameter(first))
     with torch.no_grad():
         for name, empty in model.named_buffers():
             if name in buffers:
