@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -78,6 +78,27 @@ def build_empty_model_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer
         built = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     if (Path(model) / "generation_config.json").is_file():  # from_pretrained reads it too; export writes it back
         built.generation_config = transformers.GenerationConfig.from_pretrained(model)
+    return built, tok
+
+
+def checkpoint_files(model: str) -> Optional[List[Path]]:
+    """The safetensors files of a local checkpoint directory; None for presets and other formats."""
+    from . import presets
+    from .fsdp.loading import safetensors_files
+
+    if model in presets.PRESETS or not Path(model).is_dir() or not _has_safetensors(model):
+        return None
+    return safetensors_files(Path(model))
+
+
+def build_from_config_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer: Optional[str] = None,
+                                    trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
+    """A checkpoint's architecture, randomly initialised (ZeRO-3 then fills it from the files)."""
+    import transformers
+
+    tok = _tokenizer(model, tokenizer, trust_remote_code)
+    built = transformers.AutoModelForCausalLM.from_config(_config(model, tok, trust_remote_code), dtype=dtype,
+                                                          trust_remote_code=trust_remote_code)
     return built, tok
 
 

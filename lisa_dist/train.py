@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .ds_config import resolve_ds_config
-from .modeling import build_empty_model_and_tokenizer, build_model_and_tokenizer, weights_dtype, weights_loader
+from .modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
+                       checkpoint_files, weights_dtype, weights_loader)
 from .protocol import Runner
 from .run_config import RunConfig, parse_args as _parse_args
 
@@ -36,9 +37,13 @@ class _DeepSpeed:
     @staticmethod
     def load(run: RunConfig, dtype):
         from .deepspeed.loading import load_partitioned, rank_device
-        # ZeRO-3 builds the model partitioned, never whole on a rank; other stages get None back and
-        # load straight onto the rank's device.
-        return (load_partitioned(resolve_ds_config(run, dtype), lambda: _build(run, dtype), _preset_init(run, dtype))
+        # ZeRO-3 builds the model partitioned, never whole on a rank (a safetensors checkpoint from
+        # its config, then filled); other stages get None back and load onto the rank's device.
+        files = checkpoint_files(run.model)
+        build = ((lambda: build_from_config_and_tokenizer(run.model, dtype, tokenizer=run.tokenizer,
+                                                          trust_remote_code=run.trust_remote_code))
+                 if files else (lambda: _build(run, dtype)))
+        return (load_partitioned(resolve_ds_config(run, dtype), build, _preset_init(run, dtype), files)
                 or _build(run, dtype, device=rank_device()))
 
     @staticmethod
