@@ -39,6 +39,9 @@ ROWS = [  # (name, backend, deepspeed config, dtype)
     ("zero2 fp32", "deepspeed", "ds_configs/zero2.json", "fp32"),
     ("zero2 bf16", "deepspeed", "ds_configs/zero2.json", "bf16"),
     ("zero3 fp32", "deepspeed", "ds_configs/zero3.json", "fp32"),
+    # What each rank paid before: transformers' from_pretrained of the whole model, no runner.
+    ("from_pretrained fp32 (reference)", "from_pretrained", None, "fp32"),
+    ("from_pretrained bf16 (reference)", "from_pretrained", None, "bf16"),
 ]
 LLAMA2_70B_BF16_BYTES = 68_976_648_192 * 2  # launch/configs/llama2-70b, as the dry run counts it
 MIB = 1024 ** 2
@@ -83,6 +86,23 @@ def worker(args) -> None:
     from lisa_dist.train import BACKENDS
 
     model_dir, backend_name, ds_config, dtype = args.worker
+    if backend_name == "from_pretrained":
+        import transformers
+        dist.init_process_group("gloo")
+        before = host_rss_bytes()
+        reset_peak_host_rss()
+        start = time.perf_counter()
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(dtype))
+        peak = host_rss_bytes("VmHWM") - before
+        result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "rss_before": before, "peak_load": peak,
+                  "peak": peak, "seconds": time.perf_counter() - start}
+        values = [None] * dist.get_world_size()
+        dist.all_gather_object(values, result)
+        if dist.get_rank() == 0:
+            args.result.write_text(json.dumps(values))
+        del model
+        dist.destroy_process_group()
+        return
     run = RunConfig(model=model_dir, backend=backend_name, deepspeed=None if ds_config == "-" else ds_config,
                     dtype=dtype, steps=1, batch_size=1)
     backend = BACKENDS[backend_name]
