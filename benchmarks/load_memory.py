@@ -9,7 +9,8 @@ does before its first step (the backend's `load`, then its runner: FSDP2 shardin
 deepspeed.initialize) and records its peak RSS (VmHWM, reset just before loading) minus its RSS
 just before. The big run minus the tiny run is what the checkpoint costs a rank; fitted as
 a + b / N over the two world sizes, it predicts a rank's cost at 8 ranks for a 70B bf16 checkpoint
-(b scaled by the checkpoint size; a, the per-rank transient, is kept as measured).
+with both terms scaled by the size ratio (conservative for a where a is one file's transient,
+which depends on max_shard_size rather than on the model's size).
 
 Host memory is the device memory on CPU: ZeRO-1/2 need every weight on every rank's device, so
 their rows cannot fall with N here (on GPUs from_pretrained puts them on the device instead).
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         f = fit({w: max(v["delta_peak_per_rank"]) for w, v in row["by_world"].items()})
         scale = LLAMA2_70B_BF16_BYTES / model_bytes
         row["fit"] = f
-        row["predicted_70b_bf16_8_ranks_bytes"] = f["a"] + f["b"] * scale / 8
+        row["predicted_70b_bf16_8_ranks_bytes"] = (f["a"] + f["b"] / 8) * scale
         rows.append(row)
     result = {"command": "python benchmarks/load_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "versions": versions(),
@@ -219,8 +220,9 @@ def markdown(r: Dict) -> str:
         f = row["fit"]
         lines.append(f"| {row['row']} | {cells} | {f['a'] / MIB:.0f} + {f['b'] / MIB:.0f}/N | "
                      f"{row['predicted_70b_bf16_8_ranks_bytes'] / 1024 ** 3:.1f} |")
-    lines += ["", "The prediction scales b (the part that divides by N) by 70B bf16 bytes over the loaded weights' "
-              "bytes and keeps a; on GPUs ZeRO-1/2 load onto the device, so their host figure there is a alone.", ""]
+    lines += ["", "Prediction: (a + b/8) x (70B bf16 bytes / the loaded weights' bytes); an over-estimate where a is "
+              "one file's transient, which depends on max_shard_size, not on the model's size. On GPUs the "
+              "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.", ""]
     return "\n".join(lines)
 
 
