@@ -108,7 +108,8 @@ def _fill(model: nn.Module, keys: Callable[[], List[str]], read: Callable[[str, 
 
 
 def _check_complete(model: nn.Module, targets: Mapping[str, torch.Tensor], filled: Set[int], where: str) -> None:
-    missing = [n for n, t in targets.items() if id(t) not in filled and n in dict(model.named_parameters())]
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n, t in targets.items() if id(t) not in filled and n in params]
     if missing:
         raise ValueError(f"{where} has no tensor for {len(missing)} parameters of {type(model).__name__} "
                          f"(e.g. {missing[:3]}); is it a checkpoint of this architecture?")
