@@ -20,19 +20,11 @@ long as the model lives (resizing embeddings, generation and saving consult it t
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-
-
-def rank_device() -> torch.device:
-    """The device this rank's engine will run on: the launcher's LOCAL_RANK accelerator, or the CPU."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]],
