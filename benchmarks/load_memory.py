@@ -56,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worlds", default="1,2")
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lisa_load_memory"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_memory")
+    p.add_argument("--markdown-only", action="store_true", help="re-render OUT.md from OUT.json")
     p.add_argument("--worker", nargs=4, metavar=("MODEL", "BACKEND", "DS_CONFIG", "DTYPE"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -153,6 +154,9 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
+    if args.markdown_only:  # re-render the Markdown from a JSON written earlier
+        args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
+        return 0
     from bench_common import machine, versions
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +226,15 @@ def markdown(r: Dict) -> str:
                      f"{row['predicted_70b_bf16_8_ranks_bytes'] / 1024 ** 3:.1f} |")
     lines += ["", "Prediction: (a + b/8) x (70B bf16 bytes / the loaded weights' bytes); an over-estimate where a is "
               "one file's transient, which depends on max_shard_size, not on the model's size. On GPUs the "
-              "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.", ""]
+              "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.",
+              "",
+              "Reading the rows: ZeRO-1/2 figures include deepspeed.initialize's fp32 state for the active "
+              "layers, which the tiny run does not subtract. `from_pretrained fp32` is near 0 because "
+              "transformers maps an fp32 checkpoint without copying: its pages become resident when first "
+              "touched (the first forward), as page cache shared by a node's ranks, so the row undercounts. "
+              "ZeRO-3's figure is nearly all there once `load` returns (`delta_after_load_per_rank` in the "
+              "JSON), before deepspeed.initialize: building under zero.Init and filling the partitions, "
+              "above the goal and uneven across ranks; not yet explained.", ""]
     return "\n".join(lines)
 
 
