@@ -53,7 +53,8 @@ def _stream_whole(model: str, dtype: torch.dtype, device: torch.device, tokenize
                   trust_remote_code: bool) -> Tuple[torch.nn.Module, Any]:
     """A whole model on `device`, filled tensor by tensor from the safetensors files. from_pretrained
     (transformers 5.24) converting an fp32 checkpoint to bf16 peaks at both whole copies on the host
-    (measured: 802 MiB for a 537 MiB checkpoint); here the host holds one mapped file at a time."""
+    (796 MiB for a 537 MiB checkpoint, benchmarks/results/load_memory.md); here the host holds one
+    mapped file at a time."""
     from .fsdp import loading
 
     built, tok = build_empty_model_and_tokenizer(model, dtype, tokenizer=tokenizer,
