@@ -1,0 +1,185 @@
+"""The launchers across two hosts: network namespaces with their own addresses, hostnames and sshd
+(tests/netns_hosts.py), the tiny preset on CPU (gloo), one rank per host unless said otherwise.
+
+- torchrun.sh once per host, c10d rendezvous at h0: every rank of every host logs the same schedule;
+  with --max-restarts 1 and --resume auto, a rank SIGKILLed on h1 restarts on both hosts from the
+  last checkpoint and the run ends with the uninterrupted run's weights, bit for bit;
+- a crashed host (every process in h1's namespace SIGKILLed mid-run) fails the job on h0 within
+  seconds, with torchrun naming the failed rank, instead of hanging;
+- hosts whose /etc/hosts maps their own name to 127.0.1.1 (Debian's default): gloo would bind to
+  loopback, torchrun.sh's GLOO_SOCKET_IFNAME default (launch/netif.sh) makes the job work;
+- deepspeed.sh with a hostfile naming both hosts: DeepSpeed's pdsh runner over ssh, 2 ranks per host,
+  MASTER_ADDR found by DeepSpeed as `ssh h0 hostname -I`;
+- mpirun.sh across both hosts: Open MPI's ssh launcher, DeepSpeed's MPI discovery (rank and size from
+  MPI, LOCAL_RANK from the processor names, MASTER_ADDR from rank 0's `hostname -I`).
+
+Marker `multinode`; these need root and `ip netns` and are skipped otherwise. They run in their own
+step (`python -m pytest -q -m multinode tests/test_multinode.py`, .ci/run), not in the default run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import pytest
+
+from launch_util import ROOT
+from lisa_dist.config import LisaConfig
+from lisa_dist.sampling import LayerSampler
+from netns_hosts import Cluster, Host, env_for_hosts, unavailable_reason
+from test_launchers import rank_schedules
+
+UNAVAILABLE = unavailable_reason()
+pytestmark = [pytest.mark.multinode,
+              pytest.mark.skipif(UNAVAILABLE is not None, reason=str(UNAVAILABLE))]
+
+TINY_LAYERS, K = 8, 2
+TINY = ["--interval-steps", str(K), "--batch-size", "2", "--max-length", "32", "--log-every", "2"]
+TIMEOUT = 300
+
+
+@pytest.fixture(autouse=True)
+def _own_step(request):
+    if "multinode" not in (request.config.option.markexpr or ""):
+        pytest.skip("multi-node tests run in their own step: python -m pytest -q -m multinode tests/test_multinode.py")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    hosts = Cluster(2, tmp_path_factory.mktemp("hosts"))
+    try:
+        yield hosts
+    finally:
+        hosts.close()
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def expected_schedule(steps: int) -> List[tuple]:
+    sampler = LayerSampler(TINY_LAYERS, LisaConfig(activated_layers=2, interval_steps=K, seed=0))
+    return [(k, k * K, sampler.active_layers(k)) for k in range(steps // K + 1)]
+
+
+def assert_same_schedule(text: str, world_size: int, steps: int) -> None:
+    schedules = rank_schedules(text)
+    assert sorted(schedules) == [(r, world_size) for r in range(world_size)], (
+        f"schedule lines from (rank, world size) {sorted(schedules)}:\n{text[-6000:]}")
+    for (rank, _), schedule in schedules.items():
+        assert schedule == expected_schedule(steps), f"rank {rank} logged {schedule}"
+
+
+def assert_trained(out_dir: Path, world_size: int, steps: int) -> None:
+    log = json.loads((out_dir / "lisa_log.json").read_text())
+    assert log["world_size"] == world_size and len(log["losses"]) == steps
+
+
+def stop_jobs(cluster: Cluster) -> None:
+    """Whatever a launch left on any host (ranks reached over ssh are in no process group of ours)."""
+    for host in cluster.hosts:
+        for pid in host.pids():
+            if host.sshd is None or pid != host.sshd.pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def wait_all(procs: Sequence[subprocess.Popen], timeout: float) -> List[int]:
+    deadline = time.monotonic() + timeout
+    return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+
+
+def run_on(host: Host, cmd: Sequence[str], env: Dict[str, str], log: Path, timeout: float = TIMEOUT) -> str:
+    """cmd on host, from the repository root; returns its output after asserting exit code 0."""
+    with open(log, "w") as f:
+        proc = host.popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    rc = wait_all([proc], timeout)[0]
+    out = log.read_text()
+    assert rc == 0, f"{cmd[:2]} on {host.name} exited {rc}:\n{out[-8000:]}"
+    assert "terminate called" not in out, f"a rank aborted at exit:\n{out[-8000:]}"
+    return out
+
+
+def torchrun_on_hosts(cluster: Cluster, args: Sequence[str], out_dir: Path, env: Dict[str, str],
+                      timeout: float = TIMEOUT):
+    """launch/torchrun.sh on every host at once; returns (exit codes, per-host logs)."""
+    env = env_for_hosts({"BACKEND": "deepspeed", "DS_CONFIG": "ds_configs/zero2.json", "NNODES": str(len(cluster.hosts)),
+                         "NPROC_PER_NODE": "1", "MASTER_ADDR": cluster[0].name, "MASTER_PORT": "29400",
+                         "RDZV_ID": out_dir.name, **env})
+    cmd = ["bash", "launch/torchrun.sh", *args, "--output-dir", str(out_dir)]
+    logs = [out_dir.parent / f"{out_dir.name}-{h.name}.log" for h in cluster.hosts]
+    procs = []
+    try:
+        for host, log in zip(cluster.hosts, logs):
+            with open(log, "w") as f:
+                procs.append(host.popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+        codes = wait_all(procs, timeout)
+    finally:
+        stop_jobs(cluster)
+    return codes, [log.read_text() for log in logs]
+
+
+def weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+# --- the hosts themselves ------------------------------------------------------------------------------
+
+def test_hosts_are_separate_and_reach_each_other_by_name(cluster):
+    for host in cluster.hosts:
+        proc = host.run(["sh", "-c", "hostname; hostname -I; ip -o route; for h in h0 h1; do ssh $h hostname; done"])
+        assert proc.returncode == 0, proc.stderr
+        name, addrs, *rest = proc.stdout.splitlines()
+        assert name == host.name and addrs.split() == [host.addr]
+        routes, ssh_names = rest[:-2], rest[-2:]
+        # One on-link route and no default route: nothing leaves the namespaces.
+        assert len(routes) == 1 and routes[0].startswith("10.213.0.0/24 dev eth0"), routes
+        assert ssh_names == ["h0", "h1"]
+
+
+# --- torchrun ------------------------------------------------------------------------------------------
+
+TORCHRUN_STEPS = 6
+TORCHRUN_ARGS = ["--steps", str(TORCHRUN_STEPS), *TINY, "--save-steps", "2", "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def torchrun_straight(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("torchrun") / "straight"
+    codes, logs = torchrun_on_hosts(cluster, TORCHRUN_ARGS, out, {})
+    return out, codes, logs
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_torchrun_once_per_host(torchrun_straight):
+    out, codes, logs = torchrun_straight
+    assert codes == [0, 0], f"exit codes {codes}:\n" + "\n".join(log[-4000:] for log in logs)
+    assert not any("terminate called" in log for log in logs)
+    assert_same_schedule("\n".join(logs), 2, TORCHRUN_STEPS)
+    # Each host's log holds only its own rank: the ranks really ran on separate hosts.
+    assert sorted(sorted(rank_schedules(log)) for log in logs) == [[(0, 2)], [(1, 2)]]
+    assert_trained(out, 2, TORCHRUN_STEPS)
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_torchrun_restart_after_a_rank_on_h1_is_killed(cluster, torchrun_straight, tmp_path):
+    straight, straight_codes, _ = torchrun_straight
+    assert straight_codes == [0, 0], "the uninterrupted run failed (test_torchrun_once_per_host)"
+    out = tmp_path / "restarted"
+    codes, logs = torchrun_on_hosts(
+        cluster, TORCHRUN_ARGS, out,
+        {"TORCHRUN_ARGS": "--max-restarts 1", "LISA_DIST_TEST_KILL_AT_STEP": "5", "LISA_DIST_TEST_KILL_RANK": "1"})
+    text = "\n".join(logs)
+    assert codes == [0, 0], f"exit codes {codes}:\n{text[-8000:]}"
+    assert "exitcode: -9" in text, "rank 1 was not killed"
+    assert "step-00000004 at step 4" in text and "resumed from" in text, text[-8000:]
+    a, b = weights(out), weights(straight)
+    assert a.keys() == b.keys()
+    assert all((a[k] == b[k]).all() for k in a), "the restarted run's weights differ from the uninterrupted run's"
