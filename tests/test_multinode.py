@@ -183,3 +183,41 @@ def test_torchrun_restart_after_a_rank_on_h1_is_killed(cluster, torchrun_straigh
     a, b = weights(out), weights(straight)
     assert a.keys() == b.keys()
     assert all((a[k] == b[k]).all() for k in a), "the restarted run's weights differ from the uninterrupted run's"
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_crashed_host_fails_the_job_fast(tmp_path):
+    """Every process on h1 (its torchrun agent, rank and sshd) SIGKILLed mid-run, as when the machine
+    dies with its kernel still answering: h0's rank sees the closed connections, exits, and torchrun on
+    h0 ends the job non-zero in seconds, naming the failed rank; no hang until gloo's 30-minute timeout."""
+    hosts = Cluster(2, tmp_path / "hosts")
+    try:
+        out = tmp_path / "crash"
+        env = env_for_hosts({"BACKEND": "deepspeed", "DS_CONFIG": "ds_configs/zero2.json", "NNODES": "2",
+                             "NPROC_PER_NODE": "1", "MASTER_ADDR": "h0", "MASTER_PORT": "29400", "RDZV_ID": "crash"})
+        cmd = ["bash", "launch/torchrun.sh", "--steps", "100000", *TINY, "--no-save", "--output-dir", str(out)]
+        logs = [tmp_path / f"{h.name}.log" for h in hosts.hosts]
+        procs = []
+        for host, log in zip(hosts.hosts, logs):
+            with open(log, "w") as f:
+                procs.append(host.popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + TIMEOUT
+        while "switch 2 at step 4" not in logs[1].read_text():
+            assert procs[0].poll() is None and procs[1].poll() is None, logs[0].read_text()[-4000:]
+            assert time.monotonic() < deadline, "the job never reached step 4"
+            time.sleep(0.5)
+        killed_at = time.monotonic()
+        assert hosts[1].kill_all() >= 3  # sshd, torchrun's agent, the rank
+        try:
+            rc = procs[0].wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"h0 still running 120 s after h1 crashed:\n{logs[0].read_text()[-4000:]}")
+        seconds = time.monotonic() - killed_at
+        text = logs[0].read_text()
+        assert rc != 0, text[-4000:]
+        assert seconds < 60, f"h0 took {seconds:.0f} s to give up"
+        # gloo names the lost peer by address; torchrun's summary names the failed rank on h0.
+        assert re.search(r"Connection (reset|closed) by peer", text) and "[10.213.0.2]" in text, text[-4000:]
+        assert "lisa_dist.train FAILED" in text and "host      : h0" in text, text[-4000:]
+    finally:
+        hosts.close()
