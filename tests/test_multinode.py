@@ -221,3 +221,57 @@ def test_crashed_host_fails_the_job_fast(tmp_path):
         assert "lisa_dist.train FAILED" in text and "host      : h0" in text, text[-4000:]
     finally:
         hosts.close()
+
+
+# --- deepspeed (pdsh over ssh) and mpirun (Open MPI over ssh) ------------------------------------------
+
+SHORT_STEPS = 4
+SHORT_ARGS = ["--steps", str(SHORT_STEPS), *TINY, "--no-save"]
+
+
+def host_of_lines(text: str) -> Dict[str, str]:
+    """pdsh prefixes every remote line with `host: `: host -> its lines."""
+    by_host: Dict[str, List[str]] = {}
+    for line in text.splitlines():
+        m = re.match(r"(h\d+): (.*)", line)
+        if m:
+            by_host.setdefault(m.group(1), []).append(m.group(2))
+    return {h: "\n".join(lines) for h, lines in by_host.items()}
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_deepspeed_hostfile_two_hosts_two_ranks_each(cluster, tmp_path):
+    hostfile = cluster.hostfile(tmp_path / "hostfile", slots=2)
+    # Remote ranks get PYTHON* from this shell and what the DeepSpeed env file lists (deepspeed.sh header).
+    ds_env = tmp_path / "deepspeed_env"
+    forwarded = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):  # where this shell's DeepSpeed ops are built
+        forwarded["TORCH_EXTENSIONS_DIR"] = os.environ["TORCH_EXTENSIONS_DIR"]
+    ds_env.write_text("".join(f"{k}={v}\n" for k, v in forwarded.items()))
+    env = env_for_hosts({"HOSTFILE": str(hostfile), "DS_CONFIG": "ds_configs/zero2.json", "DS_ENV_FILE": str(ds_env)})
+    try:
+        out = run_on(cluster[0], ["bash", "launch/deepspeed.sh", *SHORT_ARGS, "--output-dir", str(tmp_path / "run")],
+                     env, tmp_path / "launcher.log")
+    finally:
+        stop_jobs(cluster)
+    assert "--master_addr=10.213.0.1" in out, out[-6000:]  # DeepSpeed's `ssh h0 hostname -I`
+    assert_same_schedule(out, 4, SHORT_STEPS)
+    by_host = host_of_lines(out)
+    assert {h: sorted(r for r, _ in rank_schedules(t)) for h, t in by_host.items()} == {"h0": [0, 1], "h1": [2, 3]}
+    assert_trained(tmp_path / "run", 4, SHORT_STEPS)
+
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_mpirun_two_hosts_deepspeed_mpi_discovery(cluster, tmp_path):
+    pytest.importorskip("mpi4py", reason="mpirun.sh needs mpi4py (pip install mpi4py)")
+    hostfile = cluster.hostfile(tmp_path / "hostfile", slots=1)
+    env = env_for_hosts({"NP": "2", "HOSTFILE": str(hostfile), "MPIRUN_ARGS": "--display map",
+                         "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    try:
+        out = run_on(cluster[0], ["bash", "launch/mpirun.sh", *SHORT_ARGS, "--output-dir", str(tmp_path / "run")],
+                     env, tmp_path / "launcher.log")
+    finally:
+        stop_jobs(cluster)
+    print(out)
+    assert_same_schedule(out, 2, SHORT_STEPS)
+    assert_trained(tmp_path / "run", 2, SHORT_STEPS)
