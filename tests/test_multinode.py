@@ -272,6 +272,33 @@ def test_mpirun_two_hosts_deepspeed_mpi_discovery(cluster, tmp_path):
                      env, tmp_path / "launcher.log")
     finally:
         stop_jobs(cluster)
-    print(out)
+    # Open MPI's map (--display map): rank 0 on h0, rank 1 on h1, each started by a daemon on its host.
+    placed = dict(re.findall(r"Data for node: (h\d).*?App rank: (\d+)", out, re.S))
+    assert placed == {"h0": "0", "h1": "1"}, out[-6000:]
     assert_same_schedule(out, 2, SHORT_STEPS)
     assert_trained(tmp_path / "run", 2, SHORT_STEPS)
+
+
+# --- interface selection -----------------------------------------------------------------------------
+
+@pytest.mark.timeout(TIMEOUT + 60)
+def test_torchrun_fsdp2_on_hosts_whose_name_is_loopback(tmp_path):
+    """Each host's /etc/hosts maps its own name to 127.0.1.1 (Debian's installer does): gloo, binding to
+    its hostname's address, would bind loopback and the other host could not connect. torchrun.sh's
+    GLOO_SOCKET_IFNAME default (launch/netif.sh) picks eth0 on both hosts, and FSDP2 trains across them."""
+    hosts = Cluster(2, tmp_path / "hosts", self_on_loopback=True)
+    try:
+        for host in hosts.hosts:
+            probe = host.run(["bash", "-c", "getent ahostsv4 $(hostname) | head -n 1; source launch/netif.sh; gloo_ifname h0"],
+                             cwd=ROOT)
+            assert probe.stdout.split()[::3] == ["127.0.1.1", "eth0"], probe.stdout + probe.stderr
+        out = tmp_path / "run"
+        codes, logs = torchrun_on_hosts(hosts, SHORT_ARGS, out, {"BACKEND": "fsdp2"})
+        text = "\n".join(logs)
+        assert codes == [0, 0], f"exit codes {codes}:\n{text[-8000:]}"
+        assert "terminate called" not in text
+        assert_same_schedule(text, 2, SHORT_STEPS)
+        assert sorted(sorted(rank_schedules(log)) for log in logs) == [[(0, 2)], [(1, 2)]]
+        assert_trained(out, 2, SHORT_STEPS)
+    finally:
+        hosts.close()
