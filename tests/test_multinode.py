@@ -302,3 +302,20 @@ def test_torchrun_fsdp2_on_hosts_whose_name_is_loopback(tmp_path):
         assert_trained(out, 2, SHORT_STEPS)
     finally:
         hosts.close()
+
+
+def test_deepspeed_sh_warns_when_gloo_ifname_would_stay_on_this_host(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("h0 slots=1\nh1 slots=1\n")
+    env_file = tmp_path / "deepspeed_env"
+
+    def dry_stderr() -> str:
+        proc = subprocess.run(["bash", "launch/deepspeed.sh"], cwd=ROOT, capture_output=True, text=True, timeout=30,
+                              env=dict(os.environ, DRY_RUN="1", HOSTFILE=str(hostfile), GLOO_SOCKET_IFNAME="eth0",
+                                       DS_ENV_FILE=str(env_file)))
+        assert proc.returncode == 0, proc.stderr
+        return proc.stderr
+
+    assert "GLOO_SOCKET_IFNAME reaches only this host's ranks" in dry_stderr()
+    env_file.write_text("GLOO_SOCKET_IFNAME=eth0\n")
+    assert dry_stderr() == ""
