@@ -37,11 +37,8 @@ class Slurm:
         head = cluster[0]
         self._daemon(head, "slurmctld", ["slurmctld", "-D", "-i"])
         for host in cluster.hosts:
-            # `ip netns exec` mounts a fresh /sys without the cgroup hierarchies slurmd needs: bind
-            # this process's view of them, in the host's own mount namespace only.
             self._daemon(host, f"slurmd-{host.name}", [
-                "sh", "-c", 'mount --rbind "$0" /sys/fs/cgroup && exec "$@"', f"/proc/{os.getpid()}/root/sys/fs/cgroup",
-                "slurmd", "-D", "-N", host.name])
+                "sh", "-c", f'set -e; {_mount_cgroups()} exec "$@"', "-", "slurmd", "-D", "-N", host.name])
         self._wait_idle()
 
     def env(self) -> Dict[str, str]:
@@ -107,3 +104,19 @@ class Slurm:
             time.sleep(0.5)
         logs = {p.name: p.read_text()[-1500:] for p in self.dir.glob("*.log")}
         raise RuntimeError(f"Slurm nodes not idle after {timeout:.0f} s: {state}\n{logs}")
+
+
+def _mount_cgroups() -> str:
+    """Shell commands mounting the cgroup hierarchies this machine has at /sys/fs/cgroup (v1, hybrid or
+    v2): `ip netns exec` mounts a fresh /sys without them and slurmd refuses to start. They land in the
+    host's own mount namespace only."""
+    cmds = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, where, fstype, opts = line.split()[:4]
+        if not where.startswith("/sys/fs/cgroup"):
+            continue
+        if fstype == "tmpfs":
+            cmds.append(f"mount -t tmpfs -o mode=755 cgroup_root {where};")
+        elif fstype in ("cgroup", "cgroup2"):
+            cmds.append(f"mkdir -p {where}; mount -t {fstype} -o {opts} {fstype} {where};")
+    return " ".join(cmds)
