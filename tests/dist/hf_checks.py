@@ -86,7 +86,7 @@ def training_args(out: Path, backend: str, max_steps: int, **kw) -> TrainingArgu
     base = dict(output_dir=str(out), per_device_train_batch_size=MB, gradient_accumulation_steps=GAS,
                 max_steps=max_steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="linear", warmup_steps=0,
                 max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
-                disable_tqdm=True, optim="adamw_torch", dataloader_num_workers=0, save_safetensors=True)
+                disable_tqdm=True, optim="adamw_torch", dataloader_num_workers=0)
     base.update(extra)
     base.update(kw)
     return TrainingArguments(**base)
@@ -152,6 +152,8 @@ class Probe(TrainerCallback):
         self.lrs.append(lrs)
         if self.cb.switch_index != self.switch_before:
             self.check_groups()
+        else:  # mid-interval every active group has its moments: the bytes to compare with the floor
+            self.bytes = optimizer_bytes(self.cb)
         self.schedule.append([state.global_step, self.cb.switch_index, list(self.cb.active_layers)])
 
 
@@ -223,16 +225,17 @@ def make_trainer(out: Path, backend: str, lisa: LisaConfig, max_steps: int, mode
     return trainer, cb, probe, data
 
 
-def bytes_vs_floor(cb, backend: str) -> Dict:
+def optimizer_bytes(cb) -> Dict:
+    """This rank's fp32 master + Adam bytes now, with the floor for the current active set."""
     split = (cb.engine.lisa.split if cb.engine is not None else cb.optimizer.split)
     counts = count_params(split)
     psi_a = counts.active(cb.active_layers)
-    stage = backend if backend.startswith("zero") else "single"
-    n = world() if backend.startswith("zero") else 1
+    stage = f"zero{cb.engine.zero_optimization_stage()}" if cb.engine is not None else "single"
+    n = world() if cb.engine is not None else 1
     floor = model_state_floor(stage, counts.total, psi_a, n, weight_bytes=2)
     full = model_state_floor(stage, counts.total, counts.total, n, weight_bytes=2)
-    # The floor's master + Adam bytes for bf16 weights (12 per active parameter / N); these runs
-    # keep fp32 weights, and ZeRO still keeps a separate fp32 master partition.
+    # The floor's master + Adam bytes (12 per active parameter / N, DESIGN.md section 8): ZeRO keeps
+    # an fp32 master partition even of fp32 weights.
     want = floor["master"] + floor["optimizer_state"]
     if cb.engine is not None:
         import lisa_dist.deepspeed as lds
@@ -240,11 +243,16 @@ def bytes_vs_floor(cb, backend: str) -> Dict:
         got = b["fp32_master"] + b["optimizer_state"]
     else:
         b = cb.optimizer.state_bytes()
-        # fp32 weights are their own masters here: only the moments (8 bytes per active param) remain.
+        # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param) remain.
         got = b["master"] + b["optimizer_state"]
         want = floor["optimizer_state"]
-    out = {"got": got, "floor": want, "full_finetune": full["master"] + full["optimizer_state"],
-           "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total}
+        full = {"master": 0, "optimizer_state": full["optimizer_state"]}
+    return {"got": got, "floor": want, "full_finetune": full["master"] + full["optimizer_state"],
+            "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total}
+
+
+def check_bytes(probe) -> Dict:
+    out = probe.bytes
     assert 0.99 <= out["ratio_to_floor"] <= 1.05, f"optimizer bytes off the floor: {out}"
     return out
 
@@ -263,7 +271,7 @@ def main_run(backend: str, out: Path) -> Dict:
     final = full_weights(trainer)
     result = {"frozen_checks": probe.frozen_checks, "moved_checks": probe.moved_checks,
               "group_checks": probe.group_checks, "lrs": probe.lrs, "schedule": probe.schedule,
-              "ranks_identical": ranks_equal(final), "bytes": bytes_vs_floor(cb, backend),
+              "ranks_identical": ranks_equal(final), "bytes": check_bytes(probe),
               "backend": cb.backend}
     assert result["ranks_identical"], "ranks diverged"
     sampler = LayerSampler(LAYERS, lisa)
@@ -323,7 +331,7 @@ def sft(backend: str, out: Path) -> Dict:
     ds = Dataset.from_list([{"text": r["text"]} for r in rows])
     extra = {"deepspeed": ds_config(int(backend[-1]))} if backend.startswith("zero") else {}
     args = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                     max_steps=4, learning_rate=LR, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                     max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                      disable_tqdm=True, max_length=32, optim="adamw_torch", **extra)
     lisa = LisaConfig(activated_layers=1, interval_steps=2, seed=1)
     cb = LisaCallback(lisa)
