@@ -20,30 +20,31 @@ Trainer's checkpoints (`save_steps`, `resume_from_checkpoint`) carry the LISA sc
 save/load_checkpoint, or LisaOptimizer's state dict in optimizer.pt), and every Trainer log gets
 `lisa/active_layers`, `lisa/switch_index`, `lisa/switch_seconds` and `lisa/optimizer_bytes`
 (this rank's fp32 master + optimizer state + gradient partitions, rank 0's in the reports).
-FSDP through Trainer is refused with a clear error (use `lisa_dist.fsdp.FSDPRunner`).
+FSDP through Trainer is refused with a clear error (use `lisa_dist.fsdp.FSDPRunner`). The preparing itself
+is `lisa_dist.accelerate.LisaPrepared`, shared with hand-written accelerate loops.
 """
 from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Sequence
 
 import torch
 from torch import nn
 from transformers import TrainerCallback
 
 from . import hf_compat
+from .accelerate import LisaPrepared
 from .config import LisaConfig
-from .ddp import ActiveLayerGradReducer, broadcast_layers, layer_parameter_names
-from .optim import LisaOptimizer
 
 _by_model: "weakref.WeakKeyDictionary[nn.Module, LisaCallback]" = weakref.WeakKeyDictionary()
 _unattached: "weakref.WeakSet[LisaCallback]" = weakref.WeakSet()
 
 
 class LisaCallback(TrainerCallback):
-    """Pass it in `Trainer(..., callbacks=[LisaCallback(lisa)])`; after `train()` has built the
-    engine, `.engine` (DeepSpeed) or `.optimizer` (LisaOptimizer) and `.active_layers` tell the state.
+    """Pass it in `Trainer(..., callbacks=[LisaCallback(lisa)])`. After `train()` has built the engine,
+    `.prepared` holds what LISA built (`.engine` under DeepSpeed, `.optimizer` a LisaOptimizer
+    otherwise) and `.active_layers` / `.switch_index` the schedule.
 
     It binds to the model in `on_init_end`. Added later with `trainer.add_callback`, it has not seen
     the model: call `callback.attach(trainer.model)` before `train()`, or `train()` stops with a
@@ -56,11 +57,7 @@ class LisaCallback(TrainerCallback):
         hf_compat.check_versions()
         hf_compat.install(_route_prepare, _extra_logs)
         self.lisa = lisa
-        self.backend: Optional[str] = None
-        """"deepspeed", "ddp" or "single" once the engine is built."""
-        self.engine = None
-        self.optimizer: Optional[LisaOptimizer] = None
-        self.reducer: Optional[ActiveLayerGradReducer] = None
+        self.prepared = LisaPrepared(lisa)
         _unattached.add(self)
 
     def attach(self, model: nn.Module) -> None:
@@ -78,38 +75,34 @@ class LisaCallback(TrainerCallback):
             self.attach(model)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.backend is None:
+        if self.prepared.backend is None:
             raise RuntimeError(
                 "LisaCallback did not see Trainer build its optimizer: pass it in Trainer(callbacks=[...]) (or call "
-                "callback.attach(trainer.model) before train()) and let Trainer create the optimizer; an optimizer "
-                "passed in Trainer(optimizers=...) is supported only under DeepSpeed")
+                "callback.attach(trainer.model) before train()) and let Trainer create the optimizer")
 
-    # --- what trains now -------------------------------------------------------------------------
+    @property
+    def backend(self):
+        return self.prepared.backend
+
+    @property
+    def engine(self):
+        return self.prepared.engine
+
+    @property
+    def optimizer(self):
+        return self.prepared.optimizer
 
     @property
     def active_layers(self):
-        return self.engine.lisa.active_layers if self.engine is not None else self.optimizer.active_layers
+        return self.prepared.active_layers
 
     @property
     def switch_index(self) -> int:
-        return self.engine.lisa.switch_index if self.engine is not None else self.optimizer.switch_index
+        return self.prepared.switch_index
 
     def metrics(self) -> Dict[str, Any]:
         """The LISA entries added to every Trainer log."""
-        if self.engine is not None:
-            from .deepspeed.memory import optimizer_bytes
-            lisa = self.engine.lisa
-            seconds = lisa.schedule_log[-1]["seconds"] if lisa.schedule_log else 0.0
-            opt_bytes = optimizer_bytes(self.engine)
-        else:
-            seconds = None
-            b = self.optimizer.state_bytes()
-            opt_bytes = b["master"] + b["optimizer_state"]
-        out = {"lisa/active_layers": ",".join(str(i) for i in self.active_layers),
-               "lisa/switch_index": self.switch_index, "lisa/optimizer_bytes": opt_bytes}
-        if seconds is not None:
-            out["lisa/switch_seconds"] = seconds
-        return out
+        return self.prepared.metrics()
 
 
 def _route_prepare(accelerator, args: Sequence[Any]):
@@ -129,50 +122,7 @@ def _route_prepare(accelerator, args: Sequence[Any]):
 
 
 def _prepare(callback: LisaCallback, model: nn.Module, original, accelerator, args, kwargs):
-    if callback.backend is not None:
-        raise RuntimeError("LisaCallback already built an engine for this model; use one Trainer per model "
-                           "(Trainer re-prepares only with auto_find_batch_size, which LISA does not support)")
-    backend = hf_compat.backend_of(accelerator)
-    if backend == "deepspeed":
-        return _prepare_deepspeed(callback, original, accelerator, args, kwargs)
-    if backend == "fsdp":
-        raise NotImplementedError(
-            "LisaCallback does not support FSDP through Trainer yet; use DeepSpeed ZeRO-3 "
-            "(TrainingArguments(deepspeed=...)) or lisa_dist.fsdp.FSDPRunner / lisa-train --backend fsdp2")
-    index = next((i for i, a in enumerate(args) if isinstance(a, torch.optim.Optimizer)), None)
-    if index is None:
-        raise ValueError("LisaCallback needs a torch optimizer next to the model in accelerator.prepare")
-    lisa_optimizer = LisaOptimizer.from_optimizer(model, callback.lisa, args[index])
-    if backend == "ddp":
-        hf_compat.ddp_ignore_parameters(model, layer_parameter_names(model, lisa_optimizer.split))
-        broadcast_layers(lisa_optimizer.split)
-    args = list(args)
-    args[index] = lisa_optimizer
-    out = original(accelerator, *args, **kwargs)
-    if backend == "ddp":
-        wrapped = out[args.index(model)] if isinstance(out, (tuple, list)) else out
-        callback.reducer = ActiveLayerGradReducer(lisa_optimizer.split,
-                                                  lambda: hf_compat.ddp_syncs_this_backward(wrapped))
-    callback.optimizer = lisa_optimizer
-    callback.backend = backend
-    return out
-
-
-def _prepare_deepspeed(callback: LisaCallback, original, accelerator, args, kwargs):
-    from . import deepspeed as lisa_deepspeed
-
-    def initialize(**init_kwargs):
-        engine, optimizer, loader, scheduler = lisa_deepspeed.initialize(**init_kwargs, lisa=callback.lisa)
-        callback.engine = engine
-        return engine, optimizer, loader, scheduler
-
-    with hf_compat.deepspeed_initialize_routed_to(initialize):
-        out = original(accelerator, *args, **kwargs)
-    if callback.engine is None:
-        raise RuntimeError("accelerate prepared a DeepSpeed model without calling deepspeed.initialize; this "
-                           "accelerate release is not supported by lisa_dist.hf (see hf_compat.SUPPORTED)")
-    callback.backend = "deepspeed"
-    return out
+    return callback.prepared.run(model, original, accelerator, args, kwargs)
 
 
 def _extra_logs(trainer) -> Dict[str, Any]:

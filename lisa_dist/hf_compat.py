@@ -81,6 +81,12 @@ def install(route_prepare: Callable[[Any, Sequence[Any]], Optional[PrepareRoute]
         Trainer.log = log
 
 
+def original_prepare():
+    """Accelerator.prepare as accelerate defines it (without the wrapper `install` adds)."""
+    from accelerate import Accelerator
+    return getattr(Accelerator.prepare, "__wrapped__", Accelerator.prepare)
+
+
 def backend_of(accelerator) -> str:
     """"deepspeed", "fsdp", "ddp" or "single" for an Accelerator."""
     from accelerate.utils import DistributedType
@@ -98,10 +104,20 @@ def backend_of(accelerator) -> str:
 
 @contextmanager
 def deepspeed_initialize_routed_to(fn: Callable):
-    """While active, `deepspeed.initialize` is `fn` (accelerate reads the attribute at call time)."""
+    """While active, `deepspeed.initialize` is `fn` (accelerate reads the attribute at call time);
+    inside `fn` it is DeepSpeed's again."""
     import deepspeed
     original = deepspeed.initialize
-    deepspeed.initialize = fn
+
+    def routed(*args, **kwargs):
+        # fn builds the engine with the real deepspeed.initialize.
+        deepspeed.initialize = original
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            deepspeed.initialize = routed
+
+    deepspeed.initialize = routed
     try:
         yield
     finally:

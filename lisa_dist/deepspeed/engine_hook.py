@@ -196,7 +196,8 @@ def client_option_sets(optimizer: torch.optim.Optimizer) -> Tuple[List[Dict[str,
 
 def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: Any,
                               groups: List[Tuple[zero12.GroupKey, List[nn.Parameter]]],
-                              option_sets: List[Dict[str, Any]], first_group: List[int]) -> None:
+                              option_sets: List[Dict[str, Any]], first_group: List[int],
+                              other_schedulers: Sequence[Any] = ()) -> None:
     """Re-point the caller's (still unused) torch optimizer at LISA's groups, in place, so an LR
     scheduler already bound to it keeps working; every switch re-fills this same object. Each LISA
     group takes the hyper-parameters of its option set (see LisaEngineState.set_option_sets)."""
@@ -206,18 +207,19 @@ def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: An
     old = len(optimizer.param_groups)
     sets = [zero12.option_set_of(key) for key, _ in groups]
     optimizer.param_groups = [{**option_sets[j], "params": list(params)} for j, (_, params) in zip(sets, groups)]
-    if lr_scheduler is not None and not callable(lr_scheduler):
-        bound = getattr(lr_scheduler, "optimizer", None)
+    schedulers = ([lr_scheduler] if lr_scheduler is not None and not callable(lr_scheduler) else []) + list(other_schedulers)
+    for scheduler in schedulers:
+        bound = getattr(scheduler, "optimizer", None)
         if bound is not None and bound is not optimizer:
             raise ValueError("lr_scheduler is bound to a different optimizer than the one passed; build it "
                              "over the optimizer you pass to lisa_dist.deepspeed.initialize")
-        _resize_scheduler(lr_scheduler, old, [first_group[j] for j in sets])
+        _resize_scheduler(scheduler, old, [first_group[j] for j in sets])
 
 
 def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, model_parameters=None,
                training_data=None, lr_scheduler=None, distributed_port: Optional[int] = None, mpu=None,
                dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
-               config_params=None, *, lisa: LisaConfig):
+               config_params=None, *, lisa: LisaConfig, other_schedulers: Sequence[Any] = ()):
     """`deepspeed.initialize` with LISA: same arguments and return value, plus `lisa`.
 
     Before the engine exists, only the always-active parameters and the first active set require
@@ -229,6 +231,8 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     as Trainer's weight-decay / no-decay split, keep them: every always-active part and layer is
     split by option set), or a callable taking param groups. The returned optimizer is a view of the engine's current
     ZeRO optimizer. ZeRO stage 1, 2 and 3 (stage 3 also with offload_optimizer/offload_param to CPU).
+    `other_schedulers`: torch LR schedulers bound to `optimizer` that the caller steps itself
+    (accelerate keeps them out of DeepSpeed); like `lr_scheduler` they get one entry per LISA group.
     """
     _compat.check_deepspeed_version()
     import deepspeed
@@ -273,7 +277,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
         p.requires_grad_(id(p) in trainable)
     param_groups = [{"params": params} for _, params in groups]
     if isinstance(optimizer, torch.optim.Optimizer):
-        _regroup_client_optimizer(optimizer, lr_scheduler, groups, option_sets, first_group)
+        _regroup_client_optimizer(optimizer, lr_scheduler, groups, option_sets, first_group, other_schedulers)
 
     engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
         args=args, model=model, optimizer=optimizer, model_parameters=param_groups, training_data=training_data,

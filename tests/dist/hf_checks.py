@@ -114,19 +114,26 @@ class Probe(TrainerCallback):
             return self.cb.engine.basic_optimizer.param_groups
         return self.cb.optimizer.param_groups
 
-    def _names(self):
+    def _named_groups(self):
+        """(weight_decay, parameter names) per optimizer group."""
         if self.cb.engine is not None:
-            return {id(p): n for n, p in self.model.named_parameters()}
+            # ZeRO's groups hold flat fp32 partitions; LISA's group list says which params each covers.
+            lisa = self.cb.engine.lisa
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            return [(g["weight_decay"], [names[id(p)] for p in params])
+                    for g, (_, params) in zip(self._groups(), lisa.groups(lisa.active_layers))]
         opt = self.cb.optimizer
-        return {id(m): opt._names[p] for p, m in opt._masters.items()}
+        names = {id(m): opt._names[p] for p, m in opt._masters.items()}
+        return [(g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in self._groups()]
 
     def check_groups(self):
-        names = self._names()
-        for g in self._groups():
-            for p in g["params"]:
-                n = names[id(p)]
+        groups = self._named_groups()
+        assert len(groups) == len(self._groups())
+        for wd, names in groups:
+            for n in names:
                 want = WD if n in self.decay_names else 0.0
-                assert g["weight_decay"] == want, f"{n}: weight_decay {g['weight_decay']} expected {want}"
+                assert wd == want, f"{n}: weight_decay {wd} expected {want}"
+        assert {wd for wd, _ in groups} == {WD, 0.0}, groups
         self.group_checks += 1
 
     def on_train_begin(self, args, state, control, **kw):
@@ -364,10 +371,63 @@ def late_callback(backend: str, out: Path) -> Dict:
     return {"message": message}
 
 
-SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback}
+def hand_loop(backend: str, out: Path) -> Dict:
+    """lisa_dist.accelerate.prepare in a hand-written accelerate loop, a torch LambdaLR built over the
+    (decay / no-decay) optimizer before prepare: every group follows it across switches."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from lisa_dist.accelerate import prepare, prepared_state
+
+    AcceleratorState._reset_state()  # the Trainer runs above configured their own accelerate state
+    model = build_model()
+    names = decay_parameter_names(model)
+    opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n in names], "weight_decay": WD},
+                             {"params": [p for n, p in model.named_parameters() if n not in names],
+                              "weight_decay": 0.0}], lr=LR)
+    lam = lambda s: 1.0 / (1 + s)  # noqa: E731
+    plugin = None
+    if backend.startswith("zero"):
+        cfg = ds_config(int(backend[-1]))
+        cfg.update(train_micro_batch_size_per_gpu=MB, gradient_accumulation_steps=1,
+                   train_batch_size=MB * world(), gradient_clipping=0.0)
+        plugin = DeepSpeedPlugin(hf_ds_config=cfg)
+    acc = Accelerator(deepspeed_plugin=plugin, cpu=True)
+    loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=9)
+    if plugin is not None:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        engine, opt, loader, sched = prepare(acc, model, opt, loader, sched, lisa=lisa)
+    else:
+        engine, opt, loader = prepare(acc, model, opt, loader, lisa=lisa)
+        sched = acc.prepare(torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    state = prepared_state(model)
+    lrs, decays = [], set()
+    for step, batch in zip(range(6), loader):
+        acc.backward(engine(**batch).loss)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        groups = opt.param_groups
+        lrs.append([g["lr"] for g in groups])
+        decays |= {g["weight_decay"] for g in groups}
+        assert all(abs(lr - LR * lam(step + 1)) <= 1e-12 for lr in lrs[-1]), (step, lrs[-1])
+    assert state.switch_index == 3 and decays == {WD, 0.0}, (state.switch_index, decays)
+    result = {"backend": state.backend, "lrs": lrs, "switch_index": state.switch_index,
+              "ranks_identical": ranks_equal(flat(model) if plugin is None or backend == "zero2"
+                                             else torch.zeros(1))}
+    assert result["ranks_identical"]
+    return result
+
+
+SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop}
 
 
 def main() -> None:
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero2", "zero3"])
     parser.add_argument("--out", type=Path, required=True)
