@@ -47,8 +47,14 @@ class ActiveLayerGradReducer:
         self.reduced_numel = 0
         """Elements all-reduced so far (the tests compare it with the active set's size)."""
         self._ready: Dict[int, int] = {}
-        self._handles = [p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
-                         for i, layer in enumerate(split.per_layer) for _, p in layer]
+        self._handles = []
+        for i, layer in enumerate(split.per_layer):
+            for _, p in layer:
+                # torch registers the hook only on a tensor that requires grad; it stays across toggles.
+                trainable = p.requires_grad
+                p.requires_grad_(True)
+                self._handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i)))
+                p.requires_grad_(trainable)
 
     def _on_grad(self, layer: int, _param: torch.Tensor) -> None:
         params = [p for _, p in self.split.per_layer[layer] if p.requires_grad]

@@ -305,6 +305,10 @@ def main_run(backend: str, out: Path) -> Dict:
     saved = out / "saved"
     trainer.save_model(str(saved))
     if rank() == 0:
+        # As a later process would load it: without the ZeRO-3 context Trainer's arguments set up
+        # (from_pretrained would otherwise build the model under zero.Init, a collective).
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
         reloaded = LlamaForCausalLM.from_pretrained(str(saved))
         result["reload_max_diff"] = (flat(reloaded) - final).abs().max().item()
         assert result["reload_max_diff"] == 0.0, result["reload_max_diff"]
@@ -339,7 +343,7 @@ def sft(backend: str, out: Path) -> Dict:
     extra = {"deepspeed": ds_config(int(backend[-1]))} if backend.startswith("zero") else {}
     args = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
                      max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                     disable_tqdm=True, max_length=32, optim="adamw_torch", **extra)
+                     disable_tqdm=True, max_length=32, optim="adamw_torch", bf16=False, **extra)
     lisa = LisaConfig(activated_layers=1, interval_steps=2, seed=1)
     cb = LisaCallback(lisa)
     probe = Probe(cb, model, decay_parameter_names(model))
