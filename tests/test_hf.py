@@ -135,3 +135,24 @@ def test_sft_trainer_trains_with_lisa(ranks):
 def test_late_callback_fails_before_any_engine(ranks):
     _, results = ranks
     assert "attach" in results[0]["late"]["message"]
+
+
+def test_deepspeed_config_optimizer_and_scheduler(ranks):
+    backend, results = ranks
+    if not backend.startswith("zero"):
+        pytest.skip("DeepSpeed config sections")
+    for r in results:
+        s = r["ds_sections"]
+        # one switch per step; DeepSpeed's WarmupLR reaches every group after every rebuild
+        assert s["frozen_checks"] == 5 * 4 and s["moved_checks"] == 5 * 2
+        assert [g[0] for g in s["lrs"]] == pytest.approx(s["expected"], abs=1e-12)
+
+
+def test_accelerate_prepare_in_a_hand_written_loop(ranks):
+    backend, results = ranks
+    want = "deepspeed" if backend.startswith("zero") else backend
+    for r in results:
+        a = r["accelerate"]
+        # LambdaLR built before prepare (DeepSpeed) or after (one device, DDP): asserted per step in the rank
+        assert a["backend"] == want and a["switch_index"] == 3 and len(a["lrs"]) == 6
+        assert a["ranks_identical"]

@@ -100,8 +100,9 @@ def layer_tensors(model, layer) -> List[torch.Tensor]:
 class Probe(TrainerCallback):
     """Checks what LISA promises at every optimizer step, from inside Trainer's loop."""
 
-    def __init__(self, lisa_cb: LisaCallback, model, decay_names: set):
+    def __init__(self, lisa_cb: LisaCallback, model, decay_names: set, expect_decay_split: bool = True):
         self.cb, self.model, self.decay_names = lisa_cb, model, decay_names
+        self.expect_decay_split = expect_decay_split
         self.layers = model.model.layers
         self.frozen_checks = 0
         self.moved_checks = 0
@@ -127,6 +128,8 @@ class Probe(TrainerCallback):
         return [(g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in self._groups()]
 
     def check_groups(self):
+        if not self.expect_decay_split:
+            return
         groups = self._named_groups()
         assert len(groups) == len(self._groups())
         for wd, names in groups:
@@ -425,7 +428,39 @@ def hand_loop(backend: str, out: Path) -> Dict:
     return result
 
 
-SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop}
+def ds_sections(backend: str, out: Path) -> Dict:
+    """The optimizer and a WarmupLR scheduler in the DeepSpeed config (accelerate's DummyOptim /
+    DummyScheduler): one hyper-parameter set, DeepSpeed steps the schedule, LISA keeps it."""
+    from deepspeed.runtime import lr_schedules
+
+    cfg = ds_config(int(backend[-1]))
+    warmup = {"warmup_min_lr": 0.0, "warmup_max_lr": LR, "warmup_num_steps": 4, "warmup_type": "linear"}
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto", "betas": "auto",
+                                                    "eps": "auto", "torch_adam": True}}
+    cfg["scheduler"] = {"type": "WarmupLR", "params": warmup}
+    model = build_model()
+    cb = LisaCallback(LisaConfig(activated_layers=2, interval_steps=1, seed=2))
+    probe = Probe(cb, model, decay_parameter_names(model), expect_decay_split=False)
+    steps = 5
+    trainer = Trainer(model=model, args=training_args(out / "sections", backend, steps, deepspeed=cfg),
+                      train_dataset=Tokens(), callbacks=[cb, probe])
+    trainer.train()
+    dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
+    replica = lr_schedules.WarmupLR(dummy, **warmup)
+    dummy.step()
+    expected = []
+    for _ in range(steps):
+        replica.step()
+        expected.append(dummy.param_groups[0]["lr"])
+    got = [g[0] for g in probe.lrs]
+    assert all(abs(a - b) <= 1e-12 for a, b in zip(got, expected)), (got, expected)
+    assert cb.switch_index == steps and probe.frozen_checks == steps * 4, (cb.switch_index, probe.frozen_checks)
+    return {"lrs": probe.lrs, "expected": expected, "frozen_checks": probe.frozen_checks,
+            "moved_checks": probe.moved_checks}
+
+
+SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections}
+DEEPSPEED_ONLY = ("ds_sections",)
 
 
 def main() -> None:
@@ -440,7 +475,8 @@ def main() -> None:
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
-    names = [n for n in args.only.split(",") if n] or list(SCENARIOS)
+    names = [n for n in args.only.split(",") if n] or [
+        n for n in SCENARIOS if args.backend.startswith("zero") or n not in DEEPSPEED_ONLY]
     results = {}
     import time
     for name in names:
