@@ -84,13 +84,16 @@ class Measure(TrainerCallback):
         self.sampler = LayerSampler(len(self.layers), lisa)
         self.k = lisa.interval_steps
         self.trainer_ref = trainer_ref
-        self.start = [self.snap(i) for i in range(len(self.layers))]
         self.drift = 0.0
         self.bytes = 0
         self.sampled: set = set()
 
     def snap(self, i: int) -> List[torch.Tensor]:
         return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for _, p in self.layers[i]]
+
+    def on_train_begin(self, args, state, control, **kw):
+        # After the engine exists: under ZeRO-3 a rank's copy of a layer is its partition from now on.
+        self.start = [self.snap(i) for i in range(len(self.layers))]
 
     def on_step_begin(self, args, state, control, **kw):
         self.active = set(self.sampler.active_layers(state.global_step // self.k))
@@ -197,7 +200,8 @@ def main() -> None:
             if dist.get_rank() == 0:
                 print(json.dumps(rows[-1]), flush=True)
     if dist.get_rank() == 0:
-        meta = {"command": "deepspeed --num_gpus 2 benchmarks/hf_trainer.py " + " ".join(sys.argv[1:]),
+        shown = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+        meta = {"command": " ".join(["deepspeed --num_gpus 2 benchmarks/hf_trainer.py", *shown]),
                 "machine": machine(), "versions": {**versions(), **_hf_versions()},
                 "world_size": dist.get_world_size(), "steps": args.steps, "gamma": args.gamma,
                 "interval": args.interval,

@@ -144,7 +144,7 @@ def test_deepspeed_config_optimizer_and_scheduler(ranks):
     for r in results:
         s = r["ds_sections"]
         # one switch per step; DeepSpeed's WarmupLR reaches every group after every rebuild
-        assert s["frozen_checks"] == 5 * 4 and s["moved_checks"] == 5 * 2
+        assert s["frozen_checks"] == 5 * 4 and s["moved_checks"] == 2 * s["steps_with_lr"] >= 6  # warmup from lr 0
         assert [g[0] for g in s["lrs"]] == pytest.approx(s["expected"], abs=1e-12)
 
 

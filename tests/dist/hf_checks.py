@@ -109,6 +109,7 @@ class Probe(TrainerCallback):
         self.lrs: List[List[float]] = []
         self.group_checks = 0
         self.schedule: List = []
+        self.lrs_before: List[float] = []
 
     def _groups(self):
         if self.cb.engine is not None:
@@ -146,12 +147,16 @@ class Probe(TrainerCallback):
         self.before = set(self.cb.active_layers)
         self.snap = [layer_tensors(self.model, layer) for layer in self.layers]
         self.switch_before = self.cb.switch_index
+        self.lr_before = self._groups()[0]["lr"]
+        self.lrs_before.append(self.lr_before)
 
     def on_step_end(self, args, state, control, **kw):
         for i, layer in enumerate(self.layers):
             now = layer_tensors(self.model, layer)
             same = all(torch.equal(a, b) for a, b in zip(now, self.snap[i]))
             if i in self.before:
+                if self.lr_before == 0.0:  # a warmup's first step
+                    continue
                 assert not same, f"active layer {i} did not move at step {state.global_step}"
                 self.moved_checks += 1
             else:
@@ -387,7 +392,7 @@ def hand_loop(backend: str, out: Path) -> Dict:
 
     from lisa_dist.accelerate import prepare, prepared_state
 
-    AcceleratorState._reset_state()  # the Trainer runs above configured their own accelerate state
+    AcceleratorState._reset_state(reset_partial_state=True)  # the Trainer runs above configured their own
     model = build_model()
     names = decay_parameter_names(model)
     opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n in names], "weight_decay": WD},
@@ -400,7 +405,8 @@ def hand_loop(backend: str, out: Path) -> Dict:
         cfg.update(train_micro_batch_size_per_gpu=MB, gradient_accumulation_steps=1,
                    train_batch_size=MB * world(), gradient_clipping=0.0)
         plugin = DeepSpeedPlugin(hf_ds_config=cfg)
-    acc = Accelerator(deepspeed_plugin=plugin, cpu=True)
+    # cpu=True would switch DeepSpeed off; without a GPU DeepSpeed runs on the CPU anyway.
+    acc = Accelerator(deepspeed_plugin=plugin) if plugin is not None else Accelerator(cpu=True)
     loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=9)
     if plugin is not None:
@@ -419,7 +425,8 @@ def hand_loop(backend: str, out: Path) -> Dict:
         groups = opt.param_groups
         lrs.append([g["lr"] for g in groups])
         decays |= {g["weight_decay"] for g in groups}
-        assert all(abs(lr - LR * lam(step + 1)) <= 1e-12 for lr in lrs[-1]), (step, lrs[-1])
+        # accelerate steps a scheduler once per process per optimizer step (the batch is N times larger)
+        assert all(abs(lr - LR * lam(acc.num_processes * (step + 1))) <= 1e-12 for lr in lrs[-1]), (step, lrs[-1])
     assert state.switch_index == 3 and decays == {WD, 0.0}, (state.switch_index, decays)
     result = {"backend": state.backend, "lrs": lrs, "switch_index": state.switch_index,
               "ranks_identical": ranks_equal(flat(model) if plugin is None or backend == "zero2"
@@ -442,7 +449,7 @@ def ds_sections(backend: str, out: Path) -> Dict:
     cb = LisaCallback(LisaConfig(activated_layers=2, interval_steps=1, seed=2))
     probe = Probe(cb, model, decay_parameter_names(model), expect_decay_split=False)
     steps = 5
-    trainer = Trainer(model=model, args=training_args(out / "sections", backend, steps, deepspeed=cfg),
+    trainer = Trainer(model=model, args=training_args(out / "sections", backend, steps, deepspeed=cfg, warmup_steps=4),
                       train_dataset=Tokens(), callbacks=[cb, probe])
     trainer.train()
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
@@ -455,8 +462,10 @@ def ds_sections(backend: str, out: Path) -> Dict:
     got = [g[0] for g in probe.lrs]
     assert all(abs(a - b) <= 1e-12 for a, b in zip(got, expected)), (got, expected)
     assert cb.switch_index == steps and probe.frozen_checks == steps * 4, (cb.switch_index, probe.frozen_checks)
+    stepped = sum(1 for lr in probe.lrs_before if lr > 0)
+    assert stepped >= 3 and probe.moved_checks == stepped * 2, (probe.lrs_before, probe.moved_checks)
     return {"lrs": probe.lrs, "expected": expected, "frozen_checks": probe.frozen_checks,
-            "moved_checks": probe.moved_checks}
+            "moved_checks": probe.moved_checks, "steps_with_lr": stepped}
 
 
 SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections}
