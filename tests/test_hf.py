@@ -156,3 +156,12 @@ def test_accelerate_prepare_in_a_hand_written_loop(ranks):
         # LambdaLR built before prepare (DeepSpeed) or after (one device, DDP): asserted per step in the rank
         assert a["backend"] == want and a["switch_index"] == 3 and len(a["lrs"]) == 6
         assert a["ranks_identical"]
+
+
+def test_ddp_reduces_only_the_active_layers(ranks):
+    backend, results = ranks
+    if backend != "ddp":
+        pytest.skip("DDP only")
+    for r in results:
+        d = r["main"]["ddp"]
+        assert d["ignored_is_layers"] and d["reduced_numel"] == d["expected_numel"] > 0, d

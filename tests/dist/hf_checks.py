@@ -110,6 +110,7 @@ class Probe(TrainerCallback):
         self.group_checks = 0
         self.schedule: List = []
         self.lrs_before: List[float] = []
+        self.trained: List[List[int]] = []
 
     def _groups(self):
         if self.cb.engine is not None:
@@ -170,6 +171,7 @@ class Probe(TrainerCallback):
         else:  # mid-interval every active group has its moments: the bytes to compare with the floor
             self.bytes = optimizer_bytes(self.cb)
         self.schedule.append([state.global_step, self.cb.switch_index, list(self.cb.active_layers)])
+        self.trained.append(sorted(self.before))
 
 
 def flat(model) -> torch.Tensor:
@@ -295,6 +297,15 @@ def main_run(backend: str, out: Path) -> Dict:
     # Trainer's linear schedule, every group, every step, across switches.
     want = [LR * (1 - s / steps) for s in range(1, steps + 1)]
     assert all(abs(g[0] - w) <= 1e-12 for g, w in zip(probe.lrs, want)), (probe.lrs, want)
+    if cb.backend == "ddp":
+        # DDP handles the always-active parameters only; each step all-reduced exactly its active layers.
+        layer_names = {n for n, _ in start.named_parameters() if n.startswith("model.layers.")}
+        ignored = set(trainer.model_wrapped.parameters_to_ignore)
+        layer_numel = [sum(p.numel() for p in layer.parameters()) for layer in trainer.model.model.layers]
+        want_numel = sum(layer_numel[i] for active in probe.trained for i in active)
+        result["ddp"] = {"ignored_is_layers": ignored == layer_names, "reduced_numel": cb.prepared.reducer.reduced_numel,
+                         "expected_numel": want_numel}
+        assert ignored == layer_names and cb.prepared.reducer.reduced_numel == want_numel, result["ddp"]
     reads = gather_reads(data.read)
     # Each rank reads its own rows (use_cpu=True gives accelerate the real world size).
     used = steps * GAS * MB
