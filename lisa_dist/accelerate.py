@@ -6,8 +6,9 @@
 returns what `accelerator.prepare` returns, with LISA inside: under a DeepSpeed plugin the engine
 is built by `lisa_dist.deepspeed.initialize` (the optimizer's hyper-parameter groups are kept, a
 torch LR scheduler built over it follows every switch); on one device or under DDP the optimizer
-becomes a `LisaOptimizer` of the same class, defaults and groups (DDP then reduces only the
-always-active parameters and `lisa_dist.ddp` the active layers). `LisaPrepared` (what
+becomes a `LisaOptimizer` of the same class, defaults and groups, and a torch LR scheduler passed
+along is re-bound to it (DDP then reduces only the always-active parameters and `lisa_dist.ddp`
+the active layers). `LisaPrepared` (what
 `prepared_state(model)` returns) tells the active layers, switch index and optimizer bytes.
 FSDP plugins are refused (use lisa_dist.fsdp).
 """
@@ -107,10 +108,9 @@ class LisaPrepared:
         if index is None:
             raise ValueError("LISA needs the model's torch optimizer in the same prepare call as the model "
                              "(prepare(model, optimizer, ...)): it becomes a LisaOptimizer")
-        if any(isinstance(a, torch.optim.lr_scheduler.LRScheduler) for a in args):
-            raise ValueError("build the LR scheduler after prepare on one device or DDP (the optimizer is "
-                             "replaced by a LisaOptimizer with a different group layout)")
         optimizer = LisaOptimizer.from_optimizer(model, self.lisa, args[index])
+        for scheduler in (a for a in args if isinstance(a, torch.optim.lr_scheduler.LRScheduler)):
+            optimizer.adopt_scheduler(scheduler, args[index])
         if backend == "ddp":
             hf_compat.ddp_ignore_parameters(model, layer_parameter_names(model, optimizer.split))
             broadcast_layers(optimizer.split)

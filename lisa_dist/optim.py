@@ -21,6 +21,22 @@ from .sampling import LayerSampler
 
 _STATE_FORMAT = 1
 
+# torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
+# optimizer must have one entry per group of the optimizer LISA gives it.
+_PER_GROUP_SCHEDULER_ATTRS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs",
+                              "base_momentums", "max_momentums")
+
+
+def refit_scheduler(scheduler, old_groups: int, sources: List[int]) -> None:
+    """Give a torch LR scheduler built over the caller's optimizer (`old_groups` groups) one entry per
+    LISA group; the entry of new group i is that of the caller's group `sources[i]` (same options)."""
+    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
+        refit_scheduler(child, old_groups, sources)
+    for name in _PER_GROUP_SCHEDULER_ATTRS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == old_groups and list(range(old_groups)) != sources:
+            setattr(scheduler, name, [values[j] for j in sources])
+
 
 def _state_tensors(state: dict) -> List[torch.Tensor]:
     return [v for v in state.values() if torch.is_tensor(v)]
@@ -180,6 +196,20 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def _set_of(self, p: nn.Parameter) -> int:
         return self._option_set.get(self._names[p], 0)
+
+    def adopt_scheduler(self, scheduler, optimizer: torch.optim.Optimizer) -> None:
+        """Re-bind a torch LR scheduler built over `optimizer` (the one `from_optimizer` copied) to
+        this optimizer, one entry per group, so it keeps its position and per-group base values."""
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            raise ValueError("the LR scheduler is bound to another optimizer than the one LISA replaces")
+        sources = []
+        for group in self.param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            sources.append(next((i for i, g in enumerate(optimizer.param_groups)
+                                 if {k: v for k, v in g.items() if k != "params"} == options), 0))
+        for child in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+            child.optimizer = self
+        refit_scheduler(scheduler, len(optimizer.param_groups), sources)
 
     @classmethod
     def from_optimizer(cls, model: nn.Module, config: LisaConfig, optimizer: torch.optim.Optimizer, **kwargs):

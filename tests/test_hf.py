@@ -153,7 +153,7 @@ def test_accelerate_prepare_in_a_hand_written_loop(ranks):
     want = "deepspeed" if backend.startswith("zero") else backend
     for r in results:
         a = r["accelerate"]
-        # LambdaLR built before prepare (DeepSpeed) or after (one device, DDP): asserted per step in the rank
+        # a LambdaLR built before prepare: each group's lr asserted per step in the rank
         assert a["backend"] == want and a["switch_index"] == 3 and len(a["lrs"]) == 6
         assert a["ranks_identical"]
 

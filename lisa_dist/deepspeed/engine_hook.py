@@ -17,16 +17,11 @@ from torch import nn
 
 from ..config import LisaConfig
 from ..layers import ParamSplit, split_parameters
+from ..optim import refit_scheduler
 from ..sampling import LayerSampler
 from . import _compat, checkpoint, zero3, zero12
 from .agreement import check_agreement, schedule_seed
 from .memory import optimizer_bytes
-
-# torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
-# optimizer must have one entry per group of the optimizer LISA gives it.
-_PER_GROUP_SCHEDULER_ATTRS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs",
-                              "base_momentums", "max_momentums")
-
 
 class LisaEngineState:
     """The LISA schedule of one engine (`engine.lisa`): what trains now and what happened so far."""
@@ -165,17 +160,6 @@ def _check_ds_config(ds_config: dict) -> None:
             "scale); use \"bf16\": {\"enabled\": true} or fp32")
 
 
-def _resize_scheduler(scheduler: Any, old_groups: int, sources: List[int]) -> None:
-    """Give a torch LR scheduler built over the caller's optimizer one entry per LISA group; the
-    entry of new group i is that of the caller's group `sources[i]` (same hyper-parameters)."""
-    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
-        _resize_scheduler(child, old_groups, sources)
-    for name in _PER_GROUP_SCHEDULER_ATTRS:
-        values = getattr(scheduler, name, None)
-        if isinstance(values, list) and len(values) == old_groups and list(range(old_groups)) != sources:
-            setattr(scheduler, name, [values[j] for j in sources])
-
-
 def client_option_sets(optimizer: torch.optim.Optimizer) -> Tuple[List[Dict[str, Any]], Dict[int, int], List[int]]:
     """The distinct hyper-parameter sets of a torch optimizer's groups, in first-seen order: the
     sets, param id -> set index, and for each set the index of the first group that has it."""
@@ -213,7 +197,7 @@ def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: An
         if bound is not None and bound is not optimizer:
             raise ValueError("lr_scheduler is bound to a different optimizer than the one passed; build it "
                              "over the optimizer you pass to lisa_dist.deepspeed.initialize")
-        _resize_scheduler(scheduler, old, [first_group[j] for j in sets])
+        refit_scheduler(scheduler, old, [first_group[j] for j in sets])
 
 
 def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, model_parameters=None,

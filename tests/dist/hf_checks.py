@@ -396,7 +396,8 @@ def late_callback(backend: str, out: Path) -> Dict:
 
 def hand_loop(backend: str, out: Path) -> Dict:
     """lisa_dist.accelerate.prepare in a hand-written accelerate loop, a torch LambdaLR built over the
-    (decay / no-decay) optimizer before prepare: every group follows it across switches."""
+    (decay / no-decay) optimizer before prepare: every group follows it across switches (DeepSpeed:
+    the optimizer object is re-filled; one device / DDP: the scheduler moves to the LisaOptimizer)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DeepSpeedPlugin
@@ -420,12 +421,8 @@ def hand_loop(backend: str, out: Path) -> Dict:
     acc = Accelerator(deepspeed_plugin=plugin) if plugin is not None else Accelerator(cpu=True)
     loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=9)
-    if plugin is not None:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
-        engine, opt, loader, sched = prepare(acc, model, opt, loader, sched, lisa=lisa)
-    else:
-        engine, opt, loader = prepare(acc, model, opt, loader, lisa=lisa)
-        sched = acc.prepare(torch.optim.lr_scheduler.LambdaLR(opt, lam))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+    engine, opt, loader, sched = prepare(acc, model, opt, loader, sched, lisa=lisa)
     state = prepared_state(model)
     lrs, decays = [], set()
     for step, batch in zip(range(6), loader):
