@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "backends", "integrations", "recipe")
-CORE = {"config", "layers", "sampling", "optim", "memory", "serialization", "protocol"}
+CORE = {"config", "layers", "sampling", "optim", "memory", "serialization", "protocol", "devices"}
 RECIPE = {"train", "run_config", "modeling", "ds_config", "data", "presets", "checkpoint", "export", "plan"}
 
 
