@@ -38,10 +38,34 @@ def check_deepspeed_version(installed: str | None = None) -> None:
 def configure_optimizer(engine, basic_optimizer: torch.optim.Optimizer) -> None:
     """Build a fresh ZeRO optimizer around `basic_optimizer` and install it as engine.optimizer
     (engine.py:2328-2367), then re-register the torch-style backward post hook that engine __init__
-    registers only once (engine.py:772)."""
-    engine._configure_optimizer(basic_optimizer, None)
+    registers only once (engine.py:772).
+
+    The optimizer is handed over as a client optimizer, which under offload_optimizer DeepSpeed
+    refuses unless it is DeepSpeedCPUAdam (zero_force_ds_cpu_optimizer, engine.py:2342). That
+    refusal already ran (or was waived by the config) when the engine was built over the same
+    optimizer type, e.g. torch's AdamW from "torch_adam": true; it is skipped for the rebuild."""
+    engine.zero_force_ds_cpu_optimizer = lambda: False
+    try:
+        engine._configure_optimizer(basic_optimizer, None)
+    finally:
+        del engine.zero_force_ds_cpu_optimizer
     if engine._support_torch_style_backward:
         engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
+
+
+_LOSS_SCALE_ATTRS = ("loss_scaler", "dynamic_loss_scale", "custom_loss_scaler", "external_loss_scale")
+
+
+def loss_scale_state(zero_optimizer) -> Dict[str, object]:
+    """The loss scaling of a ZeRO-1/2/3 optimizer: its LossScaler/DynamicLossScaler object (scale,
+    iteration, last overflow, hysteresis), and an override_loss_scale() value. A new optimizer
+    starts a fresh scaler at initial_scale_power; handing it this one continues the scale window."""
+    return {name: getattr(zero_optimizer, name) for name in _LOSS_SCALE_ATTRS}
+
+
+def set_loss_scale_state(zero_optimizer, state: Dict[str, object]) -> None:
+    for name, value in state.items():
+        setattr(zero_optimizer, name, value)
 
 
 def drop_engine_optimizer(engine) -> None:
@@ -79,7 +103,14 @@ def destroy_zero12(zero_optimizer) -> None:
     out of the flat buffers."""
     zero_optimizer.destroy()
     # destroy() keeps the post hooks, which reference the engine's bound method.
-    zero_optimizer.unregister_grad_acc_post_hooks()
+    if hasattr(zero_optimizer, "unregister_grad_acc_post_hooks"):  # >= 0.18
+        zero_optimizer.unregister_grad_acc_post_hooks()
+    # Under offload_optimizer each param links back to its optimizer (_create_optimizer_mapping,
+    # 0.17+), which destroy() leaves: the old optimizer and its flat buffers would outlive it.
+    for group in zero_optimizer.bit16_groups:
+        for p in group:
+            if hasattr(p, "_zero_optimizer"):
+                del p._zero_optimizer
 
 
 def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:

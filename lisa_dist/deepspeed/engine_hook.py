@@ -114,12 +114,6 @@ def _check_ds_config(ds_config: dict) -> None:
             "lisa_dist.optim.LisaOptimizer with plain data parallelism instead)")
     offload = zero.get("offload_optimizer") or {}
     device = str(offload.get("device", "none")).lower()
-    # ZeRO-3 rebuilds keep host-resident fp32 partitions and moments; the ZeRO-1/2 rebuild does not.
-    if stage != 3 and device not in ("none", "null"):
-        raise NotImplementedError(
-            "ZeRO optimizer offload (zero_optimization.offload_optimizer) is not supported by the LISA hook "
-            "with ZeRO-1/2: remove offload_optimizer from the DeepSpeed config or use ZeRO stage 3. LISA "
-            "already keeps fp32 master and Adam state for the active layers only")
     if device == "nvme" or str((zero.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
         raise NotImplementedError(
             "offload to NVMe is not supported by the LISA hook (DeepSpeed's swappers keep files per sub-group "
@@ -128,10 +122,6 @@ def _check_ds_config(ds_config: dict) -> None:
         raise NotImplementedError(
             "ZenFlow and SuperOffload (zero_optimization.zenflow, offload_optimizer.super_offload) use their own "
             "stage-3 optimizers, which the LISA hook does not rebuild; remove them from the DeepSpeed config")
-    if (ds_config.get("fp16") or {}).get("enabled") is True:
-        raise NotImplementedError(
-            "fp16 with loss scaling is not supported by the LISA hook (each rebuild would reset the loss "
-            "scale); use \"bf16\": {\"enabled\": true} or fp32")
 
 
 def _resize_scheduler(scheduler: Any, old_groups: int, new_groups: int) -> None:
@@ -184,7 +174,8 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     may be None (taken from the DeepSpeed config), a fresh torch optimizer with one set of
     hyper-parameters (re-used across switches, so a torch LR scheduler bound to it keeps working),
     or a callable taking param groups. The returned optimizer is a view of the engine's current
-    ZeRO optimizer. ZeRO stage 1, 2 and 3 (stage 3 also with offload_optimizer/offload_param to CPU).
+    ZeRO optimizer. ZeRO stage 1, 2 and 3, with offload_optimizer to CPU (and offload_param to CPU on
+    stage 3), in fp32, bf16 or fp16 (the loss scaler carries across every rebuild).
     """
     _compat.check_deepspeed_version()
     import deepspeed
