@@ -117,8 +117,11 @@ def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
     """Gradient storage owned by the ZeRO optimizer, by kind.
 
     "partition": gradients of this rank's partition (ZeRO-2's contiguous `grads_in_partition`, the
-    reduced `averaged_gradients`); "buckets": reduction staging buffers (`ipg_buckets`, sized by
-    reduce_bucket_size, a framework workspace rather than a model state).
+    reduced `averaged_gradients`; under offload_optimizer the fp32 partitions' .grad on the host,
+    stage_1_and_2.py:3126, and the fp32 host accumulators of gradient accumulation); "buckets": reduction and offload staging buffers (`ipg_buckets`, sized by
+    reduce_bucket_size; under offload the largest-param gradient buffers and the host bit16 copy of
+    the partition the updated weights travel back through, 560-575), framework workspace rather
+    than model state.
     """
     partition: List[torch.Tensor] = []
     if getattr(zero_optimizer, "grads_in_partition", None) is not None:
@@ -127,11 +130,21 @@ def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
         if grads is None:
             continue
         partition.extend(grads if isinstance(grads, (list, tuple)) else [grads])
+    partition.extend(fp32.grad for fp32 in zero_optimizer.single_partition_of_fp32_groups if fp32.grad is not None)
     buckets: List[torch.Tensor] = []
-    for bucket in zero_optimizer.ipg_buckets.values():
+    # 0.17-0.19 keep per-dtype IPG buckets; 0.16 one flat list of buffers.
+    for bucket in getattr(zero_optimizer, "ipg_buckets", {}).values():
         buckets.extend(bucket.buffer)
         buckets.extend(g for g in bucket.grads if torch.is_tensor(g))
-    return {"partition": [t for t in partition if torch.is_tensor(t)], "buckets": buckets}
+    buckets.extend(getattr(zero_optimizer, "ipg_buffer", None) or [])
+    if getattr(zero_optimizer, "cpu_offload", False):
+        buckets.extend(getattr(zero_optimizer, name, None) for name in
+                       ("temp_grad_buffer_for_cpu_offload", "temp_grad_buffer_for_gpu_offload"))
+        buckets.extend(getattr(zero_optimizer, "param_buffer_of_bit16_for_cpu_offload_groups", []))
+        # gradient accumulation across micro-batches, fp32 on the host, per param of this partition
+        partition.extend(getattr(zero_optimizer, "accumulated_grads_in_cpu", {}).values())
+    return {"partition": [t for t in partition if torch.is_tensor(t)],
+            "buckets": [t for t in buckets if torch.is_tensor(t)]}
 
 
 def checkpoint_safe_globals() -> List:

@@ -35,7 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
-from ds_common import close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
@@ -395,6 +395,22 @@ def lr_schedule(kind: str) -> Dict:
     return {"lrs": result["lrs"], "expected_lrs": expected, "switches": switches}
 
 
+def fp16_loss_scale() -> Dict:
+    """zero12_checks.fp16_loss_scale under ZeRO-3: the scaler survives the stage-3 rebuild."""
+    from ds_common import overflow_schedule
+    model = build_model()
+    start = copy.deepcopy(model).half()
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=4, state_policy="offload")
+    cfg = ds3_config(False, optimizer={"type": "AdamW", "params": ADAMW})
+    cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 10, "loss_scale_window": 3,
+                   "hysteresis": 2, "min_loss_scale": 1}
+    engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
+    offload = _compat.zero3_parameter_offload(engine.optimizer)
+    hooks = _compat.zero3_module_hook_count(offload)
+    return overflow_schedule(engine, rank_micro_batches, start, close, gathered_weights, None,
+                             lambda: ownership(engine, id(offload), hooks))
+
+
 def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
     offload_run = dict(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config")
     return {
@@ -413,6 +429,7 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
                                        offload_param=True),
         "lr_config_scheduler": lambda: lr_schedule("config"),
         "lr_torch_scheduler": lambda: lr_schedule("torch"),
+        "fp16_loss_scale": fp16_loss_scale,
         "leak": lambda: leak(100),
         "memory": memory,
         "runner": lambda: runner_check(out_dir),
@@ -427,6 +444,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     import deepspeed
+    allow_fp16_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
     table = scenarios(args.out)
     names = [n for n in args.only.split(",") if n] or list(table)
