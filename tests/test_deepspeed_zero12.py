@@ -203,12 +203,28 @@ def _tiny():
 
 @pytest.mark.unit
 def test_version_pin():
-    from lisa_dist.deepspeed._compat import check_deepspeed_version
-    check_deepspeed_version("0.19.8")
-    check_deepspeed_version("0.19.12+abc123")
-    for bad in ("0.19.7", "0.20.0", "1.0.0"):
-        with pytest.raises(RuntimeError, match=rf"deepspeed>=0\.19\.8,<0\.20 but deepspeed {bad} is installed"):
+    from lisa_dist.deepspeed._compat import SUPPORTED, check_deepspeed_version
+    # the newest patch of each minor release .ci/ds_matrix.sh tests, and later patches of it
+    for good in ("0.16.9", "0.17.6", "0.18.9", "0.19.8", "0.19.12+abc123"):
+        check_deepspeed_version(good)
+    assert SUPPORTED == ">=0.16.9,<0.17 or >=0.17.6,<0.18 or >=0.18.9,<0.19 or >=0.19.8,<0.20"
+    for bad in ("0.15.4", "0.16.8", "0.17.5", "0.18.0", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
+        with pytest.raises(RuntimeError, match=rf"tested with deepspeed .*<0\.20 but deepspeed {bad} is installed"):
             check_deepspeed_version(bad)
+
+
+@pytest.mark.unit
+def test_setup_py_pins_the_same_releases_as_the_gate():
+    import re
+
+    from packaging.requirements import Requirement
+
+    from lisa_dist.deepspeed._compat import version_supported
+    text = (ROOT / "setup.py").read_text()
+    block = re.search(r'"deepspeed>=[^\]]*?"(?=,\s*\n\s*"transformers)', text).group(0)
+    spec = Requirement("".join(re.findall(r'"([^"]*)"', block))).specifier
+    for v in [f"0.{minor}.{patch}" for minor in range(15, 21) for patch in range(13)]:
+        assert spec.contains(v) == version_supported(v), v
 
 
 @pytest.mark.unit

@@ -200,6 +200,15 @@ def test_lisa_train_zero3_offload_end_to_end(tmp_path):
 
 
 @distributed
+def test_optimizer_offload_with_torch_adamw_matches_reference(ranks):
+    for rank in ranks:
+        r = rank["parity_fp32_optcpu_torchadam_pin"]
+        assert len(r["schedule"]) - 1 >= 3 and r["frozen_layer_checks"] > 0, r["schedule"]
+        assert r["max_abs_diff"] <= 5e-5 and r["mean_abs_diff"] <= 1e-8, r
+        assert all(o["owned_ok"] and o["partition_numel"] == o["active_share_numel"] for o in r["ownership"])
+
+
+@distributed
 def test_fp16_loss_scale_carries_across_switches(ranks):
     for rank in ranks:
         r = rank["fp16_loss_scale"]

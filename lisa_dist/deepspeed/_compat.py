@@ -15,22 +15,30 @@ from typing import Dict, List
 import torch
 from packaging.version import Version
 
-SUPPORTED = ">=0.19.8,<0.20"
-_MIN, _MAX = Version("0.19.8"), Version("0.20")
+# Per minor release, the first patch release the distributed checks passed on (.ci/ds_matrix.sh runs
+# them on each): later patches of a minor release keep its internals, earlier ones may not.
+_TESTED = ("0.16.9", "0.17.6", "0.18.9", "0.19.8")
+_RANGES = [(Version(v), Version(f"{Version(v).major}.{Version(v).minor + 1}")) for v in _TESTED]
+SUPPORTED = " or ".join(f">={lo},<{hi}" for lo, hi in _RANGES)
+
+
+def version_supported(installed: str) -> bool:
+    # DeepSpeed source builds append "+<git hash>"; the release is what matters.
+    release = Version(Version(installed).base_version)
+    return any(lo <= release < hi for lo, hi in _RANGES)
 
 
 def check_deepspeed_version(installed: str | None = None) -> None:
-    """Raise RuntimeError unless the installed DeepSpeed is in the tested range."""
+    """Raise RuntimeError unless the installed DeepSpeed is in a tested range."""
     if installed is None:
         import deepspeed
         installed = deepspeed.__version__
-    # DeepSpeed source builds append "+<git hash>"; the release is what matters.
-    release = Version(Version(installed).base_version)
-    if not _MIN <= release < _MAX:
+    if not version_supported(installed):
+        newest = _TESTED[-1]
         raise RuntimeError(
-            f"lisa_dist's DeepSpeed hook is tested with deepspeed{SUPPORTED} but deepspeed {installed} is "
+            f"lisa_dist's DeepSpeed hook is tested with deepspeed {SUPPORTED} but deepspeed {installed} is "
             f"installed. It rebuilds ZeRO optimizer internals that change between releases; install a "
-            f"supported version (pip install 'deepspeed{SUPPORTED}') or use --backend fsdp2")
+            f"supported version (pip install 'deepspeed>={newest},<{_RANGES[-1][1]}') or use --backend fsdp2")
 
 
 # --- engine ---------------------------------------------------------------------------------------
@@ -49,8 +57,13 @@ def configure_optimizer(engine, basic_optimizer: torch.optim.Optimizer) -> None:
         engine._configure_optimizer(basic_optimizer, None)
     finally:
         del engine.zero_force_ds_cpu_optimizer
-    if engine._support_torch_style_backward:
+    if supports_torch_style_backward(engine):
         engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
+
+
+def supports_torch_style_backward(engine) -> bool:
+    """Whether a plain loss.backward() drives this engine (0.18+); before, only engine.backward."""
+    return bool(getattr(engine, "_support_torch_style_backward", False))
 
 
 _LOSS_SCALE_ATTRS = ("loss_scaler", "dynamic_loss_scale", "custom_loss_scaler", "external_loss_scale")
@@ -169,9 +182,31 @@ def quiet_logs():
 
 
 def load_ds_config(config) -> dict:
-    """A DeepSpeed config given as a dict, a JSON/HJSON path or base64, read as DeepSpeed reads it."""
-    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config as _load
+    """A DeepSpeed config given as a dict, a JSON/HJSON path or base64, read as DeepSpeed reads it
+    (0.18+: tensor_parallel.init_utils.load_ds_config; before, the same steps inside DeepSpeedConfig)."""
+    try:
+        from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config as _load
+    except ImportError:
+        return _load_ds_config_017(config)
     return _load(config)
+
+
+def _load_ds_config_017(config) -> dict:
+    import base64
+    import os
+
+    import hjson
+    from deepspeed.runtime.config_utils import dict_raise_error_on_duplicate_keys
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)) and os.path.exists(config):
+        with open(config, "r") as f:
+            return hjson.load(f, object_pairs_hook=dict_raise_error_on_duplicate_keys)
+    try:
+        return hjson.loads(base64.urlsafe_b64decode(config).decode("utf-8"))
+    except (UnicodeDecodeError, AttributeError, ValueError, TypeError) as exc:
+        raise ValueError("Expected a string path to an existing deepspeed config, or a dictionary or a valid "
+                         f"base64. Received: {config}") from exc
 
 
 # --- ZeRO-3 optimizer (runtime/zero/stage3.py, parameter_offload.py) -----------------------------
@@ -236,15 +271,17 @@ def zero3_rebuild_context(parameter_offload):
       (it scales with the number of live Python objects, not with the model)."""
     from deepspeed.runtime.zero import stage3
     cls = zero3_optimizer_class()
+    # 0.19 imports defragment into stage3 from zero/utils; before, it is a staticmethod of the class.
+    owner = stage3 if hasattr(stage3, "defragment") else cls
     original_offload = cls.__dict__["initialize_ds_offload"]
-    original_defragment = stage3.defragment
+    original_defragment = owner.__dict__["defragment"]
     cls.initialize_ds_offload = lambda self, *args, **kwargs: parameter_offload
-    stage3.defragment = _defragment_in_place
+    setattr(owner, "defragment", _defragment_in_place if owner is stage3 else staticmethod(_defragment_in_place))
     try:
         yield
     finally:
         cls.initialize_ds_offload = original_offload
-        stage3.defragment = original_defragment
+        setattr(owner, "defragment", original_defragment)
 
 
 def zero3_lp_buffers(zero_optimizer) -> List[torch.Tensor]:
@@ -280,10 +317,17 @@ def detach_zero3(zero_optimizer) -> None:
         hook.remove()
     zero_optimizer._grad_acc_hooks = []
     zero_optimizer._leaf_module_hooks = []
-    zero_optimizer.unregister_grad_acc_post_hooks()
-    zero_optimizer._clear_muon_allgather_buffers()
-    zero_optimizer.ipg_buckets.clear()
-    zero_optimizer._unpin_offload_buffers()
+    # Each of these arrived in a later release than 0.16 and has nothing to undo before it:
+    # torch-style backward post hooks (0.18), Muon all-gather buffers and native unpinning (0.19).
+    for name in ("unregister_grad_acc_post_hooks", "_clear_muon_allgather_buffers", "_unpin_offload_buffers"):
+        if hasattr(zero_optimizer, name):
+            getattr(zero_optimizer, name)()
+    if hasattr(zero_optimizer, "ipg_buckets"):  # 0.17+: per-dtype buckets
+        zero_optimizer.ipg_buckets.clear()
+    else:  # 0.16: one bucket
+        zero_optimizer.grads_in_ipg_bucket = []
+        zero_optimizer.params_in_ipg_bucket = []
+        zero_optimizer._DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer = None
     # The partitions of the params this optimizer owned are views into its flat bf16 buffer
     # (defragment, 913-1018); give each its own storage so the buffer can go.
     with torch.no_grad():
@@ -323,9 +367,12 @@ def zero3_gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
         partition.append(zero_optimizer.grad_partitions_flat_buffer)
     partition.extend(fp32.grad for fp32 in zero_optimizer.fp32_partitioned_groups_flat if fp32.grad is not None)
     buckets: List[torch.Tensor] = []
-    for bucket in zero_optimizer.ipg_buckets.values():
+    for bucket in getattr(zero_optimizer, "ipg_buckets", {}).values():
         if getattr(bucket, "buffer", None) is not None:
             buckets.append(bucket.buffer)
+    flat = getattr(zero_optimizer, "_DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer", None)  # 0.16
+    if flat is not None:
+        buckets.append(flat)
     return {"partition": partition, "buckets": buckets}
 
 

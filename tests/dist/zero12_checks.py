@@ -244,7 +244,10 @@ def matrix(stage: int, name: str, bf16: bool, gas: int, clip: float, checkpointi
     engine, _, _, returned_sched = lds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg,
                                                   lisa=lisa)
     steps = 6
+    # a plain loss.backward() drives DeepSpeed 0.18+ only; older releases run engine.backward here
+    torch_backward = torch_backward and _compat.supports_torch_style_backward(engine)
     result = train(engine, model, steps, gas, on_switch=lambda: ownership(engine), torch_backward=torch_backward)
+    result["torch_backward"] = torch_backward
     # The same schedule stepped alone: the LR must survive every optimizer rebuild.
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
     if scheduler in ("WarmupLR", "WarmupDecayLR"):

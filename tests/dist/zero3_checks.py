@@ -43,14 +43,15 @@ torch.set_num_threads(1)
 
 
 def ds3_config(bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, scheduler: Optional[dict] = None,
-               clip: float = 0.0, offload_optimizer: bool = False, offload_param: bool = False, **zero) -> dict:
+               clip: float = 0.0, offload_optimizer=False, offload_param: bool = False, **zero) -> dict:
     from zero12_checks import MB
     z = {"stage": 3, "reduce_bucket_size": 50_000, "stage3_prefetch_bucket_size": 50_000,
          # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
          # which would keep them whole on every rank and hide what partitioning does).
          "stage3_param_persistence_threshold": 0, **zero}
     if offload_optimizer:
-        z["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        z["offload_optimizer"] = offload_optimizer if isinstance(offload_optimizer, dict) else \
+            {"device": "cpu", "pin_memory": False}
     if offload_param:
         z["offload_param"] = {"device": "cpu", "pin_memory": False}
     cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
@@ -430,6 +431,9 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "lr_config_scheduler": lambda: lr_schedule("config"),
         "lr_torch_scheduler": lambda: lr_schedule("torch"),
         "fp16_loss_scale": fp16_loss_scale,
+        # torch's AdamW on the host, pinned: the rebuild hands DeepSpeed a non-CPU-Adam optimizer
+        "parity_fp32_optcpu_torchadam_pin": lambda: parity(False, "reset", 1, 2, 8, "config_torch",
+                                                           offload_optimizer={"device": "cpu", "pin_memory": True}),
         "leak": lambda: leak(100),
         "memory": memory,
         "runner": lambda: runner_check(out_dir),
