@@ -24,6 +24,7 @@ class SingleRunner:
     def __init__(self, model: torch.nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  warmup_steps: int = 0, max_grad_norm: float = 1.0):
         self.model = model
+        self.device = next(model.parameters()).device
         self._attach_optimizer(LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
                                warmup_steps, max_grad_norm)
 
@@ -53,6 +54,7 @@ class SingleRunner:
         self.model.train()
         total = 0.0
         for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             loss = self.model(**batch).loss / len(micro_batches)
             loss.backward()
             total += loss.item()
