@@ -40,10 +40,22 @@ RUNS = PARITY + ("ckpt_reentrant_false", "ckpt_reentrant_true", "offload_none", 
                  "offload_param", "offload_both")
 
 
+def runs(rank):
+    """RUNS, less ckpt_reentrant_false before DeepSpeed 0.19: non-reentrant activation checkpointing
+    with frozen parameters fails inside DeepSpeed 0.16-0.18 ZeRO-3 with or without LISA
+    (CheckpointError: recomputed values have different metadata), so zero3_checks leaves it out."""
+    import deepspeed
+    from packaging.version import Version
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        return RUNS
+    assert "ckpt_reentrant_false" not in rank
+    return tuple(n for n in RUNS if n != "ckpt_reentrant_false")
+
+
 @distributed
 def test_parity_with_single_process_reference(ranks):
     for rank in ranks:
-        for name in RUNS:
+        for name in runs(rank):
             r = rank[name]
             if name in PARITY:
                 assert len(r["schedule"]) - 1 >= 3, (name, r["schedule"])
@@ -71,7 +83,7 @@ def test_schedule_is_the_sampler_schedule(ranks):
 @distributed
 def test_each_rank_owns_exactly_its_share_of_the_active_set(ranks):
     for rank in ranks:
-        for name in RUNS:
+        for name in runs(rank):
             owned = rank[name]["ownership"]
             assert len(owned) >= 4, name
             for o in owned:
@@ -92,7 +104,7 @@ def test_each_rank_owns_exactly_its_share_of_the_active_set(ranks):
 @distributed
 def test_frozen_layer_shards_bit_identical(ranks):
     for rank in ranks:
-        for name in RUNS:
+        for name in runs(rank):
             steps = len(rank[name]["losses"]) // (2 if "gas2" in name else 1)
             assert rank[name]["frozen_layer_checks"] == steps * 4, name  # 4 of 6 layers frozen per step
 
@@ -116,7 +128,7 @@ def test_groups_split_into_sub_groups_move_whole(ranks):
 @distributed
 def test_module_hooks_and_offload_object_survive_switches(ranks):
     for rank in ranks:
-        hooks = {rank[name]["module_hooks"] for name in RUNS}
+        hooks = {rank[name]["module_hooks"] for name in runs(rank)}
         assert len(hooks) == 1 and hooks.pop() > 0
         assert rank["leak"]["offload_same"] and rank["leak"]["module_hooks"] > 0
 

@@ -41,6 +41,32 @@ def check_deepspeed_version(installed: str | None = None) -> None:
             f"supported version (pip install 'deepspeed>={newest},<{_RANGES[-1][1]}') or use --backend fsdp2")
 
 
+@contextmanager
+def zero12_build_fixes():
+    """While active, ZeRO-1/2 optimizers are built as DeepSpeed 0.19 builds them.
+
+    Before 0.19 the flat buffer of a param group is the torch.cat of params that require grad,
+    recorded by autograd (stage_1_and_2.py flatten_dense_tensors_aligned), and its partitions are
+    split views of it; with torch 2.13 the gloo all-gather into those views after each step then
+    fails ("Output 0 of Split is a view and is being modified inplace") on 2+ ranks, with or without
+    LISA. DeepSpeed 0.19 detaches the buffer; this does the same for older releases."""
+    cls = zero12_optimizer_class()
+    original = cls.__dict__["flatten_dense_tensors_aligned"]
+    import deepspeed
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        yield
+        return
+
+    def detached(self, *args, **kwargs):
+        return original(self, *args, **kwargs).detach()
+
+    cls.flatten_dense_tensors_aligned = detached
+    try:
+        yield
+    finally:
+        cls.flatten_dense_tensors_aligned = original
+
+
 # --- engine ---------------------------------------------------------------------------------------
 
 def configure_optimizer(engine, basic_optimizer: torch.optim.Optimizer) -> None:
@@ -54,7 +80,8 @@ def configure_optimizer(engine, basic_optimizer: torch.optim.Optimizer) -> None:
     optimizer type, e.g. torch's AdamW from "torch_adam": true; it is skipped for the rebuild."""
     engine.zero_force_ds_cpu_optimizer = lambda: False
     try:
-        engine._configure_optimizer(basic_optimizer, None)
+        with zero12_build_fixes():
+            engine._configure_optimizer(basic_optimizer, None)
     finally:
         del engine.zero_force_ds_cpu_optimizer
     if supports_torch_style_backward(engine):

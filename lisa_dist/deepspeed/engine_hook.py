@@ -226,7 +226,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     if isinstance(optimizer, torch.optim.Optimizer):
         _regroup_client_optimizer(optimizer, lr_scheduler, param_groups)
 
-    with explained_op_build_failures(ds_config):
+    with explained_op_build_failures(ds_config), _compat.zero12_build_fixes():
         engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, model_parameters=param_groups,
             training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,

@@ -418,7 +418,6 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         # sub_group_size below one layer's share: each group spans several DeepSpeed sub-groups
         "parity_fp32_offload_policy": lambda: parity(False, "offload", 1, 1, 8, "config_torch", sub_group_size=5000),
         "parity_bf16_gas2": lambda: parity(True, "reset", 2, 2, 8, "config"),
-        "ckpt_reentrant_false": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False),
         "ckpt_reentrant_true": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=True),
         # The offload runs against the same run without offload (DeepSpeed's own AdamW; CPU Adam
         # under offload_optimizer).
@@ -440,6 +439,16 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
     }
 
 
+def old_release_gaps(table: Dict[str, Callable[[], Dict]]) -> Dict[str, Callable[[], Dict]]:
+    """Before 0.19 DeepSpeed's ZeRO-3 fails non-reentrant activation checkpointing when some params
+    are frozen (which LISA always has), LISA or not: that scenario runs on 0.19+ only."""
+    import deepspeed
+    from packaging.version import Version
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        table["ckpt_reentrant_false"] = lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False)
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -449,7 +458,7 @@ def main() -> None:
     import deepspeed
     allow_fp16_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
-    table = scenarios(args.out)
+    table = old_release_gaps(scenarios(args.out))
     names = [n for n in args.only.split(",") if n] or list(table)
     run_scenarios(table, names, args.out, "zero3_checks")
 
