@@ -12,12 +12,9 @@ setup(
     install_requires=[
         "torch>=2.6",
         # The ZeRO engine hook uses DeepSpeed internals (lisa_dist/deepspeed/_compat.py); these are
-        # the releases it is tested against (_compat._TESTED: 0.16.9, 0.17.6, 0.18.9, 0.19.8+ within
-        # each minor release; .ci/ds_matrix.sh) and the adapter refuses others with a clear error.
-        "deepspeed>=0.16.9,<0.20,"
-        "!=0.17.0,!=0.17.1,!=0.17.2,!=0.17.3,!=0.17.4,!=0.17.5,"
-        "!=0.18.0,!=0.18.1,!=0.18.2,!=0.18.3,!=0.18.4,!=0.18.5,!=0.18.6,!=0.18.7,!=0.18.8,"
-        "!=0.19.0,!=0.19.1,!=0.19.2,!=0.19.3,!=0.19.4,!=0.19.5,!=0.19.6,!=0.19.7",
+        # the releases it is tested against (_compat._TESTED) and the adapter refuses others with a
+        # clear error.
+        "deepspeed>=0.19.8,<0.20",
         "transformers>=4.56",
         "accelerate>=1.0",
         "safetensors",

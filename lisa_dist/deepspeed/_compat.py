@@ -15,9 +15,11 @@ from typing import Dict, List
 import torch
 from packaging.version import Version
 
-# Per minor release, the first patch release the distributed checks passed on (.ci/ds_matrix.sh runs
-# them on each): later patches of a minor release keep its internals, earlier ones may not.
-_TESTED = ("0.16.9", "0.17.6", "0.18.9", "0.19.8")
+# Per minor release, the first patch release the distributed checks passed on: later patches of a
+# minor release keep its internals, earlier ones may not. 0.16.9, 0.17.6 and 0.18.9 are adapted
+# below (single-rank checks pass) but fail the 2-rank checks in .ci/ds_matrix.sh on torch 2.13
+# (README "Supported DeepSpeed matrix"), so they stay refused.
+_TESTED = ("0.19.8",)
 _RANGES = [(Version(v), Version(f"{Version(v).major}.{Version(v).minor + 1}")) for v in _TESTED]
 SUPPORTED = " or ".join(f">={lo},<{hi}" for lo, hi in _RANGES)
 
