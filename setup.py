@@ -11,8 +11,9 @@ setup(
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.6",
-        # The ZeRO engine hook uses DeepSpeed internals (lisa_dist/deepspeed/_compat.py); this is
-        # the range it is tested against and the adapter refuses others with a clear error.
+        # The ZeRO engine hook uses DeepSpeed internals (lisa_dist/deepspeed/_compat.py); these are
+        # the releases it is tested against (_compat._TESTED) and the adapter refuses others with a
+        # clear error.
         "deepspeed>=0.19.8,<0.20",
         "transformers>=4.56",
         "accelerate>=1.0",

@@ -3,8 +3,8 @@
     deepspeed --num_gpus 2 benchmarks/zero_memory.py                 # CPU/gloo: writes benchmarks/results/zero_memory.{json,md,png}
     deepspeed --num_gpus 8 benchmarks/zero_memory.py --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000  # a GPU node
 
-Rows, for each ZeRO stage asked for (--stages: 1, 2, 3, and 3o for ZeRO-3 with offload_optimizer to
-the CPU):
+Rows, for each ZeRO stage asked for (--stages: 1, 2, 3, and 1o, 2o, 3o for the stage with
+offload_optimizer to the CPU):
 - full: deepspeed.initialize over every parameter.
 - naive: the same engine, with requires_grad toggled to the LISA schedule every K steps (what the
   LMFlow / axolotl / ms-swift callbacks do): DeepSpeed keeps owning every parameter.
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--steps", type=int, default=20, help="timed steps per row")
-    p.add_argument("--stages", default="1,2,3,3o", help="comma-separated ZeRO stages; 3o: ZeRO-3 with "
+    p.add_argument("--stages", default="1,2,3,3o", help="comma-separated ZeRO stages; 1o, 2o, 3o: with "
                    "offload_optimizer to the CPU")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results", help="results directory")
@@ -354,8 +354,8 @@ def main(argv=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     rows: List[Dict] = []
     for stage in (s.strip() for s in args.stages.split(",") if s.strip()):
-        if stage not in ("1", "2", "3", "3o"):
-            raise SystemExit(f"--stages: unknown stage {stage!r}; use 1, 2, 3 or 3o")
+        if stage not in ("1", "2", "3", "1o", "2o", "3o"):
+            raise SystemExit(f"--stages: unknown stage {stage!r}; use 1, 2, 3, or 1o, 2o, 3o for optimizer offload")
         results = measure_rows(args, stage)
         rows.extend(results[kind] for kind in ROWS if kind in results)
         if rank == 0:

@@ -4,7 +4,8 @@
   bit-identical to a straight run; a SIGKILL during a save leaves `latest` on the previous
   checkpoint, which resumes; --keep-last prunes; another seed is a clear error.
 - DeepSpeed engine.save/load_checkpoint (tests/dist/checkpoint_checks.py, two launches of the real
-  `deepspeed` launcher): ZeRO-1 (reset) and ZeRO-2 (offload) resumes bit-identical; mismatches are
+  `deepspeed` launcher): ZeRO-1 (reset), ZeRO-2 and ZeRO-3 (offload) resumes of a model with attention
+  dropout are bit-identical (each rank's RNG states travel in the checkpoint); mismatches are
   ValueErrors; lisa-export of each stage gives the engine's logits.
 - torchrun --max-restarts=1 with lisa-train --backend deepspeed: rank 1 SIGKILLed after step 5
   restarts from the step-4 checkpoint (--resume auto) and ends with the uninterrupted run's weights.
@@ -124,8 +125,12 @@ def test_zero_resume_bit_identical_at_boundary_and_mid_interval(zero):
             for kind, step in (("boundary", 3), ("mid", 4)):
                 r = rank[f"zero{stage}_resume_{kind}"]
                 assert r["bit_identical"] and r["max_abs_diff"] == 0.0 and r["step"] == step, r
+                assert r["host_draws_match"], r  # python and numpy generators restored too
+            # the model's dropout is live: the same resume with another torch generator state differs
+            assert rank[f"zero{stage}_disturbed_rng_max_abs_diff"] > 0, stage
     for rank in results["train"]:
         assert rank["zero1"]["latest"] == "final"
+        assert all(rank[f"zero{stage}"]["dropout_live"] for stage in (1, 2, 3))
         for stage in (2, 3):
             assert rank[f"zero{stage}"]["host_layers"], f"zero{stage} offload run parked no layer: host path untested"
 

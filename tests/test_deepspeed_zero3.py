@@ -40,10 +40,22 @@ RUNS = PARITY + ("ckpt_reentrant_false", "ckpt_reentrant_true", "offload_none", 
                  "offload_param", "offload_both")
 
 
+def runs(rank):
+    """RUNS, less ckpt_reentrant_false before DeepSpeed 0.19: non-reentrant activation checkpointing
+    with frozen parameters fails inside DeepSpeed 0.16-0.18 ZeRO-3 with or without LISA
+    (CheckpointError: recomputed values have different metadata), so zero3_checks leaves it out."""
+    import deepspeed
+    from packaging.version import Version
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        return RUNS
+    assert "ckpt_reentrant_false" not in rank
+    return tuple(n for n in RUNS if n != "ckpt_reentrant_false")
+
+
 @distributed
 def test_parity_with_single_process_reference(ranks):
     for rank in ranks:
-        for name in RUNS:
+        for name in runs(rank):
             r = rank[name]
             if name in PARITY:
                 assert len(r["schedule"]) - 1 >= 3, (name, r["schedule"])
@@ -71,7 +83,7 @@ def test_schedule_is_the_sampler_schedule(ranks):
 @distributed
 def test_each_rank_owns_exactly_its_share_of_the_active_set(ranks):
     for rank in ranks:
-        for name in RUNS:
+        for name in runs(rank):
             owned = rank[name]["ownership"]
             assert len(owned) >= 4, name
             for o in owned:
@@ -92,7 +104,7 @@ def test_each_rank_owns_exactly_its_share_of_the_active_set(ranks):
 @distributed
 def test_frozen_layer_shards_bit_identical(ranks):
     for rank in ranks:
-        for name in RUNS:
+        for name in runs(rank):
             steps = len(rank[name]["losses"]) // (2 if "gas2" in name else 1)
             assert rank[name]["frozen_layer_checks"] == steps * 4, name  # 4 of 6 layers frozen per step
 
@@ -116,7 +128,7 @@ def test_groups_split_into_sub_groups_move_whole(ranks):
 @distributed
 def test_module_hooks_and_offload_object_survive_switches(ranks):
     for rank in ranks:
-        hooks = {rank[name]["module_hooks"] for name in RUNS}
+        hooks = {rank[name]["module_hooks"] for name in runs(rank)}
         assert len(hooks) == 1 and hooks.pop() > 0
         assert rank["leak"]["offload_same"] and rank["leak"]["module_hooks"] > 0
 
@@ -204,13 +216,32 @@ def test_lisa_train_zero3_offload_end_to_end(tmp_path):
         assert f"[rank {r}/{WORLD}] switch 2 at step 4" in proc.stdout, output_tail(proc)
 
 
+@distributed
+def test_optimizer_offload_with_torch_adamw_matches_reference(ranks):
+    for rank in ranks:
+        r = rank["parity_fp32_optcpu_torchadam_pin"]
+        assert len(r["schedule"]) - 1 >= 3 and r["frozen_layer_checks"] > 0, r["schedule"]
+        assert r["max_abs_diff"] <= 5e-5 and r["mean_abs_diff"] <= 1e-8, r
+        assert all(o["owned_ok"] and o["partition_numel"] == o["active_share_numel"] for o in r["ownership"])
+
+
+@distributed
+def test_fp16_loss_scale_carries_across_switches(ranks):
+    for rank in ranks:
+        r = rank["fp16_loss_scale"]
+        # compared with a replica scaler after every step in the launched script (raises on a difference)
+        assert r["switches"] >= 3 and r["skipped"] == [0, 1, 1, 0, 0, 1, 0, 0], r
+        assert r["final_scale"] == 256 and r["max_update"] > 0, r
+        assert any(t["switch_index"] > 0 and t["scaler"]["cur_iter"] == t["step"] + 1 for t in r["trace"])
+    assert ranks[0]["fp16_loss_scale"]["trace"] == ranks[1]["fp16_loss_scale"]["trace"]
+
+
 # --- in-process: refused configurations (raised before any process group exists) ----------------
 
 @pytest.mark.unit
 @pytest.mark.parametrize("zero,match", [
     ({"stage": 3, "offload_optimizer": {"device": "nvme", "nvme_path": "/tmp"}}, "NVMe"),
     ({"stage": 3, "offload_param": {"device": "nvme", "nvme_path": "/tmp"}}, "NVMe"),
-    ({"stage": 2, "offload_optimizer": {"device": "cpu"}}, "use ZeRO stage 3"),
     ({"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}, "SuperOffload"),
 ])
 def test_refused_offload_configurations(zero, match):

@@ -15,22 +15,58 @@ from typing import Dict, List
 import torch
 from packaging.version import Version
 
-SUPPORTED = ">=0.19.8,<0.20"
-_MIN, _MAX = Version("0.19.8"), Version("0.20")
+# Per minor release, the first patch release the distributed checks passed on: later patches of a
+# minor release keep its internals, earlier ones may not. 0.16.9, 0.17.6 and 0.18.9 are adapted
+# below (single-rank checks pass) but fail the 2-rank checks in .ci/ds_matrix.sh on torch 2.13
+# (README "Supported DeepSpeed matrix"), so they stay refused.
+_TESTED = ("0.19.8",)
+_RANGES = [(Version(v), Version(f"{Version(v).major}.{Version(v).minor + 1}")) for v in _TESTED]
+SUPPORTED = " or ".join(f">={lo},<{hi}" for lo, hi in _RANGES)
+
+
+def version_supported(installed: str) -> bool:
+    # DeepSpeed source builds append "+<git hash>"; the release is what matters.
+    release = Version(Version(installed).base_version)
+    return any(lo <= release < hi for lo, hi in _RANGES)
 
 
 def check_deepspeed_version(installed: str | None = None) -> None:
-    """Raise RuntimeError unless the installed DeepSpeed is in the tested range."""
+    """Raise RuntimeError unless the installed DeepSpeed is in a tested range."""
     if installed is None:
         import deepspeed
         installed = deepspeed.__version__
-    # DeepSpeed source builds append "+<git hash>"; the release is what matters.
-    release = Version(Version(installed).base_version)
-    if not _MIN <= release < _MAX:
+    if not version_supported(installed):
+        newest = _TESTED[-1]
         raise RuntimeError(
-            f"lisa_dist's DeepSpeed hook is tested with deepspeed{SUPPORTED} but deepspeed {installed} is "
+            f"lisa_dist's DeepSpeed hook is tested with deepspeed {SUPPORTED} but deepspeed {installed} is "
             f"installed. It rebuilds ZeRO optimizer internals that change between releases; install a "
-            f"supported version (pip install 'deepspeed{SUPPORTED}') or use --backend fsdp2")
+            f"supported version (pip install 'deepspeed>={newest},<{_RANGES[-1][1]}') or use --backend fsdp2")
+
+
+@contextmanager
+def zero12_build_fixes():
+    """While active, ZeRO-1/2 optimizers are built as DeepSpeed 0.19 builds them.
+
+    Before 0.19 the flat buffer of a param group is the torch.cat of params that require grad,
+    recorded by autograd (stage_1_and_2.py flatten_dense_tensors_aligned), and its partitions are
+    split views of it; with torch 2.13 the gloo all-gather into those views after each step then
+    fails ("Output 0 of Split is a view and is being modified inplace") on 2+ ranks, with or without
+    LISA. DeepSpeed 0.19 detaches the buffer; this does the same for older releases."""
+    cls = zero12_optimizer_class()
+    original = cls.__dict__["flatten_dense_tensors_aligned"]
+    import deepspeed
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        yield
+        return
+
+    def detached(self, *args, **kwargs):
+        return original(self, *args, **kwargs).detach()
+
+    cls.flatten_dense_tensors_aligned = detached
+    try:
+        yield
+    finally:
+        cls.flatten_dense_tensors_aligned = original
 
 
 # --- engine ---------------------------------------------------------------------------------------
@@ -38,10 +74,40 @@ def check_deepspeed_version(installed: str | None = None) -> None:
 def configure_optimizer(engine, basic_optimizer: torch.optim.Optimizer) -> None:
     """Build a fresh ZeRO optimizer around `basic_optimizer` and install it as engine.optimizer
     (engine.py:2328-2367), then re-register the torch-style backward post hook that engine __init__
-    registers only once (engine.py:772)."""
-    engine._configure_optimizer(basic_optimizer, None)
-    if engine._support_torch_style_backward:
+    registers only once (engine.py:772).
+
+    The optimizer is handed over as a client optimizer, which under offload_optimizer DeepSpeed
+    refuses unless it is DeepSpeedCPUAdam (zero_force_ds_cpu_optimizer, engine.py:2342). That
+    refusal already ran (or was waived by the config) when the engine was built over the same
+    optimizer type, e.g. torch's AdamW from "torch_adam": true; it is skipped for the rebuild."""
+    engine.zero_force_ds_cpu_optimizer = lambda: False
+    try:
+        with zero12_build_fixes():
+            engine._configure_optimizer(basic_optimizer, None)
+    finally:
+        del engine.zero_force_ds_cpu_optimizer
+    if supports_torch_style_backward(engine):
         engine.optimizer.register_grad_acc_post_hook(engine._backward_post_hook)
+
+
+def supports_torch_style_backward(engine) -> bool:
+    """Whether a plain loss.backward() drives this engine (0.18+); before, only engine.backward."""
+    return bool(getattr(engine, "_support_torch_style_backward", False))
+
+
+_LOSS_SCALE_ATTRS = ("loss_scaler", "dynamic_loss_scale", "custom_loss_scaler", "external_loss_scale")
+
+
+def loss_scale_state(zero_optimizer) -> Dict[str, object]:
+    """The loss scaling of a ZeRO-1/2/3 optimizer: its LossScaler/DynamicLossScaler object (scale,
+    iteration, last overflow, hysteresis), and an override_loss_scale() value. A new optimizer
+    starts a fresh scaler at initial_scale_power; handing it this one continues the scale window."""
+    return {name: getattr(zero_optimizer, name) for name in _LOSS_SCALE_ATTRS}
+
+
+def set_loss_scale_state(zero_optimizer, state: Dict[str, object]) -> None:
+    for name, value in state.items():
+        setattr(zero_optimizer, name, value)
 
 
 def drop_engine_optimizer(engine) -> None:
@@ -79,15 +145,25 @@ def destroy_zero12(zero_optimizer) -> None:
     out of the flat buffers."""
     zero_optimizer.destroy()
     # destroy() keeps the post hooks, which reference the engine's bound method.
-    zero_optimizer.unregister_grad_acc_post_hooks()
+    if hasattr(zero_optimizer, "unregister_grad_acc_post_hooks"):  # >= 0.18
+        zero_optimizer.unregister_grad_acc_post_hooks()
+    # Under offload_optimizer each param links back to its optimizer (_create_optimizer_mapping,
+    # 0.17+), which destroy() leaves: the old optimizer and its flat buffers would outlive it.
+    for group in zero_optimizer.bit16_groups:
+        for p in group:
+            if hasattr(p, "_zero_optimizer"):
+                del p._zero_optimizer
 
 
 def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
     """Gradient storage owned by the ZeRO optimizer, by kind.
 
     "partition": gradients of this rank's partition (ZeRO-2's contiguous `grads_in_partition`, the
-    reduced `averaged_gradients`); "buckets": reduction staging buffers (`ipg_buckets`, sized by
-    reduce_bucket_size, a framework workspace rather than a model state).
+    reduced `averaged_gradients`; under offload_optimizer the fp32 partitions' .grad on the host,
+    stage_1_and_2.py:3126, and the fp32 host accumulators of gradient accumulation); "buckets": reduction and offload staging buffers (`ipg_buckets`, sized by
+    reduce_bucket_size; under offload the largest-param gradient buffers and the host bit16 copy of
+    the partition the updated weights travel back through, 560-575), framework workspace rather
+    than model state.
     """
     partition: List[torch.Tensor] = []
     if getattr(zero_optimizer, "grads_in_partition", None) is not None:
@@ -96,11 +172,21 @@ def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
         if grads is None:
             continue
         partition.extend(grads if isinstance(grads, (list, tuple)) else [grads])
+    partition.extend(fp32.grad for fp32 in zero_optimizer.single_partition_of_fp32_groups if fp32.grad is not None)
     buckets: List[torch.Tensor] = []
-    for bucket in zero_optimizer.ipg_buckets.values():
+    # 0.17-0.19 keep per-dtype IPG buckets; 0.16 one flat list of buffers.
+    for bucket in getattr(zero_optimizer, "ipg_buckets", {}).values():
         buckets.extend(bucket.buffer)
         buckets.extend(g for g in bucket.grads if torch.is_tensor(g))
-    return {"partition": [t for t in partition if torch.is_tensor(t)], "buckets": buckets}
+    buckets.extend(getattr(zero_optimizer, "ipg_buffer", None) or [])
+    if getattr(zero_optimizer, "cpu_offload", False):
+        buckets.extend(getattr(zero_optimizer, name, None) for name in
+                       ("temp_grad_buffer_for_cpu_offload", "temp_grad_buffer_for_gpu_offload"))
+        buckets.extend(getattr(zero_optimizer, "param_buffer_of_bit16_for_cpu_offload_groups", []))
+        # gradient accumulation across micro-batches, fp32 on the host, per param of this partition
+        partition.extend(getattr(zero_optimizer, "accumulated_grads_in_cpu", {}).values())
+    return {"partition": [t for t in partition if torch.is_tensor(t)],
+            "buckets": [t for t in buckets if torch.is_tensor(t)]}
 
 
 def checkpoint_safe_globals() -> List:
@@ -125,9 +211,31 @@ def quiet_logs():
 
 
 def load_ds_config(config) -> dict:
-    """A DeepSpeed config given as a dict, a JSON/HJSON path or base64, read as DeepSpeed reads it."""
-    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config as _load
+    """A DeepSpeed config given as a dict, a JSON/HJSON path or base64, read as DeepSpeed reads it
+    (0.18+: tensor_parallel.init_utils.load_ds_config; before, the same steps inside DeepSpeedConfig)."""
+    try:
+        from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config as _load
+    except ImportError:
+        return _load_ds_config_017(config)
     return _load(config)
+
+
+def _load_ds_config_017(config) -> dict:
+    import base64
+    import os
+
+    import hjson
+    from deepspeed.runtime.config_utils import dict_raise_error_on_duplicate_keys
+    if isinstance(config, dict):
+        return config
+    if isinstance(config, (str, os.PathLike)) and os.path.exists(config):
+        with open(config, "r") as f:
+            return hjson.load(f, object_pairs_hook=dict_raise_error_on_duplicate_keys)
+    try:
+        return hjson.loads(base64.urlsafe_b64decode(config).decode("utf-8"))
+    except (UnicodeDecodeError, AttributeError, ValueError, TypeError) as exc:
+        raise ValueError("Expected a string path to an existing deepspeed config, or a dictionary or a valid "
+                         f"base64. Received: {config}") from exc
 
 
 # --- ZeRO-3 optimizer (runtime/zero/stage3.py, parameter_offload.py) -----------------------------
@@ -192,15 +300,17 @@ def zero3_rebuild_context(parameter_offload):
       (it scales with the number of live Python objects, not with the model)."""
     from deepspeed.runtime.zero import stage3
     cls = zero3_optimizer_class()
+    # 0.19 imports defragment into stage3 from zero/utils; before, it is a staticmethod of the class.
+    owner = stage3 if hasattr(stage3, "defragment") else cls
     original_offload = cls.__dict__["initialize_ds_offload"]
-    original_defragment = stage3.defragment
+    original_defragment = owner.__dict__["defragment"]
     cls.initialize_ds_offload = lambda self, *args, **kwargs: parameter_offload
-    stage3.defragment = _defragment_in_place
+    setattr(owner, "defragment", _defragment_in_place if owner is stage3 else staticmethod(_defragment_in_place))
     try:
         yield
     finally:
         cls.initialize_ds_offload = original_offload
-        stage3.defragment = original_defragment
+        setattr(owner, "defragment", original_defragment)
 
 
 def zero3_lp_buffers(zero_optimizer) -> List[torch.Tensor]:
@@ -271,10 +381,17 @@ def detach_zero3(zero_optimizer) -> None:
         hook.remove()
     zero_optimizer._grad_acc_hooks = []
     zero_optimizer._leaf_module_hooks = []
-    zero_optimizer.unregister_grad_acc_post_hooks()
-    zero_optimizer._clear_muon_allgather_buffers()
-    zero_optimizer.ipg_buckets.clear()
-    zero_optimizer._unpin_offload_buffers()
+    # Each of these arrived in a later release than 0.16 and has nothing to undo before it:
+    # torch-style backward post hooks (0.18), Muon all-gather buffers and native unpinning (0.19).
+    for name in ("unregister_grad_acc_post_hooks", "_clear_muon_allgather_buffers", "_unpin_offload_buffers"):
+        if hasattr(zero_optimizer, name):
+            getattr(zero_optimizer, name)()
+    if hasattr(zero_optimizer, "ipg_buckets"):  # 0.17+: per-dtype buckets
+        zero_optimizer.ipg_buckets.clear()
+    else:  # 0.16: one bucket
+        zero_optimizer.grads_in_ipg_bucket = []
+        zero_optimizer.params_in_ipg_bucket = []
+        zero_optimizer._DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer = None
     # The partitions of the params this optimizer owned are views into its flat bf16 buffer
     # (defragment, 913-1018); give each its own storage so the buffer can go.
     with torch.no_grad():
@@ -314,9 +431,12 @@ def zero3_gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
         partition.append(zero_optimizer.grad_partitions_flat_buffer)
     partition.extend(fp32.grad for fp32 in zero_optimizer.fp32_partitioned_groups_flat if fp32.grad is not None)
     buckets: List[torch.Tensor] = []
-    for bucket in zero_optimizer.ipg_buckets.values():
+    for bucket in getattr(zero_optimizer, "ipg_buckets", {}).values():
         if getattr(bucket, "buffer", None) is not None:
             buckets.append(bucket.buffer)
+    flat = getattr(zero_optimizer, "_DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer", None)  # 0.16
+    if flat is not None:
+        buckets.append(flat)
     return {"partition": partition, "buckets": buckets}
 
 

@@ -5,14 +5,15 @@ the active set at save time; a fresh engine is built over the first set, so Deep
 with a bare KeyError or a shape error, or silently loads moments into the wrong layer. Here:
 
 - save: DeepSpeed writes to a hidden tag, then this adds the LISA schedule (client_state["lisa"] and
-  the JSON sidecar `lisa_checkpoint.json`), the `offload` host slices (`lisa_host_rank<r>.pt`) and
-  the model's `config.json` (so `lisa-export` needs no --model); only once every rank is done is the
+  the JSON sidecar `lisa_checkpoint.json`), the `offload` host slices (`lisa_host_rank<r>.pt`), each
+  rank's random generator states (`lisa_rng_rank<r>.pt`: DeepSpeed saves none, so dropout would not
+  resume exactly) and the model's `config.json` (so `lisa-export` needs no --model); only once every rank is done is the
   tag renamed into place and `latest` swapped (os.replace), so a kill mid-save leaves the previous
   checkpoint loadable and `latest` naming it;
 - load: the sidecar is checked against this engine (model, gamma, K, seed, policy, world size, ZeRO
   stage) with a ValueError that says what differs, the optimizer is rebuilt over the saved active
-  set, and only then DeepSpeed restores weights, masters, moments and the LR schedule (every
-  torch.load weights-only).
+  set, and only then DeepSpeed restores weights, masters, moments and the LR schedule; the random
+  generators come back last (every torch.load weights-only).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
@@ -28,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from ..serialization import load_tensors, weights_only_loads, write_text_atomic
-from . import _compat, zero12
+from . import _compat, rng, zero12
 from .agreement import check_agreement
 
 SIDECAR = "lisa_checkpoint.json"
@@ -41,6 +43,10 @@ _SCHEDULE_FIELDS = ("activated_layers", "interval_steps", "seed", "state_policy"
 
 def host_file(rank: int) -> str:
     return f"lisa_host_rank{rank}.pt"
+
+
+def rng_file(rank: int) -> str:
+    return f"lisa_rng_rank{rank}.pt"
 
 
 def model_fingerprint(module: torch.nn.Module) -> str:
@@ -62,7 +68,7 @@ def describe(engine) -> Dict[str, Any]:
             "active_layers": list(lisa.active_layers), "group_keys": list(lisa.group_keys),
             "host_layers": sorted(lisa.host) if lisa.host is not None else None,
             "world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-            "global_steps": int(engine.global_steps)}
+            "global_steps": int(engine.global_steps), "rng_state": True}
 
 
 def read_sidecar(tag_dir: Path) -> Dict[str, Any]:
@@ -124,6 +130,7 @@ def save_checkpoint(engine, original, save_dir, tag=None, client_state={}, save_
         # Each rank's slices of the layers parked on the host: part of the optimizer state under
         # state_policy="offload", invisible to DeepSpeed.
         torch.save({str(key): _slice_to_dict(s) for key, s in host.items()}, tmp / host_file(dist.get_rank()))
+    torch.save(rng.capture(), tmp / rng_file(dist.get_rank()))
     if _rank0():
         config = getattr(engine.module, "config", None)
         if hasattr(config, "to_json_file"):
@@ -164,6 +171,19 @@ def _saved_host(tag_dir: Path, saved: Dict[str, Any]) -> Dict[zero12.GroupKey, A
                          "the checkpoint is incomplete, resume from an earlier one")
     raw = load_tensors(path)
     return {zero12.parse_key(k): _slice_from_dict(v) for k, v in raw.items()}
+
+
+def _restore_rng(tag_dir: Path, saved: Dict[str, Any]) -> None:
+    path = tag_dir / rng_file(dist.get_rank())
+    if path.is_file():
+        rng.restore(load_tensors(path))
+    elif saved.get("rng_state"):
+        raise ValueError(f"{tag_dir} was saved with random generator states but has no {path.name}; the "
+                         "checkpoint is incomplete, resume from an earlier one")
+    else:
+        warnings.warn(f"{tag_dir} holds no random generator states (written by an older lisa_dist): training "
+                      "continues, but dropout and other random draws will not follow the saved run", RuntimeWarning,
+                      stacklevel=3)
 
 
 def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
@@ -212,6 +232,7 @@ def load_checkpoint(engine, original, load_dir, tag=None, load_module_strict=Tru
         lisa.switch_index = saved["switch_index"]
         if lisa.host is not None:
             lisa.host = _saved_host(tag_dir, saved)
+        _restore_rng(tag_dir, saved)
         lisa.record(engine, 0.0)
         lisa.schedule_log[-1]["resumed_from"] = str(tag_dir)
     return path, client

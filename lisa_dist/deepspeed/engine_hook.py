@@ -147,12 +147,6 @@ def _check_ds_config(ds_config: dict) -> None:
             "lisa_dist.optim.LisaOptimizer with plain data parallelism instead)")
     offload = zero.get("offload_optimizer") or {}
     device = str(offload.get("device", "none")).lower()
-    # ZeRO-3 rebuilds keep host-resident fp32 partitions and moments; the ZeRO-1/2 rebuild does not.
-    if stage != 3 and device not in ("none", "null"):
-        raise NotImplementedError(
-            "ZeRO optimizer offload (zero_optimization.offload_optimizer) is not supported by the LISA hook "
-            "with ZeRO-1/2: remove offload_optimizer from the DeepSpeed config or use ZeRO stage 3. LISA "
-            "already keeps fp32 master and Adam state for the active layers only")
     if device == "nvme" or str((zero.get("offload_param") or {}).get("device", "none")).lower() == "nvme":
         raise NotImplementedError(
             "offload to NVMe is not supported by the LISA hook (DeepSpeed's swappers keep files per sub-group "
@@ -161,10 +155,6 @@ def _check_ds_config(ds_config: dict) -> None:
         raise NotImplementedError(
             "ZenFlow and SuperOffload (zero_optimization.zenflow, offload_optimizer.super_offload) use their own "
             "stage-3 optimizers, which the LISA hook does not rebuild; remove them from the DeepSpeed config")
-    if (ds_config.get("fp16") or {}).get("enabled") is True:
-        raise NotImplementedError(
-            "fp16 with loss scaling is not supported by the LISA hook (each rebuild would reset the loss "
-            "scale); use \"bf16\": {\"enabled\": true} or fp32")
 
 
 def client_option_sets(optimizer: torch.optim.Optimizer) -> Tuple[List[Dict[str, Any]], Dict[int, int], List[int]]:
@@ -220,10 +210,11 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     may be None (taken from the DeepSpeed config), a fresh torch optimizer (re-used across switches,
     so a torch LR scheduler bound to it keeps working; groups with different hyper-parameters, such
     as Trainer's weight-decay / no-decay split, keep them: every always-active part and layer is
-    split by option set), or a callable taking param groups. The returned optimizer is a view of the engine's current
-    ZeRO optimizer. ZeRO stage 1, 2 and 3 (stage 3 also with offload_optimizer/offload_param to CPU).
-    `other_schedulers`: torch LR schedulers bound to `optimizer` that the caller steps itself
-    (accelerate keeps them out of DeepSpeed); like `lr_scheduler` they get one entry per LISA group.
+    split by option set), or a callable taking param groups. The returned optimizer is a view of the
+    engine's current ZeRO optimizer. ZeRO stage 1, 2 and 3, with offload_optimizer to CPU (and
+    offload_param to CPU on stage 3), in fp32, bf16 or fp16 (the loss scaler carries across every
+    rebuild). `other_schedulers`: torch LR schedulers bound to `optimizer` that the caller steps
+    itself (accelerate keeps them out of DeepSpeed); like `lr_scheduler` they get one entry per LISA group.
     """
     _compat.check_deepspeed_version()
     import deepspeed
@@ -270,7 +261,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     if isinstance(optimizer, torch.optim.Optimizer):
         _regroup_client_optimizer(optimizer, lr_scheduler, groups, option_sets, first_group, other_schedulers)
 
-    with explained_op_build_failures(ds_config):
+    with explained_op_build_failures(ds_config), _compat.zero12_build_fixes():
         engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
             args=args, model=model, optimizer=optimizer, model_parameters=param_groups,
             training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,

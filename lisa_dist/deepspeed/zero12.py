@@ -131,6 +131,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     options = group_options(basic, new_groups, options)
     del slices
 
+    loss_scale = _compat.loss_scale_state(old)  # fp16: the dynamic scale and its window go on
     old_flats = [weakref.ref(t) for t in _compat.flat_bit16_buffers(old)]
     # The old flat buffers die only when no param views them any more.
     with torch.no_grad():
@@ -161,6 +162,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
         p.requires_grad_(id(p) in trainable)
     basic.param_groups = [{**o, "params": list(params)} for o, (_, params) in zip(options, new_groups)]
     _compat.configure_optimizer(engine, basic)
+    _compat.set_loss_scale_state(engine.optimizer, loss_scale)
 
     partitions = _compat.fp32_partitions(engine.optimizer)
     with torch.no_grad():

@@ -81,6 +81,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     options = group_options(basic, new_groups, options)
     del shards
 
+    loss_scale = _compat.loss_scale_state(old)  # fp16: the dynamic scale and its window go on
     offload = _compat.zero3_parameter_offload(old)
     old_buffers = [weakref.ref(t) for t in _compat.zero3_flat_buffers(old)]
     _compat.detach_zero3(old)
@@ -97,6 +98,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     basic.param_groups = [{**o, "params": list(params)} for o, (_, params) in zip(options, new_groups)]
     with _compat.zero3_rebuild_context(offload):
         _compat.configure_optimizer(engine, basic)
+    _compat.set_loss_scale_state(engine.optimizer, loss_scale)
     # Building the optimizer gathers and re-partitions every trainable param to hook it, behind
     # the coordinator's back; the recorded forward trace no longer describes what is in flight.
     _compat.invalidate_gather_trace(engine.optimizer)

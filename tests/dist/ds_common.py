@@ -64,3 +64,66 @@ def naive_toggling_bytes(model, cfg: dict, lisa, gamma: int, micro_batches: Call
     del naive
     gc.collect()
     return measured
+
+
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's CPU accelerator reports fp16 as unsupported unless oneDNN has fp16 kernels, and
+    the engine refuses fp16 then (engine.py: "Type fp16 is not supported on your device"). torch
+    computes fp16 on CPU all the same (slowly), so the checks lift the gate to run DeepSpeed's real
+    fp16 path: fp16 flat buffers, overflow detection and the dynamic loss scaler."""
+    from deepspeed.accelerator import get_accelerator
+    type(get_accelerator()).is_fp16_supported = lambda self: True
+
+
+SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis", "scale_window", "delayed_shift")
+
+
+def loss_scaler_fields(scaler) -> Dict:
+    return {k: getattr(scaler, k) for k in SCALER_FIELDS if hasattr(scaler, k)}
+
+
+# optimizer step -> ranks whose loss is blown up to overflow fp16 gradients (K=2: switches after
+# steps 2, 4, 6, i.e. after step indices 1, 3, 5)
+OVERFLOWS = {1: "all", 2: "rank1", 5: "all"}
+FP16_STEPS = 8
+
+
+def overflow_schedule(engine, micro_batches: Callable, start, close_fn, flat_weights, ranks_identical,
+                      on_switch: Callable) -> Dict:
+    """Drive an fp16 engine through OVERFLOWS and compare its loss scaler with a replica after each
+    step (see zero12_checks.fp16_loss_scale). `flat_weights` may be collective (ZeRO-3 gathers)."""
+    import copy
+
+    replica = copy.deepcopy(engine.optimizer.loss_scaler)
+    rank, lisa = dist.get_rank(), engine.lisa
+    trace, mismatches, skipped = [], [], []
+    for step in range(FP16_STEPS):
+        before = int(engine.skipped_steps)
+        for ids in micro_batches(step, 1):
+            loss = engine(input_ids=ids, labels=ids).loss
+            who = OVERFLOWS.get(step)
+            if who == "all" or (who == "rank1" and rank == 1):
+                loss = loss * 1e10  # fp16 gradients overflow to inf once scaled
+            engine.backward(loss)
+            engine.step()
+        # an overflow on any rank is every rank's (ZeRO reduces the flag); rank 1 may not exist
+        overflow = OVERFLOWS.get(step) == "all" or (OVERFLOWS.get(step) == "rank1" and dist.get_world_size() > 1)
+        replica.update_scale(overflow)
+        skipped.append(int(engine.skipped_steps) - before)
+        got, want = loss_scaler_fields(engine.optimizer.loss_scaler), loss_scaler_fields(replica)
+        trace.append({"step": step, "switch_index": lisa.switch_index, "scaler": got})
+        if got != want:
+            mismatches.append({"step": step, "got": got, "want": want})
+        if lisa.optimizer_steps % lisa.config.interval_steps == 0:
+            on_switch()
+    assert not mismatches, f"loss scaler not carried across switches: {mismatches}"
+    assert sum(skipped) == len(OVERFLOWS) - (dist.get_world_size() == 1), f"skipped steps {skipped}"
+    update = (flat_weights(engine.module) - flat_weights(start)).abs().max().item()
+    assert update > 0, "nothing trained"
+    # ZeRO-3 holds one copy of the weights across ranks: nothing to compare (None)
+    identical = ranks_identical(engine.module) if ranks_identical is not None else None
+    assert identical is not False, "ranks diverged"
+    result = {"trace": trace, "skipped": skipped, "switches": lisa.switch_index, "ranks_identical": identical,
+              "max_update": update, "final_scale": float(engine.optimizer.loss_scaler.cur_scale)}
+    close_fn(engine)
+    return result

@@ -32,7 +32,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
-from ds_common import close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -112,6 +112,12 @@ def ownership(engine) -> Dict:
            "share_ratio": sum(t.numel() for t in partitions) * n / psi_a, "psi_active": psi_a}
     if lisa.host is not None:
         out["host_layers"] = sorted(k for k in lisa.host)
+    if getattr(zero, "cpu_offload", False):
+        # offload_optimizer: the master partitions and the moments live on the host
+        host = [t for t in partitions] + [v for st in basic.state.values() for v in st.values()
+                                           if torch.is_tensor(v) and v.dim() > 0]
+        out["on_host"] = all(t.device.type == "cpu" for t in host)
+        assert out["on_host"], f"offload_optimizer: a master or moment is not on the host: {out}"
     for key in ("keys_ok", "owned_ok", "requires_grad_ok", "deactivated_clean", "state_on_partitions",
                 "state_shapes_ok"):
         assert out[key], f"ownership check {key} failed: {out}"
@@ -172,19 +178,26 @@ def reference(model, lisa: LisaConfig, steps: int, gas: int, bf16: bool) -> Llam
 
 # --- scenarios --------------------------------------------------------------------------------------
 
-def parity(stage: int, bf16: bool, policy: str, gas: int, interval: int, steps: int, optimizer: str) -> Dict:
-    """Same seed, data and schedule as LisaOptimizer; ownership after every switch; frozen layers."""
+def parity(stage: int, bf16: bool, policy: str, gas: int, interval: int, steps: int, optimizer: str,
+           offload: Optional[dict] = None) -> Dict:
+    """Same seed, data and schedule as LisaOptimizer; ownership after every switch; frozen layers.
+    `offload`: zero_optimization.offload_optimizer (fp32 master, moments and the optimizer step on
+    the host; DeepSpeedCPUAdam unless the config asks for torch_adam)."""
+    zero = {"offload_optimizer": offload} if offload else {}
     model = build_model()
     start = copy.deepcopy(model)
     lisa = LisaConfig(activated_layers=2, interval_steps=interval, seed=5, state_policy=policy)
     ref = reference(model, lisa, steps, gas, bf16)
     if optimizer == "object":
         opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
-        cfg = ds_config(stage, bf16, gas)
+        cfg = ds_config(stage, bf16, gas, **zero)
     else:  # DeepSpeed config; "torch_adam" keeps torch's AdamW arithmetic for a tight fp32 comparison
         params = dict(ADAMW, torch_adam=True) if optimizer == "config_torch" else ADAMW
-        opt, cfg = None, ds_config(stage, bf16, gas, optimizer={"type": "AdamW", "params": params})
+        opt, cfg = None, ds_config(stage, bf16, gas, optimizer={"type": "AdamW", "params": params}, **zero)
     engine, _, _, _ = lds.initialize(model=model, optimizer=opt, config=cfg, lisa=lisa)
+    if offload:
+        expect = "DeepSpeedCPUAdam" if optimizer == "config" else "AdamW"
+        assert type(engine.basic_optimizer).__name__ == expect, type(engine.basic_optimizer)
     owned: List[Dict] = [ownership(engine)]
     result = train(engine, model, steps, gas, on_switch=lambda: owned.append(ownership(engine)))
     if bf16:
@@ -198,6 +211,8 @@ def parity(stage: int, bf16: bool, policy: str, gas: int, interval: int, steps: 
         seen_off |= set(a["active"]) - set(b["active"])
         reactivated |= set(b["active"]) & seen_off
     result["reactivated_layers"] = sorted(reactivated)
+    result["basic_optimizer"] = type(engine.basic_optimizer).__name__
+    result["master_devices"] = sorted({t.device.type for t in _compat.fp32_partitions(engine.optimizer)})
     close(engine)
     return result
 
@@ -230,7 +245,10 @@ def matrix(stage: int, name: str, bf16: bool, gas: int, clip: float, checkpointi
     engine, _, _, returned_sched = lds.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=cfg,
                                                   lisa=lisa)
     steps = 6
+    # a plain loss.backward() drives DeepSpeed 0.18+ only; older releases run engine.backward here
+    torch_backward = torch_backward and _compat.supports_torch_style_backward(engine)
     result = train(engine, model, steps, gas, on_switch=lambda: ownership(engine), torch_backward=torch_backward)
+    result["torch_backward"] = torch_backward
     # The same schedule stepped alone: the LR must survive every optimizer rebuild.
     dummy = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=LR)
     if scheduler in ("WarmupLR", "WarmupDecayLR"):
@@ -261,11 +279,16 @@ def matrix(stage: int, name: str, bf16: bool, gas: int, clip: float, checkpointi
     return result
 
 
-def memory(stage: int) -> Dict:
-    """Model-state bytes vs the DESIGN.md floor, and the naive requires_grad-toggling baseline."""
+def memory(stage: int, offload: Optional[dict] = None) -> Dict:
+    """Model-state bytes vs the DESIGN.md floor, and the naive requires_grad-toggling baseline.
+
+    With `offload` (offload_optimizer to the host) DeepSpeed reduces the bf16 gradients into fp32
+    gradient partitions on the host, so the floor's gradient term is 4 Psi_a / N bytes instead of
+    the ZeRO-2 2 Psi_a / N (ZeRO-1: 2 Psi_a + ...); the naive baseline is not re-measured."""
     n = dist.get_world_size()
     layers, gamma = 8, 2
-    cfg = ds_config(stage, True, optimizer={"type": "AdamW", "params": ADAMW})
+    zero = {"offload_optimizer": offload} if offload else {}
+    cfg = ds_config(stage, True, optimizer={"type": "AdamW", "params": ADAMW}, **zero)
     lisa = LisaConfig(activated_layers=gamma, interval_steps=3, seed=2)
 
     model = build_model(layers=layers)
@@ -282,6 +305,16 @@ def memory(stage: int) -> Dict:
     floor = model_state_floor(f"zero{stage}", counts.total, psi_a, n, weight_bytes=2)
     full_floor = model_state_floor(f"zero{stage}", counts.total, counts.total, n, weight_bytes=2)
     close(engine)
+    if offload:
+        grads = 4 * psi_a / n + (2 * psi_a if stage == 1 else 0)  # host fp32 partition (+ ZeRO-1's bf16 grads)
+        floor = dict(floor, grads=grads, total=floor["total"] - floor["grads"] + grads)
+        result = {"psi": counts.total, "psi_active": psi_a, "floor": floor, "lisa": lisa_bytes,
+                  "lisa_in_step": in_step, "lisa_over_floor": lisa_bytes["model_state"] / floor["total"],
+                  "lisa_in_step_over_floor": in_step["model_state"] / floor["total"],
+                  "master_over_active_share": lisa_bytes["fp32_master"] / (4 * psi_a / n)}
+        assert result["lisa_over_floor"] <= 1.1 and result["lisa_in_step_over_floor"] <= 1.1, result
+        assert 1.0 <= result["master_over_active_share"] <= 1.01, result
+        return result
 
     # Naive: DeepSpeed over every parameter, then requires_grad toggled the LMFlow/axolotl way.
     naive_bytes = naive_toggling_bytes(build_model(layers=layers), cfg, lisa, gamma, rank_micro_batches)
@@ -323,6 +356,25 @@ def leak(stage: int, policy: str, switches: int) -> Dict:
     seconds = sorted(e["seconds"] for e in engine.lisa.schedule_log[1:])
     close(engine)
     return {"samples": samples, "switch_seconds_median": seconds[len(seconds) // 2]}
+
+
+def fp16_loss_scale(stage: int, offload: Optional[dict] = None) -> Dict:
+    """fp16 with dynamic loss scaling: overflows forced right before a switch, right after one
+    (on one rank only: ZeRO agrees on overflow across ranks) and mid-run. After every step the
+    engine's scaler must equal a replica of the initial scaler driven by the same overflows, i.e.
+    the scale, iteration counter, last overflow and hysteresis went through every rebuild."""
+    from ds_common import overflow_schedule
+    model = build_model()
+    start = copy.deepcopy(model).half()
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=4, state_policy="offload")
+    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 10, "loss_scale_window": 3,
+            "hysteresis": 2, "min_loss_scale": 1}
+    zero = {"offload_optimizer": offload} if offload else {}
+    cfg = ds_config(stage, False, optimizer={"type": "AdamW", "params": ADAMW}, **zero)
+    cfg["fp16"] = fp16
+    engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
+    return overflow_schedule(engine, rank_micro_batches, start, close, flat_weights, ranks_identical,
+                             lambda: ownership(engine))
 
 
 def runner_check(stage: int, out_dir: Path) -> Dict:
@@ -395,7 +447,14 @@ def scenarios(stage: int, out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "parity_fp32": lambda: parity(stage, False, "reset", 1, 2, 8, "object"),
         "parity_fp32_offload": lambda: parity(stage, False, "offload", 1, 1, 8, "config_torch"),
         "parity_bf16_gas2": lambda: parity(stage, True, "reset", 2, 2, 8, "config"),
+        # offload_optimizer to the host: torch's AdamW with pinned buffers, DeepSpeedCPUAdam without
+        "parity_fp32_optcpu_torchadam_pin": lambda: parity(stage, False, "reset", 1, 2, 8, "config_torch",
+                                                           offload={"device": "cpu", "pin_memory": True}),
+        "parity_fp32_offload_optcpu_cpuadam": lambda: parity(stage, False, "offload", 1, 1, 8, "config",
+                                                             offload={"device": "cpu", "pin_memory": False}),
+        "fp16_loss_scale": lambda: fp16_loss_scale(stage),
         "memory": lambda: memory(stage),
+        "memory_optcpu": lambda: memory(stage, offload={"device": "cpu", "pin_memory": True}),
         "leak": lambda: leak(stage, "reset" if stage == 1 else "offload", 100),
         "runner": lambda: runner_check(stage, out_dir),
         "loading": lambda: loading(stage, out_dir),
@@ -410,6 +469,8 @@ def scenarios(stage: int, out_dir: Path) -> Dict[str, Callable[[], Dict]]:
                 ("bf16_callable_decay_torchbackward", dict(bf16=True, gas=1, clip=0.0, checkpointing=False,
                                                            optimizer="callable", scheduler="WarmupDecayLR",
                                                            torch_backward=True))]
+    if stage == 2:  # the V100/T4 stack: fp16 with the optimizer on the host (DeepSpeedCPUAdam)
+        s["fp16_loss_scale_optcpu"] = lambda: fp16_loss_scale(stage, offload={"device": "cpu"})
     if stage == 1:
         for name, kw in variants:
             s[f"matrix_{name}"] = lambda n=name, kw=kw: matrix(stage, n, **kw)
@@ -432,6 +493,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     import deepspeed
+    allow_fp16_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
     table = scenarios(args.stage, args.out)
     names = [n for n in args.only.split(",") if n] or [n for n in table if n not in ("skew", "runner")] + ["runner"]

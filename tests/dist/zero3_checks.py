@@ -35,7 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
-from ds_common import close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
@@ -43,14 +43,15 @@ torch.set_num_threads(1)
 
 
 def ds3_config(bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, scheduler: Optional[dict] = None,
-               clip: float = 0.0, offload_optimizer: bool = False, offload_param: bool = False, **zero) -> dict:
+               clip: float = 0.0, offload_optimizer=False, offload_param: bool = False, **zero) -> dict:
     from zero12_checks import MB
     z = {"stage": 3, "reduce_bucket_size": 50_000, "stage3_prefetch_bucket_size": 50_000,
          # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
          # which would keep them whole on every rank and hide what partitioning does).
          "stage3_param_persistence_threshold": 0, **zero}
     if offload_optimizer:
-        z["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+        z["offload_optimizer"] = offload_optimizer if isinstance(offload_optimizer, dict) else \
+            {"device": "cpu", "pin_memory": False}
     if offload_param:
         z["offload_param"] = {"device": "cpu", "pin_memory": False}
     cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
@@ -402,6 +403,22 @@ def lr_schedule(kind: str) -> Dict:
     return {"lrs": result["lrs"], "expected_lrs": expected, "switches": switches}
 
 
+def fp16_loss_scale() -> Dict:
+    """zero12_checks.fp16_loss_scale under ZeRO-3: the scaler survives the stage-3 rebuild."""
+    from ds_common import overflow_schedule
+    model = build_model()
+    start = copy.deepcopy(model).half()
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=4, state_policy="offload")
+    cfg = ds3_config(False, optimizer={"type": "AdamW", "params": ADAMW})
+    cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 10, "loss_scale_window": 3,
+                   "hysteresis": 2, "min_loss_scale": 1}
+    engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
+    offload = _compat.zero3_parameter_offload(engine.optimizer)
+    hooks = _compat.zero3_module_hook_count(offload)
+    return overflow_schedule(engine, rank_micro_batches, start, close, gathered_weights, None,
+                             lambda: ownership(engine, id(offload), hooks))
+
+
 def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
     offload_run = dict(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config")
     return {
@@ -409,7 +426,6 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         # sub_group_size below one layer's share: each group spans several DeepSpeed sub-groups
         "parity_fp32_offload_policy": lambda: parity(False, "offload", 1, 1, 8, "config_torch", sub_group_size=5000),
         "parity_bf16_gas2": lambda: parity(True, "reset", 2, 2, 8, "config"),
-        "ckpt_reentrant_false": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False),
         "ckpt_reentrant_true": lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=True),
         # The offload runs against the same run without offload (DeepSpeed's own AdamW; CPU Adam
         # under offload_optimizer).
@@ -420,11 +436,25 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
                                        offload_param=True),
         "lr_config_scheduler": lambda: lr_schedule("config"),
         "lr_torch_scheduler": lambda: lr_schedule("torch"),
+        "fp16_loss_scale": fp16_loss_scale,
+        # torch's AdamW on the host, pinned: the rebuild hands DeepSpeed a non-CPU-Adam optimizer
+        "parity_fp32_optcpu_torchadam_pin": lambda: parity(False, "reset", 1, 2, 8, "config_torch",
+                                                           offload_optimizer={"device": "cpu", "pin_memory": True}),
         "leak": lambda: leak(100),
         "memory": memory,
         "runner": lambda: runner_check(out_dir),
         "loading": lambda: loading(out_dir),
     }
+
+
+def old_release_gaps(table: Dict[str, Callable[[], Dict]]) -> Dict[str, Callable[[], Dict]]:
+    """Before 0.19 DeepSpeed's ZeRO-3 fails non-reentrant activation checkpointing when some params
+    are frozen (which LISA always has), LISA or not: that scenario runs on 0.19+ only."""
+    import deepspeed
+    from packaging.version import Version
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        table["ckpt_reentrant_false"] = lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False)
+    return table
 
 
 def main() -> None:
@@ -434,8 +464,9 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     import deepspeed
+    allow_fp16_on_cpu()
     deepspeed.init_distributed(dist_backend="gloo")
-    table = scenarios(args.out)
+    table = old_release_gaps(scenarios(args.out))
     names = [n for n in args.only.split(",") if n] or list(table)
     run_scenarios(table, names, args.out, "zero3_checks")
 
