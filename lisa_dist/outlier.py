@@ -39,6 +39,12 @@ def local_scores(weight: torch.Tensor, col_norm: torch.Tensor) -> torch.Tensor:
     return (weight.detach().abs().float() * col_norm.to(weight.device, torch.float32)[None, :]).flatten()
 
 
+def resolve_calibration(calibration, rank: int, world_size: int):
+    """Calibration batches given directly, or by a callable (rank, world_size) -> batches for callers
+    that only know their rank once the process group exists."""
+    return calibration(rank, world_size) if callable(calibration) else calibration
+
+
 def linears(layer: nn.Module) -> List[nn.Linear]:
     return [m for m in layer.modules() if isinstance(m, nn.Linear)]
 
@@ -80,6 +86,11 @@ def outlier_ratios(layers: Sequence[nn.Module], forward: Callable[[Any], Any], b
     if not count:
         raise ValueError("sampling=\"outlier\" needs at least one calibration batch")
     ordered = [m for lins in per_layer for m in lins]
+    unused = [i for i, lins in enumerate(per_layer) if any(m not in sq_norms for m in lins)]
+    if unused:
+        raise ValueError(f"decoder layers {unused} have nn.Linear modules that the calibration forward never "
+                         "called, so their outlier ratio is undefined; forward the model itself (not a submodule) "
+                         "or use another sampling mode")
     flat = torch.cat([sq_norms[m] for m in ordered])
     if all_reduce is not None:
         all_reduce(flat)

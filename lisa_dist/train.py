@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .config import LisaConfig
+from .config import SAMPLING_MODES, LisaConfig
 
 BACKENDS = ("single", "deepspeed", "fsdp2")
 
@@ -44,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--layers-path", help="dotted path of the decoder blocks, e.g. model.layers (auto-detected)")
     g.add_argument("--no-train-embeddings", action="store_true", help="freeze the input embeddings")
     g.add_argument("--no-train-head", action="store_true", help="freeze the LM head and final norm")
+    # issue 17 (importance-weighted sampling): two flags, mapped onto LisaConfig in _validate
+    g.add_argument("--sampling", default="uniform", choices=SAMPLING_MODES,
+                   help="how layers are drawn: uniform (the paper), weighted (--layer-weights), outlier "
+                        "(OwLore outlier ratios from calibration batches) or gradient (gradient-norm moving average)")
+    g.add_argument("--layer-weights", help="with --sampling weighted: one non-negative weight per decoder layer, "
+                                           "comma-separated (e.g. 1,1,2,4)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=150, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=8, help="examples per micro-batch per rank")
@@ -128,9 +134,21 @@ def _validate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         args.lisa = LisaConfig(activated_layers=args.activated_layers, interval_steps=args.interval_steps,
                                seed=args.seed, train_embeddings=not args.no_train_embeddings,
                                train_head=not args.no_train_head, layers_path=args.layers_path,
-                               state_policy=args.state_policy)
+                               state_policy=args.state_policy, sampling=args.sampling,
+                               layer_weights=_layer_weights(args.layer_weights))
     except ValueError as e:
         parser.error(str(e))
+
+
+def _layer_weights(value) -> Optional[List[float]]:
+    """--layer-weights "1,1,2" (or a YAML list in --config) as floats; issue 17."""
+    if value is None or isinstance(value, (list, tuple)):
+        return value
+    try:
+        return [float(x) for x in str(value).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layer-weights {value!r}: expected comma-separated numbers, one per decoder layer, "
+                         "e.g. 1,1,2,4") from None
 
 
 def load_model_and_tokenizer(args):
@@ -175,18 +193,21 @@ def build_model_and_tokenizer(args, dtype):
     return model, tokenizer
 
 
-def make_runner(args, model):
+def make_runner(args, model, calibration=None):
+    """`calibration`: sampling="outlier" only, a callable (rank, world_size) -> batches (issue 17)."""
     if args.backend == "single":
         from .single import SingleRunner
         return SingleRunner(model, args.lisa, lr=args.lr, weight_decay=args.weight_decay,
-                            warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm)
+                            warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm, calibration=calibration)
     if args.backend == "deepspeed":
         from .deepspeed.runner import DeepSpeedRunner
-        return DeepSpeedRunner(model, args.lisa, resolve_ds_config(args, next(model.parameters()).dtype))
+        return DeepSpeedRunner(model, args.lisa, resolve_ds_config(args, next(model.parameters()).dtype),
+                               calibration=calibration)
     from .fsdp import FSDPRunner
     return FSDPRunner(model, args.lisa, lr=args.lr, weight_decay=args.weight_decay,
                       warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm,
-                      cpu_offload=args.cpu_offload, activation_checkpointing=args.gradient_checkpointing)
+                      cpu_offload=args.cpu_offload, activation_checkpointing=args.gradient_checkpointing,
+                      calibration=calibration)
 
 
 def resolve_ds_config(args, dtype) -> Dict:
@@ -260,9 +281,13 @@ def train(args) -> Dict:
     dataset = data.build_dataset(data_path, tokenizer, max_length=args.max_length, fmt=args.data_format)
     if args.gradient_checkpointing and args.backend != "fsdp2":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    runner = make_runner(args, model)
-    rank, world = runner.rank, runner.world_size
     batches = data.BatchIterator(dataset, args.batch_size, args.seed, tokenizer.pad_token_id)
+    calibration = None
+    if args.lisa.sampling == "outlier":  # issue 17: the first training batches of each rank
+        def calibration(rank, world):
+            return [batches.batch(i, rank=rank, world_size=world) for i in range(args.lisa.calibration_batches)]
+    runner = make_runner(args, model, calibration)
+    rank, world = runner.rank, runner.world_size
     device = next(model.parameters()).device
     out_dir = Path(args.output_dir)
     is_main = rank == 0
@@ -270,7 +295,7 @@ def train(args) -> Dict:
         out_dir.mkdir(parents=True, exist_ok=True)
         _say(f"lisa-train: {args.model} | backend {args.backend} x{world} | {len(dataset)} examples from "
              f"{data_path} | gamma={args.lisa.activated_layers} K={args.lisa.interval_steps} "
-             f"seed={args.lisa.seed} policy={args.lisa.state_policy}")
+             f"seed={args.lisa.seed} policy={args.lisa.state_policy} sampling={args.lisa.sampling}")
     # Every rank prints its own schedule line so disagreement is visible in multi-node logs too.
     _say(f"[rank {rank}/{world}] switch {runner.switch_index}: active layers {list(runner.active_layers)}")
 

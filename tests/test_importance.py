@@ -3,6 +3,7 @@ exact resume of LisaOptimizer under every sampling mode (the distributed checks 
 tests/dist/{zero12,zero3,fsdp2}_checks.py)."""
 import copy
 import io
+import json
 import math
 
 import pytest
@@ -211,3 +212,61 @@ def test_resume_refuses_another_sampling_mode():
     for key in ("sampling", "layer_weights", "importance"):
         del old["lisa"][key]
     opt.load_state_dict(old)
+
+
+# --- dry run and lisa-train flags ------------------------------------------------------------------
+
+def test_dry_run_prints_the_known_switches_of_each_mode():
+    from lisa_dist.plan import build_plan, dry_run_report
+    from lisa_dist.train import parse_args
+
+    weights = "1,0,2,3,0,1,1,5"
+    args = parse_args(["--sampling", "weighted", "--layer-weights", weights, "--interval-steps", "5", "--steps", "50"])
+    plan = build_plan(args, {})
+    sampler = LayerSampler(8, args.lisa)
+    assert plan.schedule == [(k, 5 * k, sampler.active_layers(k)) for k in range(6)]
+    assert all(not {1, 4} & set(layers) for _, _, layers in plan.schedule)
+    assert "sampling weighted" in dry_run_report(args, {})
+
+    args = parse_args(["--sampling", "gradient", "--steps", "200"])
+    plan = build_plan(args, {})
+    seen = [i for _, _, layers in plan.schedule for i in layers]
+    assert len(plan.schedule) == 4 and sorted(seen) == list(range(8))  # each layer once, then data decides
+    assert "data-dependent from switch 4 on" in dry_run_report(args, {})
+
+    args = parse_args(["--sampling", "outlier"])
+    assert build_plan(args, {}).schedule == []
+    assert "data-dependent: drawn with probabilities proportional to each layer's outlier ratio" in \
+        dry_run_report(args, {})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sampling", "weighted"], "needs layer_weights"),
+    (["--sampling", "weighted", "--layer-weights", "1,1"], "has 2 entries but the model has 8 decoder layers"),
+    (["--layer-weights", "1,2"], "layer_weights is only used with sampling=\"weighted\""),
+    (["--sampling", "weighted", "--layer-weights", "1,x"], "expected comma-separated numbers"),
+    (["--sampling", "weighted", "--layer-weights", "1,-1,1,1,1,1,1,1"], "weights must be >= 0"),
+])
+def test_cli_sampling_errors_exit_2(argv, message, capsys):
+    from lisa_dist.train import main
+    try:
+        code = main(["--dry-run", *argv])
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_lisa_train_gradient_and_outlier_modes(tmp_path, capsys):
+    from lisa_dist.train import main
+    common = ["--steps", "6", "--interval-steps", "2", "--batch-size", "2", "--max-length", "32", "--no-save",
+              "--log-every", "100"]
+    assert main(common + ["--sampling", "gradient", "--output-dir", str(tmp_path / "g")]) == 0
+    log = json.loads((tmp_path / "g" / "lisa_log.json").read_text())
+    assert log["lisa"]["sampling"] == "gradient"
+    switches = [e["active_layers"] for e in log["schedule"]]
+    assert len(switches) == 4 and len({i for s in switches[:4] for i in s}) == 8
+    assert main(common + ["--sampling", "outlier", "--output-dir", str(tmp_path / "o")]) == 0
+    log = json.loads((tmp_path / "o" / "lisa_log.json").read_text())
+    assert log["lisa"]["sampling"] == "outlier" and len(log["schedule"]) == 4

@@ -16,10 +16,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import LisaConfig
+from ..importance import LayerImportance
 from ..layers import ParamSplit, split_parameters
-from ..sampling import LayerSampler
+from ..sampling import LayerSampler, sample_layers
 from . import _compat, checkpoint, zero3, zero12
 from .agreement import check_agreement, schedule_seed
+from .importance import Calibration, engine_outlier_ratios, layer_grad_squares
 from .memory import optimizer_bytes
 
 # torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
@@ -37,6 +39,7 @@ class LisaEngineState:
         # Only the LISA_DIST_TEST_SKEW_RANK test hook makes this differ from config.seed.
         self.sampler = LayerSampler(split.num_layers,
                                     dataclasses.replace(config, seed=schedule_seed(config.seed, rank)))
+        self.importance = LayerImportance(split.num_layers, config)
         self.device = device
         self.active_layers: Tuple[int, ...] = ()
         self.switch_index = 0
@@ -67,6 +70,8 @@ class LisaEngineState:
                                   "active_layers": list(self.active_layers), "seconds": seconds,
                                   "optimizer_bytes": optimizer_bytes(engine),
                                   "host_bytes": self.host_bytes()})
+        if self.importance.probabilities is not None:
+            self.schedule_log[-1]["probabilities"] = list(self.importance.probabilities)
 
     def after_optimizer_step(self, engine) -> None:
         self.optimizer_steps += 1
@@ -75,8 +80,8 @@ class LisaEngineState:
 
     def switch(self, engine, switch_index: int) -> None:
         start = time.perf_counter()
-        active = self.sampler.active_layers(switch_index)
-        check_agreement(switch_index, active, self.device)
+        active = self.importance.draw(self.sampler, switch_index)
+        check_agreement(switch_index, active, self.device, self.importance.probabilities)
         new_groups = self.groups(active)
         new_keys = [key for key, _ in new_groups]
         # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
@@ -174,7 +179,7 @@ def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: An
 def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, model_parameters=None,
                training_data=None, lr_scheduler=None, distributed_port: Optional[int] = None, mpu=None,
                dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
-               config_params=None, *, lisa: LisaConfig):
+               config_params=None, *, lisa: LisaConfig, calibration: Optional[Calibration] = None):
     """`deepspeed.initialize` with LISA: same arguments and return value, plus `lisa`.
 
     Before the engine exists, only the always-active parameters and the first active set require
@@ -185,6 +190,10 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     hyper-parameters (re-used across switches, so a torch LR scheduler bound to it keeps working),
     or a callable taking param groups. The returned optimizer is a view of the engine's current
     ZeRO optimizer. ZeRO stage 1, 2 and 3 (stage 3 also with offload_optimizer/offload_param to CPU).
+
+    `lisa.sampling="outlier"` needs `calibration`: batches (dicts for `model(**batch)`) or a callable
+    `(rank, world_size) -> batches`, forwarded once through the new engine; the engine is built over
+    a provisional set and rebuilt over the first outlier-weighted one.
     """
     _compat.check_deepspeed_version()
     import deepspeed
@@ -210,6 +219,10 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     if optimizer is None and "optimizer" not in ds_config:
         raise ValueError("LISA trains through the optimizer: add an \"optimizer\" section to the DeepSpeed "
                          "config or pass optimizer=")
+    outlier = lisa.sampling == "outlier"
+    if outlier and calibration is None:
+        raise ValueError("LisaConfig.sampling=\"outlier\" needs calibration batches: pass calibration= (a few "
+                         "training batches, or a callable (rank, world_size) -> batches) to initialize")
 
     # The first active set must be agreed on before the engine is built over it.
     port_kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
@@ -218,8 +231,11 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     device = torch.device(get_accelerator().current_device_name())
     split = split_parameters(model, lisa)
     state = LisaEngineState(lisa, split, dist.get_rank(), device)
-    active = state.sampler.active_layers(0)
-    check_agreement(0, active, device)
+    if outlier:  # the ratios need the engine (ZeRO-3 forwards gather through it): a provisional set first
+        active = sample_layers(state.sampler.config.seed, 0, split.num_layers, lisa.activated_layers)
+    else:
+        active = state.importance.draw(state.sampler, 0)
+    check_agreement(0, active, device, state.importance.probabilities)
     groups = state.groups(active)
     trainable = {id(p) for _, params in groups for p in params}
     for p in state.managed:
@@ -244,7 +260,11 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     engine.lisa = state
     _wrap_step(engine, state)
     checkpoint.install(engine)  # save/load_checkpoint carry the LISA schedule and optimizer layout
-    state.record(engine, 0.0)
+    if outlier:
+        state.importance.set_outlier_ratios(engine_outlier_ratios(engine, state, calibration))
+        state.switch(engine, 0)
+    else:
+        state.record(engine, 0.0)
     return engine, ZeroOptimizerView(engine), loader, scheduler
 
 
@@ -254,8 +274,30 @@ def _wrap_step(engine, state: LisaEngineState) -> None:
     def step(lr_kwargs=None):
         # Read before stepping: step() advances the micro-step counter the boundary is derived from.
         boundary = engine.is_gradient_accumulation_boundary()
-        original(lr_kwargs=lr_kwargs)
+        if boundary and state.importance.needs_gradients:
+            _measure_in_optimizer_step(engine, state, lambda: original(lr_kwargs=lr_kwargs))
+        else:
+            original(lr_kwargs=lr_kwargs)
         if boundary:
             state.after_optimizer_step(engine)
 
     engine.step = step
+
+
+def _measure_in_optimizer_step(engine, state: LisaEngineState, run_step) -> None:
+    """Record the active layers' gradient norms as the ZeRO optimizer's step begins: gradients are
+    reduced by then whether backward went through engine.backward or torch (which DeepSpeed
+    finalises inside engine.step), and not yet clipped or freed."""
+    zero = engine.optimizer
+    inner = zero.step
+
+    def measured(*args, **kwargs):
+        state.importance.observe(state.active_layers, layer_grad_squares(engine, state))
+        return inner(*args, **kwargs)
+
+    zero.step = measured
+    try:
+        run_step()
+    finally:
+        if zero.__dict__.get("step") is measured:
+            del zero.step

@@ -4,13 +4,14 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
-from typing import Dict, List, Type
+from typing import Any, Dict, List, Optional, Type
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import LisaConfig
+from ..outlier import resolve_calibration
 from ..single import SingleRunner
 from . import checkpoint
 from .optimizer import FSDPLisaOptimizer
@@ -47,7 +48,8 @@ class FSDPRunner(SingleRunner):
     def __init__(self, model: nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  cpu_offload: bool = False, activation_checkpointing: bool = False,
                  warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True,
-                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, **optimizer_kwargs):
+                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, calibration: Optional[Any] = None,
+                 **optimizer_kwargs):
         self._owns_process_group = init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -59,8 +61,10 @@ class FSDPRunner(SingleRunner):
         self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
                                  cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
                                  layers_path=lisa.layers_path)
+        calibration = resolve_calibration(calibration, self.rank, self.world_size)
         self._attach_optimizer(FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
-                                                 lr=lr, weight_decay=weight_decay, **optimizer_kwargs),
+                                                 calibration=calibration, lr=lr, weight_decay=weight_decay,
+                                                 **optimizer_kwargs),
                                warmup_steps, max_grad_norm)
 
     # --- training ------------------------------------------------------------------------------

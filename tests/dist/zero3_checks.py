@@ -35,6 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
+import importance_checks  # noqa: E402
 from ds_common import close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
@@ -417,7 +418,16 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "memory": memory,
         "runner": lambda: runner_check(out_dir),
         "loading": lambda: loading(out_dir),
+        # importance-weighted sampling from the partitions (tests/dist/importance_checks.py)
+        "importance_gradient": lambda: importance_checks.gradient(3, out_dir, importance_config),
+        "importance_outlier": lambda: importance_checks.outlier(importance_config),
     }
+
+
+def importance_config() -> dict:
+    # sub_group_size below one layer's share: a layer's gradient spans several DeepSpeed sub-groups
+    return ds3_config(False, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)},
+                      sub_group_size=5000)
 
 
 def main() -> None:
