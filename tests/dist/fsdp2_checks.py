@@ -380,14 +380,15 @@ def _planted(seed: int = 0):
 
 def _importance_reference(model, lisa: LisaConfig, steps: int, world: int, calibration=None):
     opt = LisaOptimizer(model, lisa, torch.optim.AdamW, lr=1e-2, calibration=calibration)
-    schedule = [list(opt.active_layers)]
+    schedule, states = [list(opt.active_layers)], []
     for step in range(steps):
         batches = [b for r in range(world) for b in rank_batches(step, r)]
         model(**{k: torch.cat([b[k] for b in batches]) for k in batches[0]}).loss.backward()
         opt.step()
         opt.zero_grad()
         schedule.append(list(opt.active_layers))
-    return opt, schedule
+        states.append(opt.importance.state_dict())
+    return opt, schedule, states
 
 
 def check_importance(results: Dict, workdir: Path) -> None:
@@ -404,7 +405,7 @@ def check_importance(results: Dict, workdir: Path) -> None:
         model = _planted(seed) if config.sampling == "outlier" else build_model(seed, torch.float32)
         return FSDPRunner(model, config, lr=1e-2, max_grad_norm=0.0, **kw)
 
-    ref, ref_schedule = _importance_reference(build_model(0, torch.float32), lisa, steps, world)
+    ref, ref_schedule, ref_states = _importance_reference(build_model(0, torch.float32), lisa, steps, world)
     straight = runner()
     per_step, schedule = [], [list(straight.active_layers)]
     for s in range(steps):
@@ -416,8 +417,14 @@ def check_importance(results: Dict, workdir: Path) -> None:
     state, digest = per_step[-1], _digest(full_state(straight.model))
     straight.close()
     assert _same_on_all_ranks(per_step), "gradient statistics differ between ranks"
+    # Step 0 starts from the same weights: the sharded statistics equal the full ones to fp32
+    # rounding. Later, AdamW at lr 1e-2 amplifies that rounding in the weights themselves (as in
+    # the parity check above), so the moving averages agree less tightly.
+    first = {i: (v, ref_states[0]["pending"][i]) for i, v in per_step[0]["pending"].items()}
+    rel0 = max(abs(a - b) / abs(b) for a, b in first.values())
+    assert per_step[0]["pending"].keys() == ref_states[0]["pending"].keys() and rel0 < 1e-5, first
     rel = max(abs(a - b) / abs(b) for a, b in zip(state["ema"], ref.importance.state_dict()["ema"]))
-    assert rel < 1e-5, (state["ema"], ref.importance.state_dict()["ema"])
+    assert rel < 1e-2, (state["ema"], ref.importance.state_dict()["ema"])
     assert schedule == ref_schedule, (schedule, ref_schedule)
     resumed = runner(seed=123)
     assert resumed.load_checkpoint(workdir / "ckpt-gradient") == save_at
@@ -427,10 +434,12 @@ def check_importance(results: Dict, workdir: Path) -> None:
     assert _digest(full_state(resumed.model)) == digest, "gradient mode: weights differ after resume"
     assert resumed.optimizer.importance.state_dict() == state
     resumed.close()
-    results["importance_gradient"] = {"ema": state["ema"], "ema_max_rel_diff": rel, "schedule": schedule,
+    results["importance_gradient"] = {"ema": state["ema"], "ema_max_rel_diff": rel, "step0_max_rel_diff": rel0,
+                                      "schedule": schedule,
                                       "ranks_identical": True, "resume_bit_identical": True,
                                       "pending_steps_at_save": per_step[save_at - 1]["pending_steps"]}
-    log(f"importance gradient: statistics identical on {world} ranks, {rel:.1e} from the reference, "
+    log(f"importance gradient: statistics identical on {world} ranks, {rel0:.1e} (step 0) and {rel:.1e} (end) "
+        "from the reference, "
         "resume bit-identical")
 
     olisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, sampling="outlier", outlier_threshold=8.0)
@@ -438,7 +447,7 @@ def check_importance(results: Dict, workdir: Path) -> None:
     plain = _planted()
     want = outlier_ratios(list(plain.model.layers), lambda b: plain(input_ids=b["input_ids"]), calib_all, 8.0)
     numel = sum(m.weight.numel() for m in plain.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
-    oref, oref_schedule = _importance_reference(_planted(), olisa, 4, world, calibration=calib_all)
+    oref, oref_schedule, _ = _importance_reference(_planted(), olisa, 4, world, calibration=calib_all)
     orun = runner(config=olisa, calibration=lambda r, w: [micro_batch(900 + i, r, 0) for i in range(2)])
     got = list(orun.optimizer.importance.outlier_ratios)
     oschedule = [list(orun.active_layers)]
