@@ -22,6 +22,8 @@ import signal
 from pathlib import Path
 from typing import Callable, List, Optional
 
+from .protocol import Runner
+from .run_config import RunConfig
 from .serialization import write_text_atomic
 
 LATEST = "latest"
@@ -146,21 +148,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def resume_for_train(runner, args) -> int:
+def resume_for_train(runner: Runner, run: RunConfig) -> int:
     """`--resume`: restore the runner from the chosen checkpoint and return the step to continue
     from (0 when `auto` finds none)."""
-    if not args.resume:
+    if not run.resume:
         return 0
-    found = resolve_resume(args.resume, Path(args.output_dir))
+    found = resolve_resume(run.resume, Path(run.output_dir))
     if found is None:
         if runner.rank == 0:
-            print(f"lisa-train: --resume auto: no complete checkpoint in {Path(args.output_dir) / 'checkpoints'}, "
+            print(f"lisa-train: --resume auto: no complete checkpoint in {Path(run.output_dir) / 'checkpoints'}, "
                   "starting from step 0", flush=True)
         return 0
     marker = read_marker(found)
-    if marker.get("backend") != args.backend or marker.get("world_size") != runner.world_size:
+    if marker.get("backend") != run.backend or marker.get("world_size") != runner.world_size:
         raise ValueError(f"--resume {found}: written by --backend {marker.get('backend')} on "
-                         f"{marker.get('world_size')} rank(s), this run is --backend {args.backend} on "
+                         f"{marker.get('world_size')} rank(s), this run is --backend {run.backend} on "
                          f"{runner.world_size}; resume with the backend and number of ranks that wrote it")
     step = runner.load_checkpoint(found)
     assert step == marker["step"], f"{found}: runner restored step {step}, marker says {marker['step']}"
@@ -169,9 +171,9 @@ def resume_for_train(runner, args) -> int:
     return step
 
 
-def save_for_train(runner, args, step: int, tokenizer) -> Optional[Path]:
+def save_for_train(runner: Runner, run: RunConfig, step: int, tokenizer) -> Optional[Path]:
     """`--save-steps`: an atomic checkpoint every N optimizer steps (and at the last one)."""
-    if not args.save_steps or (step % args.save_steps and step != args.steps):
+    if not run.save_steps or (step % run.save_steps and step != run.steps):
         return None
 
     def write(tmp: Path) -> None:
@@ -179,8 +181,8 @@ def save_for_train(runner, args, step: int, tokenizer) -> Optional[Path]:
         if runner.rank == 0 and tokenizer is not None:
             tokenizer.save_pretrained(tmp / "tokenizer")
 
-    return save(Path(args.output_dir) / "checkpoints", step, write, rank=runner.rank, barrier=_barrier,
-                keep_last=args.keep_last,
-                meta={"backend": args.backend, "world_size": runner.world_size, "model": args.model,
-                      "lisa": args.lisa.to_dict(), "active_layers": list(runner.active_layers),
+    return save(Path(run.output_dir) / "checkpoints", step, write, rank=runner.rank, barrier=_barrier,
+                keep_last=run.keep_last,
+                meta={"backend": run.backend, "world_size": runner.world_size, "model": run.model,
+                      "lisa": run.lisa.to_dict(), "active_layers": list(runner.active_layers),
                       "switch_index": runner.switch_index})

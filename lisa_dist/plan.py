@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from .memory import ParamCounts, count_params, model_state_floor
+from .run_config import RunConfig
 from .sampling import LayerSampler
 
 GIB = 1024 ** 3
@@ -91,16 +92,16 @@ def resolve_world_size(env: Mapping[str, str] = os.environ) -> Tuple[int, str]:
     return 1, "default; set WORLD_SIZE, or NNODES and NPROC_PER_NODE, to plan a multi-rank job"
 
 
-def _stage_and_offload(args) -> Tuple[str, Tuple[str, ...]]:
-    if args.backend != "deepspeed":
-        return args.backend, ()
-    path = Path(args.deepspeed)
+def _stage_and_offload(run: RunConfig) -> Tuple[str, Tuple[str, ...]]:
+    if run.backend != "deepspeed":
+        return run.backend, ()
+    path = Path(run.deepspeed)
     if not path.is_file():
-        raise ValueError(f"--deepspeed {args.deepspeed}: no such file (see ds_configs/)")
+        raise ValueError(f"--deepspeed {run.deepspeed}: no such file (see ds_configs/)")
     zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization") or {}
     stage = int(zero.get("stage", 0))
     if stage not in (1, 2, 3):
-        raise ValueError(f"--deepspeed {args.deepspeed} has ZeRO stage {stage}; LISA on DeepSpeed needs stage "
+        raise ValueError(f"--deepspeed {run.deepspeed} has ZeRO stage {stage}; LISA on DeepSpeed needs stage "
                          "1, 2 or 3 (set zero_optimization.stage, or start from ds_configs/zero2.json)")
 
     def offloaded(key: str) -> bool:
@@ -114,28 +115,28 @@ def _stage_and_offload(args) -> Tuple[str, Tuple[str, ...]]:
     return f"zero{stage}", offload
 
 
-def _weight_bytes(args) -> Tuple[int, str]:
+def _weight_bytes(run: RunConfig) -> Tuple[int, str]:
     """Bytes per weight on the target cluster, and why. `--dtype auto` means bf16 on GPUs: a dry run
     plans the GPU job even on a CPU login node (lisa-train sets DeepSpeed's bf16 from the same flag)."""
-    if args.dtype == "fp32":
+    if run.dtype == "fp32":
         return 4, "fp32 weights (--dtype fp32)"
-    return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if args.dtype == "auto" else "")
+    return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if run.dtype == "auto" else "")
 
 
-def _model_skeleton(args):
+def _model_skeleton(run: RunConfig):
     """The model on the meta device: shapes and parameter names only, no storage, no download of weights."""
     import torch
     import transformers
 
     from . import presets
 
-    if args.model in presets.PRESETS:
-        config = presets.PRESETS[args.model](presets.default_tokenizer())
+    if run.model in presets.PRESETS:
+        config = presets.PRESETS[run.model](presets.default_tokenizer())
     else:
         # A directory written by save_pretrained (only its config.json is read) or a hub id.
-        config = transformers.AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        config = transformers.AutoConfig.from_pretrained(run.model, trust_remote_code=run.trust_remote_code)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=args.trust_remote_code)
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
     return model
 
 
@@ -162,24 +163,24 @@ def _first_switches(sampler: LayerSampler, lisa, intervals: int) -> Tuple[List[T
                       f"average, with {lisa.exploration:g} spread uniformly")
 
 
-def build_plan(args, env: Mapping[str, str] = os.environ) -> DryRunPlan:
+def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPlan:
     from .layers import split_parameters
 
     world, world_from = resolve_world_size(env)
-    stage, offload = _stage_and_offload(args)
+    stage, offload = _stage_and_offload(run)
     if stage == "single":
         world, world_from = 1, "--backend single"
-    model = _model_skeleton(args)
-    split = split_parameters(model, args.lisa)
+    model = _model_skeleton(run)
+    split = split_parameters(model, run.lisa)
     counts = count_params(split)
-    sampler = LayerSampler(split.num_layers, args.lisa)  # raises if gamma exceeds the layer count
-    psi_active = counts.gamma_active(args.lisa.activated_layers)
-    weight_bytes, weights_desc = _weight_bytes(args)
-    K = args.lisa.interval_steps
-    intervals = math.ceil(args.steps / K)
-    schedule, note = _first_switches(sampler, args.lisa, intervals)
+    sampler = LayerSampler(split.num_layers, run.lisa)  # raises if gamma exceeds the layer count
+    psi_active = counts.gamma_active(run.lisa.activated_layers)
+    weight_bytes, weights_desc = _weight_bytes(run)
+    K = run.lisa.interval_steps
+    intervals = math.ceil(run.steps / K)
+    schedule, note = _first_switches(sampler, run.lisa, intervals)
     plan = DryRunPlan(
-        model=args.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
+        model=run.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
         psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
         weight_bytes=weight_bytes, weights_desc=weights_desc, offload=offload, intervals=intervals,
         schedule=schedule, schedule_note=note,
@@ -211,10 +212,10 @@ def _split(floor: Dict[str, float], offload: Tuple[str, ...]) -> Tuple[float, fl
     return floor["total"] - host, host
 
 
-def format_plan(plan: DryRunPlan, args) -> str:
+def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
     c = plan.counts
-    gamma, K, seed = args.lisa.activated_layers, args.lisa.interval_steps, args.lisa.seed
-    stage_desc = STAGE_NAMES[plan.stage] + (f" ({args.deepspeed})" if args.backend == "deepspeed" else "")
+    gamma, K, seed = run.lisa.activated_layers, run.lisa.interval_steps, run.lisa.seed
+    stage_desc = STAGE_NAMES[plan.stage] + (f" ({run.deepspeed})" if run.backend == "deepspeed" else "")
     if plan.offload:
         names = {"weights": "bf16 weight shards", "master": "fp32 master", "optimizer_state": "Adam moments"}
         stage_desc += ", offloaded to host: " + ", ".join(names[c] for c in plan.offload)
@@ -247,9 +248,9 @@ def format_plan(plan: DryRunPlan, args) -> str:
         for stage, (full, lisa) in plan.by_stage.items():
             mark = "  <- this run" if stage == plan.stage else ""
             lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f}{mark}")
-    sampling = "" if args.lisa.sampling == "uniform" else f", sampling {args.lisa.sampling}"
+    sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
     lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
-                  f"{args.steps} steps"]
+                  f"{run.steps} steps"]
     for k, step, layers in plan.schedule:
         lines.append(f"  switch {k} at step {step}: active layers {list(layers)}")
     if plan.schedule_note:
@@ -259,5 +260,5 @@ def format_plan(plan: DryRunPlan, args) -> str:
     return "\n".join(lines)
 
 
-def dry_run_report(args, env: Mapping[str, str] = os.environ) -> str:
-    return format_plan(build_plan(args, env), args)
+def dry_run_report(run: RunConfig, env: Mapping[str, str] = os.environ) -> str:
+    return format_plan(build_plan(run, env), run)

@@ -26,6 +26,7 @@ class SingleRunner:
                  warmup_steps: int = 0, max_grad_norm: float = 1.0, calibration: Optional[Any] = None):
         """`calibration`: batches, or a callable (rank, world_size) -> batches, for sampling="outlier"."""
         self.model = model
+        self.device = next(model.parameters()).device
         self._attach_optimizer(LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay,
                                              calibration=resolve_calibration(calibration, 0, 1)),
                                warmup_steps, max_grad_norm)
@@ -56,6 +57,7 @@ class SingleRunner:
         self.model.train()
         total = 0.0
         for batch in micro_batches:
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             loss = self.model(**batch).loss / len(micro_batches)
             loss.backward()
             total += loss.item()

@@ -17,14 +17,6 @@ from typing import Any, Callable, Optional, Tuple
 
 from torch import nn
 
-_OWNS_PROCESS_GROUP = False
-
-
-def owns_process_group() -> bool:
-    """Whether load_partitioned initialised the default process group (whoever tears training down
-    destroys it then)."""
-    return _OWNS_PROCESS_GROUP
-
 
 def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
                      ) -> Optional[Tuple[nn.Module, Any]]:
@@ -34,23 +26,15 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
     and parameter offload. `build` constructs the model with from_config or from_pretrained, which
     transformers routes through zero.Init while the HfDeepSpeedConfig made here is alive.
     Initialises the process group (zero.Init partitions across it)."""
-    global _OWNS_PROCESS_GROUP
     if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) != 3:
         return None
-    import deepspeed
-    import torch.distributed as dist
     import transformers
-    from deepspeed.accelerator import get_accelerator
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from . import _compat
-    from .runner import master_port
+    from . import _compat, process_group
 
     _compat.check_deepspeed_version()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   distributed_port=master_port())
-        _OWNS_PROCESS_GROUP = True
+    process_group.ensure_initialized()
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     assert hf_ds_config.is_zero3()
 

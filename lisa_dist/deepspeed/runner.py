@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import gc
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -12,16 +11,9 @@ from torch import nn
 
 from ..config import LisaConfig
 from ..memory import count_params, model_state_floor
-from . import _compat
+from . import _compat, process_group
 from .engine_hook import initialize
 from .memory import model_state_bytes, optimizer_bytes
-
-
-def master_port() -> int:
-    """The launcher's MASTER_PORT. DeepSpeed's MPI discovery overwrites MASTER_PORT with
-    init_distributed's distributed_port (default 29500), so it must be passed explicitly or
-    mpirun jobs ignore the port they were given and can join another job's store."""
-    return int(os.environ.get("MASTER_PORT", 29500))
 
 
 class DeepSpeedRunner:
@@ -36,10 +28,11 @@ class DeepSpeedRunner:
                  calibration: Optional[Any] = None):
         """`calibration`: batches, or a callable (rank, world_size) -> batches, for sampling="outlier"."""
         _compat.check_deepspeed_version()
-        from .loading import owns_process_group  # ZeRO-3 loading started it on the runner's behalf
-        self._owned_process_group = not (dist.is_available() and dist.is_initialized()) or owns_process_group()
+        # ZeRO-3 loading may have started the group on the runner's behalf.
+        self._owned_process_group = not (dist.is_available() and dist.is_initialized()) or process_group.started_here()
         self.engine, _, _, self.scheduler = initialize(model=model, config=ds_config, lisa=lisa_config,
-                                                       distributed_port=master_port(), calibration=calibration)
+                                                       distributed_port=process_group.master_port(),
+                                                       calibration=calibration)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.lisa_config = lisa_config

@@ -324,9 +324,10 @@ def loading(out_dir: Path) -> Dict:
     """lisa-train's ZeRO-3 loading: a preset built under zero.Init, and the runner's saved model
     loaded partitioned with from_pretrained; both partitioned on arrival, the latter equal to what
     was saved."""
-    import argparse as _argparse
-
     from lisa_dist.deepspeed.loading import load_partitioned
+    from lisa_dist.ds_config import resolve_ds_config
+    from lisa_dist.modeling import build_model_and_tokenizer
+    from lisa_dist.run_config import RunConfig
     cfg_path = out_dir / "zero3.json"
     if dist.get_rank() == 0:
         cfg_path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -334,14 +335,12 @@ def loading(out_dir: Path) -> Dict:
     dist.barrier()
     result = {}
     for name, model_arg in (("preset", "tiny-llama"), ("pretrained", str(out_dir / "saved"))):
-        args = _argparse.Namespace(model=model_arg, tokenizer=None, trust_remote_code=False, seed=0,
-                                   deepspeed=str(cfg_path), batch_size=1, grad_accum=1, max_grad_norm=1.0,
-                                   lr=1e-3, weight_decay=0.0, warmup_steps=0, steps=1)
-        if model_arg != "tiny-llama":
-            args.tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
-        from lisa_dist.train import build_model_and_tokenizer, resolve_ds_config
-        model, _ = load_partitioned(resolve_ds_config(args, torch.float32),
-                                    lambda: build_model_and_tokenizer(args, torch.float32))
+        run = RunConfig(model=model_arg, backend="deepspeed", deepspeed=str(cfg_path), batch_size=1,
+                        warmup_steps=0, steps=1)
+        tokenizer = None if model_arg == "tiny-llama" else \
+            str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
+        model, _ = load_partitioned(resolve_ds_config(run, torch.float32),
+                                    lambda: build_model_and_tokenizer(model_arg, torch.float32, tokenizer=tokenizer))
         params = list(model.parameters())
         r = {"all_zero3": all(hasattr(p, "ds_id") for p in params),
              "local_numel": sum(p.numel() for p in params),

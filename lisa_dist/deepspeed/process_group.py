@@ -1,0 +1,36 @@
+"""The default process group of a DeepSpeed run: which port it uses, and who started it.
+
+ZeRO-3 loading has to start the group before the runner exists (zero.Init partitions across it);
+the runner must then still destroy it at the end, so the fact is recorded here, where both look.
+"""
+from __future__ import annotations
+
+import os
+
+_STARTED_HERE = False
+
+
+def master_port() -> int:
+    """The launcher's MASTER_PORT. DeepSpeed's MPI discovery overwrites MASTER_PORT with
+    init_distributed's distributed_port (default 29500), so it must be passed explicitly or
+    mpirun jobs ignore the port they were given and can join another job's store."""
+    return int(os.environ.get("MASTER_PORT", 29500))
+
+
+def ensure_initialized() -> None:
+    """Start DeepSpeed's process group unless one exists, remembering that we started it."""
+    global _STARTED_HERE
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   distributed_port=master_port())
+        _STARTED_HERE = True
+
+
+def started_here() -> bool:
+    """Whether ensure_initialized created the default process group (whoever tears training down
+    destroys it then)."""
+    return _STARTED_HERE
