@@ -173,7 +173,7 @@ def test_importance_sampling_statistics_agree_across_ranks(ranks):
         assert g["ema_max_rel_diff"] < 1e-5 and all(e is not None for e in g["ema"])
         assert [list(e) for e in g["schedule"]] == [list(e) for e in g["reference_schedule"]]
         assert min(g["probabilities"]) >= 0.1 / 6 - 1e-12
-        assert o["ranks_identical"] and max(range(6), key=lambda i: o["ratios"][i]) == 4
+        assert o["ranks_identical"] and o["resume_bit_identical"] and max(range(6), key=lambda i: o["ratios"][i]) == 4
         assert o["ratios"] == pytest.approx(o["reference_ratios"], abs=1e-4)
     assert ranks[0]["importance_gradient"]["ema"] == ranks[1]["importance_gradient"]["ema"]
     assert ranks[0]["importance_outlier"]["ratios"] == ranks[1]["importance_outlier"]["ratios"]

@@ -6,7 +6,8 @@
   batch, the schedule is the reference's, and a checkpoint saved mid-interval resumes bit-identical.
 - outlier: a tiny Llama with a planted outlier layer; each rank calibrates on its own batches; the
   ratios are identical on every rank, equal the single-process ones over all ranks' batches, rank
-  the planted layer first, and the schedule is the reference's.
+  the planted layer first, the schedule is the reference's, and a mid-interval checkpoint resumes
+  bit-identical with the saved ratios (not those of the resuming model).
 """
 from __future__ import annotations
 
@@ -105,16 +106,16 @@ def gradient(stage: int, out_dir: Path, ds_config: Callable[[], dict]) -> Dict:
             "resume_bit_identical": True, "pending_steps_at_save": per_step[save_at - 1]["pending_steps"]}
 
 
-def planted_model():
+def planted_model(seed: int = 0):
     """Outsized weights on input channels with large inputs: eight in layer PLANTED, two in layer 1."""
-    model = build_model()
+    model = build_model(seed=seed)
     with torch.no_grad():
         model.model.layers[PLANTED].self_attn.q_proj.weight[:, :8] *= 40.0
         model.model.layers[1].self_attn.q_proj.weight[:, :2] *= 40.0
     return model
 
 
-def outlier(ds_config: Callable[[], dict]) -> Dict:
+def outlier(stage: int, out_dir: Path, ds_config: Callable[[], dict]) -> Dict:
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=5, sampling="outlier", outlier_threshold=8.0)
     steps = 6
     # each rank calibrates on its own shard of two global batches
@@ -131,10 +132,25 @@ def outlier(ds_config: Callable[[], dict]) -> Dict:
 
     engine, _, _, _ = lds.initialize(model=model, config=ds_config(), lisa=lisa, calibration=calibration)
     got = list(engine.lisa.importance.outlier_ratios)
+    save_dir, save_at = out_dir / f"outlier_zero{stage}", 3  # K=2: inside interval 1
     for step in range(steps):
         _step(engine, step)
+        if step + 1 == save_at:
+            engine.save_checkpoint(str(save_dir), tag="mid")
     schedule = [(e["step"], e["active_layers"]) for e in engine.lisa.schedule_log]
+    straight = gathered(engine.module)
     close(engine)
+    # resume from another init: its own calibration gives other ratios, the checkpoint's must win
+    engine, _, _, _ = lds.initialize(model=planted_model(seed=7), config=ds_config(), lisa=lisa,
+                                     calibration=calibration)
+    fresh = list(engine.lisa.importance.outlier_ratios)
+    engine.load_checkpoint(str(save_dir), tag="mid")
+    assert list(engine.lisa.importance.outlier_ratios) == got
+    for step in range(save_at, steps):
+        _step(engine, step)
+    resumed = gathered(engine.module)
+    close(engine)
+    assert fresh != got and torch.equal(resumed, straight), (resumed - straight).abs().max().item()
     identical = same_on_all_ranks(got)
     assert identical, got
     assert max(range(len(got)), key=lambda i: got[i]) == PLANTED, got
@@ -142,5 +158,5 @@ def outlier(ds_config: Callable[[], dict]) -> Dict:
     assert max(abs(a - b) for a, b in zip(got, want)) <= 2.0 / numel, (got, want)
     assert [list(e) for e in schedule] == [list(e) for e in ref_schedule], (schedule, ref_schedule)
     return {"ratios": got, "reference_ratios": want, "ranks_identical": identical, "schedule": schedule,
-            "reference_schedule": ref_schedule}
+            "reference_schedule": ref_schedule, "resume_bit_identical": True}
 

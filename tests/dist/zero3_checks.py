@@ -419,7 +419,7 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "loading": lambda: loading(out_dir),
         # importance-weighted sampling from the partitions (tests/dist/importance_checks.py)
         "importance_gradient": lambda: importance_checks.gradient(3, out_dir, importance_config),
-        "importance_outlier": lambda: importance_checks.outlier(importance_config),
+        "importance_outlier": lambda: importance_checks.outlier(3, out_dir, importance_config),
     }
 
 
