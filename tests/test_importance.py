@@ -270,3 +270,17 @@ def test_lisa_train_gradient_and_outlier_modes(tmp_path, capsys):
     assert main(common + ["--sampling", "outlier", "--output-dir", str(tmp_path / "o")]) == 0
     log = json.loads((tmp_path / "o" / "lisa_log.json").read_text())
     assert log["lisa"]["sampling"] == "outlier" and len(log["schedule"]) == 4
+
+
+def test_agreement_fingerprint_covers_the_probability_vector():
+    import hashlib
+
+    from lisa_dist.deepspeed.agreement import _fingerprint
+    # uniform sampling: the fingerprint every earlier release gathered
+    old = int.from_bytes(hashlib.sha256(b"3:1,4").digest()[:8], "little") >> 1
+    assert _fingerprint(3, (1, 4)) == old == _fingerprint(3, (1, 4), None)
+    p = [0.25, 0.25, 0.5]
+    q = [0.25, 0.25000000000000006, 0.49999999999999994]  # one ulp apart
+    assert _fingerprint(3, (1, 4), p) != old
+    assert _fingerprint(3, (1, 4), p) != _fingerprint(3, (1, 4), q)
+    assert _fingerprint(3, (1, 4), p) == _fingerprint(3, (1, 4), list(p))
