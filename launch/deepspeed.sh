@@ -12,19 +12,30 @@
 #   NUM_GPUS       processes per node (every visible GPU); CPU-only machines must set it
 #   HOSTFILE       "hostname slots=8" per line for multi-node (unset: this node only)
 #   NUM_NODES      use the first N hosts of HOSTFILE (all)
-#   MASTER_ADDR    rank 0's address (first host of HOSTFILE, else 127.0.0.1)
+#   MASTER_ADDR    rank 0's address (with HOSTFILE: DeepSpeed runs `ssh <first host> hostname -I` and takes
+#                  the first address; else 127.0.0.1)
 #   MASTER_PORT    rendezvous port (29500)
 #   LAUNCHER_ARGS  extra `deepspeed` launcher flags, word-split (e.g. "--launcher openmpi")
 #   DRY_RUN        1: echo the command and exit
 # The module form `python -m lisa_dist.train` is lisa-train; it makes every node run the launcher's Python.
 # Multi-node: remote ranks get only PYTHON*/UCX*/MV2* and the accelerator's variables (NCCL_* on GPUs)
-# from this shell; list anything else as VAR=value lines in ./.deepspeed_env or ~/.deepspeed_env.
+# from this shell; list anything else as VAR=value lines in ./.deepspeed_env or ~/.deepspeed_env (or
+# the file DS_ENV_FILE names). On CPU (gloo) that includes GLOO_SOCKET_IFNAME where a host's name
+# resolves to loopback (launch/netif.sh says why); there is no default for it here, since this
+# script runs on one host only and cannot see the others' interfaces.
 set -euo pipefail
 
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero2.json}
 MASTER_PORT=${MASTER_PORT:-29500}
 [[ -f $DS_CONFIG ]] || { echo "deepspeed.sh: DS_CONFIG=$DS_CONFIG not found; run from the repository root or set DS_CONFIG" >&2; exit 2; }
 [[ -z ${HOSTFILE:-} || -f $HOSTFILE ]] || { echo "deepspeed.sh: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }
+
+# A GLOO_SOCKET_IFNAME set only in this shell would silently reach this host's ranks alone.
+if [[ -n ${HOSTFILE:-} && -n ${GLOO_SOCKET_IFNAME:-} ]]; then
+    env_file=${DS_ENV_FILE:-.deepspeed_env}
+    grep -qs '^GLOO_SOCKET_IFNAME=' "$env_file" "$HOME/$env_file" ||
+        echo "deepspeed.sh: warning: GLOO_SOCKET_IFNAME reaches only this host's ranks; list it in $env_file to set it on every host" >&2
+fi
 
 run() { if [[ ${DRY_RUN:-0} == 1 ]]; then printf '%q ' "$@" | sed 's/ $/\n/'; else exec "$@"; fi; }
 

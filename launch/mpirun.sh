@@ -16,6 +16,10 @@
 #   DS_CONFIG    DeepSpeed JSON (ds_configs/zero2.json)
 #   MASTER_PORT  rendezvous port, forwarded to the ranks (29500)
 #   PYTHON       interpreter on every host (this host's python3)
+#   GLOO_SOCKET_IFNAME  interface gloo binds to on every host (with HOSTFILE: the one this host reaches
+#                the first host of HOSTFILE through, launch/netif.sh, so the same name on every host;
+#                without: gloo's own choice). Set it where the hosts' interface names differ.
+#   NCCL_SOCKET_IFNAME  forwarded when set (unset: NCCL's own choice, which skips lo and docker*)
 #   MPIRUN_ARGS  extra mpirun flags, word-split (e.g. "--oversubscribe" or "--mca btl_tcp_if_include eth0")
 #   DRY_RUN      1: echo the command and exit
 # Requires mpi4py in the training environment (pip install mpi4py).
@@ -28,10 +32,18 @@ export MASTER_PORT=${MASTER_PORT:-29500}
 [[ -f $DS_CONFIG ]] || { echo "mpirun.sh: DS_CONFIG=$DS_CONFIG not found; run from the repository root or set DS_CONFIG" >&2; exit 2; }
 [[ -z ${HOSTFILE:-} || -f $HOSTFILE ]] || { echo "mpirun.sh: HOSTFILE=$HOSTFILE not found" >&2; exit 2; }
 
+# gloo binds to its hostname's address, loopback where /etc/hosts maps the hostname to 127.0.1.1.
+if [[ -n ${HOSTFILE:-} && -z ${GLOO_SOCKET_IFNAME:-} ]]; then
+    # shellcheck source=launch/netif.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/netif.sh"
+    GLOO_SOCKET_IFNAME=$(gloo_ifname "$(awk '$1 !~ /^#/ && NF {print $1; exit}' "$HOSTFILE")")
+    [[ -z $GLOO_SOCKET_IFNAME ]] || export GLOO_SOCKET_IFNAME
+fi
+
 # Remote ranks start with a bare environment: forward what the training process reads, if set here.
 forward=()
 for var in PATH LD_LIBRARY_PATH PYTHONPATH VIRTUAL_ENV MASTER_PORT OMP_NUM_THREADS HF_HOME HF_HUB_OFFLINE \
-           NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA GLOO_SOCKET_IFNAME; do
+           TORCH_EXTENSIONS_DIR NCCL_DEBUG NCCL_SOCKET_IFNAME NCCL_IB_HCA GLOO_SOCKET_IFNAME; do
     [[ -n ${!var:-} ]] && forward+=(-x "$var")
 done
 

@@ -20,6 +20,9 @@
 #   RDZV_ENDPOINT   host:port of the rendezvous ($MASTER_ADDR:$MASTER_PORT)
 #   RDZV_BACKEND    c10d or static (c10d)
 #   RDZV_ID         job id shared by all nodes (lisa)
+#   GLOO_SOCKET_IFNAME  interface gloo binds to (NNODES > 1: the one this node reaches the rendezvous
+#                   host through, launch/netif.sh; one node: gloo's own choice, the hostname's address)
+#   NCCL_SOCKET_IFNAME  passed through (unset: NCCL's own choice, which skips lo and docker*)
 #   TORCHRUN_ARGS   extra torchrun flags, word-split (e.g. "--max_restarts 1")
 #   DRY_RUN         1: echo the command and exit
 # The module form `python -m lisa_dist.train` is lisa-train.
@@ -37,6 +40,14 @@ RDZV_ID=${RDZV_ID:-lisa}
 # Restarted workers (--max_restarts) otherwise reuse the rendezvous store and read the dead rank's
 # stale address: gloo's connectFullMesh is then refused (torch 2.13, tests/test_checkpoint.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+# gloo binds to its hostname's address, loopback where /etc/hosts maps the hostname to 127.0.1.1.
+if [[ $NNODES != 1 && -z ${GLOO_SOCKET_IFNAME:-} ]]; then
+    # shellcheck source=launch/netif.sh
+    source "$(dirname "${BASH_SOURCE[0]}")/netif.sh"
+    GLOO_SOCKET_IFNAME=$(gloo_ifname "${RDZV_ENDPOINT%:*}")
+    [[ -z $GLOO_SOCKET_IFNAME ]] || export GLOO_SOCKET_IFNAME
+fi
 
 case $BACKEND in
     fsdp2) backend_args=(--backend fsdp2) ;;

@@ -106,3 +106,21 @@ def live_tensor_bytes() -> int:
         seen.add(key)
         total += nbytes
     return total
+
+
+def device_memory() -> Dict[str, int]:
+    """What torch's CUDA caching allocator holds on this rank's current device, in bytes: allocated
+    now, reserved (what nvidia-smi shows, minus the CUDA context and NCCL's own buffers) and the peaks
+    of both since the start (or the last reset_peak_memory_stats). Empty without CUDA."""
+    if not torch.cuda.is_available():
+        return {}
+    index = torch.cuda.current_device()
+    return {"allocated": torch.cuda.memory_allocated(index), "reserved": torch.cuda.memory_reserved(index),
+            "peak_allocated": torch.cuda.max_memory_allocated(index),
+            "peak_reserved": torch.cuda.max_memory_reserved(index)}
+
+
+def host_peak_rss_bytes() -> int:
+    """This process's peak resident set size (host memory), in bytes."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .devices import rank_device
 from .ds_config import resolve_ds_config
+from .memory import device_memory, host_peak_rss_bytes
 from .modeling import build_model_and_tokenizer, weights_dtype
 from .protocol import Runner
 from .run_config import RunConfig, parse_args as _parse_args
@@ -22,7 +25,8 @@ from .run_config import RunConfig, parse_args as _parse_args
 class _Single:
     @staticmethod
     def load(run: RunConfig, dtype):
-        return _build(run, dtype)
+        model, tokenizer = _build(run, dtype)
+        return model.to(rank_device()), tokenizer  # the GPU when there is one (LOCAL_RANK's)
 
     @staticmethod
     def runner(run: RunConfig, model, calibration=None) -> Runner:
@@ -99,12 +103,34 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
-def _per_rank(value: int, world: int) -> List[int]:
+def _median(values: List[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def _step_time_summary(step_seconds: List[float], schedule: List[Dict], first_step: int) -> Dict:
+    """Median step time apart from the first step of the run and of each interval, and of those
+    first steps after a switch on their own."""
+    firsts = {e["step"] - first_step for e in schedule if "first_step_seconds" in e}
+    steady = [t for i, t in enumerate(step_seconds) if i > 0 and i not in firsts]
+    return {"median_step_seconds": _median(steady),
+            "median_first_step_after_switch_seconds": _median([e["first_step_seconds"] for e in schedule
+                                                               if "first_step_seconds" in e])}
+
+
+def _device_memory_line(per_rank: List[Dict[str, int]]) -> str:
+    if not any(per_rank):
+        return ""
+    return "GPU memory per rank (torch.cuda allocated / reserved / peak allocated): " + ", ".join(
+        f"rank {r}: {_fmt_bytes(m['allocated'])} / {_fmt_bytes(m['reserved'])} / {_fmt_bytes(m['peak_allocated'])}"
+        for r, m in enumerate(per_rank)) + "\n"
+
+
+def _per_rank(value, world: int) -> List:
     import torch.distributed as dist
 
     if world == 1 or not dist.is_initialized():
         return [value]
-    values: List[int] = [0] * world
+    values: List = [None] * world
     dist.all_gather_object(values, value)
     return values
 
@@ -141,6 +167,7 @@ def train(run: RunConfig) -> Dict:
     # the new layers'; record each interval's figure once its set has stepped.
     stepped_pending = True
     stepped_bytes: List[int] = []
+    step_seconds: List[float] = []
     for step in range(first_step, run.steps):
         micro = []
         for m in range(run.grad_accum):
@@ -148,7 +175,13 @@ def train(run: RunConfig) -> Dict:
             tokens += int(batch["attention_mask"].sum())
             micro.append(batch)
         before = runner.switch_index
-        loss = runner.train_step(micro)
+        step_start = time.perf_counter()
+        loss = runner.train_step(micro)  # loss.item() inside: the device has finished the step
+        step_seconds.append(time.perf_counter() - step_start)
+        if stepped_pending and step > first_step:
+            # The first step of a new set runs cold: new optimizer state is allocated, and under
+            # ZeRO-3 it runs without prefetch (the gather trace was invalidated by the rebuild).
+            runner.schedule_log[-1]["first_step_seconds"] = step_seconds[-1]
         losses.append(loss)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; lower --lr or use --dtype fp32")
@@ -179,6 +212,10 @@ def train(run: RunConfig) -> Dict:
         "optimizer_bytes_per_rank": max(stepped_bytes + [runner.optimizer_state_bytes()]),
         "optimizer_bytes_all_ranks": _per_rank(max(stepped_bytes + [runner.optimizer_state_bytes()]), world),
         "full_finetune_optimizer_bytes_per_rank": runner.full_finetune_state_bytes(),
+        "step_seconds": step_seconds, **_step_time_summary(step_seconds, runner.schedule_log, first_step),
+        # Per rank: torch.cuda's allocated/reserved/peak on the rank's device (empty on CPUs) and host RSS.
+        "device_memory_all_ranks": _per_rank(device_memory(), world),
+        "host_peak_rss_bytes_all_ranks": _per_rank(host_peak_rss_bytes(), world),
     }
     if not run.no_save:
         runner.save_pretrained(out_dir, tokenizer)
@@ -190,6 +227,7 @@ def train(run: RunConfig) -> Dict:
              f"schedule: " + ", ".join(f"step {e['step']}: {e['active_layers']}" for e in runner.schedule_log) +
              f"\noptimizer memory per rank (fp32 master + moments): {per_rank}; full fine-tuning would hold "
              f"{_fmt_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} per rank ({ratio:.2f}x)\n"
+             + _device_memory_line(summary["device_memory_all_ranks"]) +
              f"{'weights and ' if not run.no_save else ''}log in {out_dir}")
     runner.close()
     del model

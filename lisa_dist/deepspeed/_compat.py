@@ -226,10 +226,45 @@ def zero3_flat_buffers(zero_optimizer) -> List[torch.Tensor]:
     return out
 
 
+def clone_keeping_pinned(t: torch.Tensor) -> torch.Tensor:
+    """A copy in its own storage, page-locked if `t` was: offload_param shards live in pinned host
+    memory so their host<->device copies can be asynchronous, and a plain clone() would make every
+    layer that was ever active fall back to slow synchronous copies."""
+    if not t.is_pinned():
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    out.copy_(t)
+    return out
+
+
+@contextmanager
+def keep_peak_memory_stats():
+    """DeepSpeed's runtime.utils.empty_cache(), which ZeRO-1/2's optimizer constructor calls, also
+    resets the accelerator's peak-memory statistics: a rebuild would hide its own transient (and
+    every peak before it) from max_memory_allocated(). While rebuilding, it only empties the cache."""
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.runtime import utils
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    def empty_cache_only():
+        get_accelerator().empty_cache()
+
+    saved = utils.empty_cache, stage_1_and_2.empty_cache
+    utils.empty_cache = stage_1_and_2.empty_cache = empty_cache_only
+    try:
+        yield
+    finally:
+        utils.empty_cache, stage_1_and_2.empty_cache = saved
+
+
 def detach_zero3(zero_optimizer) -> None:
     """Unhook a stage-3 optimizer from the model so that it, and every buffer sized by its trainable
     set, can be freed, while the parameter partitioning and module hooks stay (unlike destroy(),
     539-550, which also removes the DeepSpeedZeRoOffload hooks the next optimizer needs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    # As destroy() does: reduction and offload streams may still be using the buffers freed below.
+    get_accelerator().synchronize()
     for hook in zero_optimizer._grad_acc_hooks:
         hook.remove()
     for hook in zero_optimizer._leaf_module_hooks:
@@ -244,7 +279,7 @@ def detach_zero3(zero_optimizer) -> None:
     # (defragment, 913-1018); give each its own storage so the buffer can go.
     with torch.no_grad():
         for p in zero3_trainable_params(zero_optimizer):
-            p.ds_tensor.data = p.ds_tensor.data.clone()
+            p.ds_tensor.data = clone_keeping_pinned(p.ds_tensor.data)
             p.grad = None
     # The optimizer sits in reference cycles (its zenflow hooks are partials bound to it, 583-601),
     # so it dies only at a full gc.collect(), which costs ~1 s in a process with transformers

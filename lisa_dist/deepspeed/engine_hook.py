@@ -18,11 +18,13 @@ from torch import nn
 from ..config import LisaConfig
 from ..importance import LayerImportance
 from ..layers import ParamSplit, split_parameters
+from ..memory import device_memory
 from ..sampling import LayerSampler, sample_layers
-from . import _compat, checkpoint, zero3, zero12
+from . import _compat, checkpoint, process_group, zero3, zero12
 from .agreement import check_agreement, schedule_seed
 from .importance import Calibration, engine_outlier_ratios, layer_grad_squares
 from .memory import optimizer_bytes
+from .op_errors import explained_op_build_failures
 
 # torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
 # optimizer must have one entry per group of the optimizer LISA gives it.
@@ -69,7 +71,7 @@ class LisaEngineState:
         self.schedule_log.append({"step": self.optimizer_steps, "switch_index": self.switch_index,
                                   "active_layers": list(self.active_layers), "seconds": seconds,
                                   "optimizer_bytes": optimizer_bytes(engine),
-                                  "host_bytes": self.host_bytes()})
+                                  "host_bytes": self.host_bytes(), "device_memory": device_memory()})
         if self.importance.probabilities is not None:
             self.schedule_log[-1]["probabilities"] = list(self.importance.probabilities)
 
@@ -79,6 +81,10 @@ class LisaEngineState:
             self.switch(engine, self.optimizer_steps // self.config.interval_steps)
 
     def switch(self, engine, switch_index: int) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        # Timed on the device's clock: the step's kernels may still be running when it returns.
+        get_accelerator().synchronize()
         start = time.perf_counter()
         active = self.importance.draw(self.sampler, switch_index)
         check_agreement(switch_index, active, self.device, self.importance.probabilities)
@@ -87,11 +93,12 @@ class LisaEngineState:
         # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
         if new_keys != self.group_keys:
             rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
-            with _compat.quiet_logs():
+            with _compat.quiet_logs(), _compat.keep_peak_memory_stats():
                 rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
         self.group_keys = new_keys
         self.active_layers = active
         self.switch_index = switch_index
+        get_accelerator().synchronize()
         self.record(engine, time.perf_counter() - start)
 
 
@@ -228,7 +235,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     port_kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
     ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                              dist_init_required=dist_init_required, **port_kwargs)
-    device = torch.device(get_accelerator().current_device_name())
+    device = process_group.rank_device()
     split = split_parameters(model, lisa)
     state = LisaEngineState(lisa, split, dist.get_rank(), device)
     if outlier:  # the ratios need the engine (ZeRO-3 forwards gather through it): a provisional set first
@@ -244,10 +251,11 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     if isinstance(optimizer, torch.optim.Optimizer):
         _regroup_client_optimizer(optimizer, lr_scheduler, param_groups)
 
-    engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
-        args=args, model=model, optimizer=optimizer, model_parameters=param_groups, training_data=training_data,
-        lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required, collate_fn=collate_fn,
-        config=None if from_args else ds_config, mesh_param=mesh_param, **port_kwargs)
+    with explained_op_build_failures(ds_config):
+        engine, ds_optimizer, loader, scheduler = deepspeed.initialize(
+            args=args, model=model, optimizer=optimizer, model_parameters=param_groups,
+            training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
+            collate_fn=collate_fn, config=None if from_args else ds_config, mesh_param=mesh_param, **port_kwargs)
     expected = _compat.zero3_optimizer_class() if int(engine.zero_optimization_stage()) == 3 \
         else _compat.zero12_optimizer_class()
     assert isinstance(engine.optimizer, expected), (

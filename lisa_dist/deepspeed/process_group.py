@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from ..devices import local_rank
+
 _STARTED_HERE = False
 
 
@@ -34,3 +38,19 @@ def started_here() -> bool:
     """Whether ensure_initialized created the default process group (whoever tears training down
     destroys it then)."""
     return _STARTED_HERE
+
+
+def rank_device(accelerator=None) -> torch.device:
+    """This rank's device on DeepSpeed's accelerator, made current.
+
+    Taken from the launcher's local rank, not from `current_device_name()`: DeepSpeed binds NCCL to
+    cuda:LOCAL_RANK without calling set_device, so before the engine exists every rank's current
+    device is cuda:0, and a collective on it (the first schedule agreement) hangs or fails."""
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return torch.device("cpu")
+    index = local_rank()
+    accelerator.set_device(index)
+    return torch.device(accelerator.device_name(index))

@@ -56,6 +56,9 @@ def read_sidecar(directory: Path) -> Dict:
 
 
 def _offload_template(optimizer: FSDPLisaOptimizer, layout: Dict) -> Dict:
+    """Host-resident targets for the parked layers' masters and moments. DCP loads in place, so
+    the template's device is where they end up: it must be the host, as when they were parked
+    (LisaOptimizer moves them with .to("cpu")), not the parameters' accelerator."""
     params = {name: p for name, p in optimizer._model.named_parameters()}
 
     def like(name: str, shape: Optional[list]):
@@ -63,8 +66,8 @@ def _offload_template(optimizer: FSDPLisaOptimizer, layout: Dict) -> Dict:
             return None
         p = params[name]
         if list(p.shape) == shape:  # a per-element tensor: sharded like its parameter
-            return torch.zeros_like(p, dtype=torch.float32)
-        return torch.zeros(shape)  # e.g. AdamW's scalar step, replicated
+            return torch.zeros_like(p, dtype=torch.float32, device="cpu")
+        return torch.zeros(shape, device="cpu")  # e.g. AdamW's scalar step, replicated
 
     return {int(i): {name: (like(name, list(params[name].shape)) if e["master"] else None,
                             {k: like(name, shape) for k, shape in e["state"].items()})

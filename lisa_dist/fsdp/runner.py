@@ -11,6 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import LisaConfig
+from ..devices import rank_device
 from ..outlier import resolve_calibration
 from ..single import SingleRunner
 from . import checkpoint
@@ -27,12 +28,15 @@ def init_distributed() -> bool:
         raise ValueError("--backend fsdp2 runs under a distributed launcher: use `torchrun --nproc_per_node N "
                          "-m lisa_dist.train --backend fsdp2 ...` (or `accelerate launch --config_file "
                          "launch/accelerate_fsdp2.yaml ...`); RANK/WORLD_SIZE are not set")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
+    dist.init_process_group(process_group_backend(rank_device()))
     return True
+
+
+def process_group_backend(device: torch.device) -> str:
+    """gloo on CPUs; on GPUs NCCL for CUDA tensors plus gloo for CPU ones: with --cpu-offload the
+    sharded parameters and gradients live on the host, and clipping all-reduces their norms there
+    (an NCCL-only group fails with "No backend type associated with device type cpu")."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 class FSDPRunner(SingleRunner):

@@ -8,15 +8,14 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from ..devices import rank_device
 from ..layers import find_decoder_layers
 from ._compat import check_torch_version
 
 
 def default_device() -> torch.device:
-    """This rank's accelerator (LOCAL_RANK under torchrun), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    """This rank's accelerator (made current; from the launcher's local rank), else the CPU."""
+    return rank_device()
 
 
 def shard_model(model: nn.Module, mp_bf16: bool = True, reduce_fp32: bool = True, cpu_offload: bool = False,

@@ -448,20 +448,32 @@ def check_importance(results: Dict, workdir: Path) -> None:
     want = outlier_ratios(list(plain.model.layers), lambda b: plain(input_ids=b["input_ids"]), calib_all, 8.0)
     numel = sum(m.weight.numel() for m in plain.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
     oref, oref_schedule, _ = _importance_reference(_planted(), olisa, 4, world, calibration=calib_all)
-    orun = runner(config=olisa, calibration=lambda r, w: [micro_batch(900 + i, r, 0) for i in range(2)])
+    calibration = lambda r, w: [micro_batch(900 + i, r, 0) for i in range(2)]  # noqa: E731
+    orun = runner(config=olisa, calibration=calibration)
     got = list(orun.optimizer.importance.outlier_ratios)
     oschedule = [list(orun.active_layers)]
     for s in range(4):
         orun.train_step(rank_batches(s, rank))
         oschedule.append(list(orun.active_layers))
+        if s + 1 == 3:  # K=2: inside interval 1
+            orun.save_checkpoint(workdir / "ckpt-outlier", 3)
+    odigest = _digest(full_state(orun.model))
     orun.close()
+    # another init measures other ratios; the checkpoint's must win
+    oresumed = runner(seed=123, config=olisa, calibration=calibration)
+    fresh = list(oresumed.optimizer.importance.outlier_ratios)
+    assert oresumed.load_checkpoint(workdir / "ckpt-outlier") == 3
+    assert list(oresumed.optimizer.importance.outlier_ratios) == got
+    oresumed.train_step(rank_batches(3, rank))
+    assert fresh != got and _digest(full_state(oresumed.model)) == odigest, "outlier mode: resume differs"
+    oresumed.close()
     assert _same_on_all_ranks(got), got
     assert max(range(LAYERS), key=lambda i: got[i]) == 4, got
     assert max(abs(a - b) for a, b in zip(got, want)) <= 2.0 / numel, (got, want)
     assert oschedule == oref_schedule, (oschedule, oref_schedule)
     results["importance_outlier"] = {"ratios": got, "reference_ratios": want, "ranks_identical": True,
-                                     "schedule": oschedule}
-    log("importance outlier: ratios identical on every rank, planted layer first")
+                                     "schedule": oschedule, "resume_bit_identical": True}
+    log("importance outlier: ratios identical on every rank, planted layer first, resume bit-identical")
 
 
 def main() -> int:
