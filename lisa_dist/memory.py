@@ -108,6 +108,22 @@ def live_tensor_bytes() -> int:
     return total
 
 
+def host_rss_bytes(field: str = "VmRSS") -> int:
+    """This process's resident host memory now (VmRSS) or at its peak (VmHWM), from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field} (not Linux?)")
+
+
+def reset_peak_host_rss() -> None:
+    """Start a new peak: VmHWM falls back to the current RSS (Linux `clear_refs` 5), so a later
+    `host_rss_bytes("VmHWM")` is the peak of what ran in between."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def device_memory() -> Dict[str, int]:
     """What torch's CUDA caching allocator holds on this rank's current device, in bytes: allocated
     now, reserved (what nvidia-smi shows, minus the CUDA context and NCCL's own buffers) and the peaks

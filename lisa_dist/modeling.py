@@ -1,13 +1,15 @@
 """The model and tokenizer of a `lisa-train` run: a preset with random init, or from_pretrained.
 
 Recipe code: the backends receive the built model (and, for ZeRO-3, call the builder back under
-zero.Init through `lisa_dist.deepspeed.loading.load_partitioned`).
+zero.Init through `lisa_dist.deepspeed.loading.load_partitioned`). FSDP2 gets an empty model instead
+(`build_empty_model_and_tokenizer`, parameters on the meta device) plus a `weights_loader` that fills
+each rank's shards after sharding, so no rank holds the whole model.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -20,22 +22,136 @@ def weights_dtype(choice: str) -> torch.dtype:
 
 
 def build_model_and_tokenizer(model: str, dtype: torch.dtype, *, seed: int = 0, tokenizer: Optional[str] = None,
-                              trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
+                              trust_remote_code: bool = False, device: Optional[torch.device] = None
+                              ) -> Tuple[torch.nn.Module, Any]:
     """Build a preset (seeded with `seed`) or call from_pretrained. Under ZeRO-3 the caller keeps
-    transformers' HfDeepSpeedConfig alive so both paths construct the model partitioned."""
+    transformers' HfDeepSpeedConfig alive so both paths construct the model partitioned. With
+    `device` (ZeRO-1/2: the rank's accelerator, or the CPU) a safetensors checkpoint is read onto it
+    tensor by tensor in the target dtype, one file at a time, never as a whole host copy."""
     import transformers
 
     from . import presets
 
     if model in presets.PRESETS:
-        tok = transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else presets.default_tokenizer()
+        tok = _tokenizer(model, tokenizer, trust_remote_code)
         torch.manual_seed(seed)
         return transformers.AutoModelForCausalLM.from_config(presets.PRESETS[model](tok), dtype=dtype), tok
+    _check_local(model)
+    if device is not None and _has_safetensors(model):
+        return _stream_whole(model, dtype, device, tokenizer, trust_remote_code)
+    built = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    return built, _tokenizer(model, tokenizer, trust_remote_code)
+
+
+def _has_safetensors(model: str) -> bool:
+    from .fsdp.loading import SAFETENSORS_INDEX, SAFETENSORS_SINGLE
+
+    return any((Path(model) / name).is_file() for name in (SAFETENSORS_INDEX, SAFETENSORS_SINGLE))
+
+
+def _stream_whole(model: str, dtype: torch.dtype, device: torch.device, tokenizer: Optional[str],
+                  trust_remote_code: bool) -> Tuple[torch.nn.Module, Any]:
+    """A whole model on `device`, filled tensor by tensor from the safetensors files. from_pretrained
+    (transformers 5.24) converting an fp32 checkpoint to bf16 peaks at both whole copies on the host
+    (796 MiB for a 537 MiB checkpoint, benchmarks/results/load_memory.md); here the host holds one
+    mapped file at a time."""
+    from .fsdp import loading
+
+    built, tok = build_empty_model_and_tokenizer(model, dtype, tokenizer=tokenizer,
+                                                 trust_remote_code=trust_remote_code)
+    loading.materialize(built, device)
+    loading.load_safetensors(built, Path(model))
+    built.eval()  # as from_pretrained returns it
+    return built, tok
+
+
+def build_empty_model_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer: Optional[str] = None,
+                                    trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
+    """The model `build_model_and_tokenizer` would give, with its parameters on the meta device (no
+    weights read or initialised; buffers real) and tied weights tied; fill it with `weights_loader`."""
+    import transformers
+
+    from .fsdp.loading import meta_parameters
+
+    tok = _tokenizer(model, tokenizer, trust_remote_code)
+    config = _config(model, tok, trust_remote_code)
+    with meta_parameters():
+        built = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    if (Path(model) / "generation_config.json").is_file():  # from_pretrained reads it too; export writes it back
+        built.generation_config = transformers.GenerationConfig.from_pretrained(model)
+    return built, tok
+
+
+def checkpoint_files(model: str) -> Optional[List[Path]]:
+    """The safetensors files of a local checkpoint directory; None for presets and other formats."""
+    from . import presets
+    from .fsdp.loading import safetensors_files
+
+    if model in presets.PRESETS or not Path(model).is_dir() or not _has_safetensors(model):
+        return None
+    return safetensors_files(Path(model))
+
+
+def build_from_config_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer: Optional[str] = None,
+                                    trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
+    """A checkpoint's architecture, randomly initialised (ZeRO-3 then fills it from the files)."""
+    import transformers
+
+    tok = _tokenizer(model, tokenizer, trust_remote_code)
+    built = transformers.AutoModelForCausalLM.from_config(_config(model, tok, trust_remote_code), dtype=dtype,
+                                                          trust_remote_code=trust_remote_code)
+    return built, tok
+
+
+def weights_loader(model: str, *, seed: int = 0, tokenizer: Optional[str] = None,
+                   trust_remote_code: bool = False) -> Callable[[torch.nn.Module], None]:
+    """Fills a sharded, materialized `build_empty_model_and_tokenizer` model with the weights
+    `build_model_and_tokenizer` would have given it: a checkpoint's, read slice by slice, or a
+    preset's seeded random init (built whole: presets are small, and their init must match the
+    single-process build bit for bit, which per-shard init could not)."""
+    from . import presets
+    from .fsdp import loading
+
+    if model in presets.PRESETS:
+        def fill(sharded: torch.nn.Module) -> None:
+            dtype = next(sharded.parameters()).dtype
+            whole, _ = build_model_and_tokenizer(model, dtype, seed=seed, tokenizer=tokenizer)
+            loading.load_state_dict(sharded, whole.state_dict())
+        return fill
+    _check_local(model)
+    return lambda sharded: loading.load_safetensors(sharded, Path(model))
+
+
+def _check_local(model: str) -> None:
+    from . import presets
+
     if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"--model {model}: not a preset ({', '.join(presets.PRESETS)}) nor a local "
                                 "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
-    built = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+
+
+def _config(model: str, tok, trust_remote_code: bool):
+    import transformers
+
+    from . import presets
+
+    if model in presets.PRESETS:
+        return presets.PRESETS[model](tok)
+    _check_local(model)
+    if not Path(model).is_dir():
+        raise ValueError(f"--model {model}: --backend fsdp2 reads checkpoints from a local directory; "
+                         "download it first (huggingface-cli download --local-dir DIR) and pass DIR")
+    return transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+
+
+def _tokenizer(model: str, tokenizer: Optional[str], trust_remote_code: bool):
+    import transformers
+
+    from . import presets
+
+    if model in presets.PRESETS:
+        return transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else presets.default_tokenizer()
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
-    return built, tok
+    return tok

@@ -7,9 +7,10 @@ that of an optimizer over the active set, not the peak set ever sampled (what th
 """
 from __future__ import annotations
 
+import inspect
 import json
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
@@ -25,6 +26,22 @@ _STATE_FORMAT = 1
 # Schedule fields added after format 1 was first written: a checkpoint without them used these.
 _SCHEDULE_DEFAULTS = {"sampling": "uniform", "layer_weights": None}
 
+# torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
+# optimizer must have one entry per group of the optimizer LISA gives it.
+_PER_GROUP_SCHEDULER_ATTRS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs",
+                              "base_momentums", "max_momentums")
+
+
+def refit_scheduler(scheduler, old_groups: int, sources: List[int]) -> None:
+    """Give a torch LR scheduler built over the caller's optimizer (`old_groups` groups) one entry per
+    LISA group; the entry of new group i is that of the caller's group `sources[i]` (same options)."""
+    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
+        refit_scheduler(child, old_groups, sources)
+    for name in _PER_GROUP_SCHEDULER_ATTRS:
+        values = getattr(scheduler, name, None)
+        if isinstance(values, list) and len(values) == old_groups and list(range(old_groups)) != sources:
+            setattr(scheduler, name, [values[j] for j in sources])
+
 
 def _state_tensors(state: dict) -> List[torch.Tensor]:
     return [v for v in state.values() if torch.is_tensor(v)]
@@ -32,6 +49,30 @@ def _state_tensors(state: dict) -> List[torch.Tensor]:
 
 def _move_state(state: dict, device) -> dict:
     return {k: (v.to(device, copy=True) if torch.is_tensor(v) else v) for k, v in state.items()}
+
+
+def _option_sets(model: nn.Module, groups: Optional[Sequence[dict]]) -> Tuple[List[dict], Dict[str, int]]:
+    """Distinct hyper-parameter overrides of `groups` in first-seen order, and parameter name -> set."""
+    if not groups:
+        return [{}], {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    sets: List[dict] = []
+    of_name: Dict[str, int] = {}
+    for group in groups:
+        if not isinstance(group, dict) or "params" not in group:
+            raise ValueError(f"groups must be torch-style param groups (dicts with 'params'), got {group!r:.80}")
+        options = {k: v for k, v in group.items() if k != "params"}
+        j = next((i for i, o in enumerate(sets) if o == options), None)
+        if j is None:
+            sets.append(options)
+            j = len(sets) - 1
+        for p in group["params"]:
+            name = p if isinstance(p, str) else names.get(id(p))
+            if name is None:
+                raise ValueError("a parameter in groups is not a parameter of the model (after sharding, give "
+                                 "parameter names instead of the tensors)")
+            of_name.setdefault(name, j)
+    return sets, of_name
 
 
 class LisaOptimizer(torch.optim.Optimizer):
@@ -43,6 +84,12 @@ class LisaOptimizer(torch.optim.Optimizer):
     always-active parameters and `param_groups[1]` the active layers; both carry the optimizer
     hyper-parameters, so torch LR schedulers work unchanged.
 
+    `groups` gives some parameters other hyper-parameters, in torch's param-group form (each dict's
+    "params" are parameters or their names in `model`; its other keys override `optimizer_kwargs`),
+    e.g. weight_decay=0 for biases and norms. With S distinct option sets there are 2*S groups, a
+    fixed layout: `param_groups[j]` the always-active parameters of set j, `param_groups[S + j]`
+    the active layers' parameters of set j. Parameters in no group get set 0.
+
     Under `config.sampling="outlier"`, `calibration` (an iterable of batches, dicts for
     `model(**batch)`; labels are dropped) is forwarded once here to measure the outlier ratios.
     Under "gradient", each step measures the active layers' gradient norms (see `record_gradients`).
@@ -50,7 +97,8 @@ class LisaOptimizer(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, config: LisaConfig,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 calibration: Optional[Iterable[Dict[str, Any]]] = None, **optimizer_kwargs):
+                 groups: Optional[Sequence[dict]] = None, calibration: Optional[Iterable[Dict[str, Any]]] = None,
+                 **optimizer_kwargs):
         self.config = config
         self.split: ParamSplit = split_parameters(model, config)
         self.sampler = LayerSampler(self.split.num_layers, config)
@@ -64,6 +112,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         self._names: Dict[nn.Parameter, str] = {p: n for n, p in self.split.always}
         for layer in self.split.per_layer:
             self._names.update((p, n) for n, p in layer)
+        self._option_sets, self._option_set = _option_sets(model, groups)
         # Master per trainable model param; it *is* the param when the model is fp32 already.
         self._masters: "OrderedDict[nn.Parameter, torch.Tensor]" = OrderedDict()
         # Host copies of deactivated layers under state_policy="offload": layer -> name -> (master|None, state).
@@ -76,7 +125,10 @@ class LisaOptimizer(torch.optim.Optimizer):
                 p.requires_grad_(False)
                 p.grad = None
         always = [self._attach(p, None) for p in self.split.always_params]
-        self._inner = optimizer_cls([{"params": always}, {"params": []}], **optimizer_kwargs)
+        inner_groups = ([{**o, "params": [m for p, m in zip(self.split.always_params, always) if self._set_of(p) == j]}
+                         for j, o in enumerate(self._option_sets)]
+                        + [{**o, "params": []} for o in self._option_sets])
+        self._inner = optimizer_cls(inner_groups, **optimizer_kwargs)
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
         self._optimizer_state_dict_pre_hooks = OrderedDict()
@@ -153,8 +205,39 @@ class LisaOptimizer(torch.optim.Optimizer):
             saved = self._offloaded.pop(i, {})
             for name, p in self.split.per_layer[i]:
                 self._attach(p, saved.get(name))
-        self.param_groups[1]["params"] = [self._masters[p] for p in self.split.layer_params(new_active)]
+        sets = len(self._option_sets)
+        for j in range(sets):
+            self.param_groups[sets + j]["params"] = [self._masters[p] for p in self.split.layer_params(new_active)
+                                                     if self._set_of(p) == j]
         self.active_layers = tuple(new_active)
+
+    def _set_of(self, p: nn.Parameter) -> int:
+        return self._option_set.get(self._names[p], 0)
+
+    def adopt_scheduler(self, scheduler, optimizer: torch.optim.Optimizer) -> None:
+        """Re-bind a torch LR scheduler built over `optimizer` (the one `from_optimizer` copied) to
+        this optimizer, one entry per group, so it keeps its position and per-group base values."""
+        if getattr(scheduler, "optimizer", None) is not optimizer:
+            raise ValueError("the LR scheduler is bound to another optimizer than the one LISA replaces")
+        sources = []
+        for group in self.param_groups:
+            options = {k: v for k, v in group.items() if k != "params"}
+            sources.append(next((i for i, g in enumerate(optimizer.param_groups)
+                                 if {k: v for k, v in g.items() if k != "params"} == options), 0))
+        for child in [scheduler, *getattr(scheduler, "_schedulers", [])]:
+            child.optimizer = self
+        refit_scheduler(scheduler, len(optimizer.param_groups), sources)
+
+    @classmethod
+    def from_optimizer(cls, model: nn.Module, config: LisaConfig, optimizer: torch.optim.Optimizer, **kwargs):
+        """A LisaOptimizer of `optimizer`'s class, defaults and param-group hyper-parameters (e.g. the
+        one Trainer.create_optimizer built); `optimizer` itself must be unused and is left alone."""
+        if any(len(st) for st in optimizer.state.values()):
+            raise ValueError("LisaOptimizer.from_optimizer needs an optimizer that has not stepped yet; its state "
+                             "would be lost (LISA keeps state for the active layers only)")
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+        defaults = {k: v for k, v in optimizer.defaults.items() if k in accepted}
+        return cls(model, config, type(optimizer), groups=optimizer.param_groups, **defaults, **kwargs)
 
     def _trained(self) -> List[Tuple[nn.Parameter, torch.Tensor]]:
         return list(self._masters.items())

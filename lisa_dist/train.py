@@ -17,7 +17,8 @@ from typing import Dict, List, Optional
 from .devices import rank_device
 from .ds_config import resolve_ds_config
 from .memory import device_memory, host_peak_rss_bytes
-from .modeling import build_model_and_tokenizer, weights_dtype
+from .modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
+                       checkpoint_files, weights_dtype, weights_loader)
 from .protocol import Runner
 from .run_config import RunConfig, parse_args as _parse_args
 
@@ -40,8 +41,14 @@ class _DeepSpeed:
     @staticmethod
     def load(run: RunConfig, dtype):
         from .deepspeed.loading import load_partitioned
-        # ZeRO-3 builds the model partitioned, never whole on a rank; other stages get None back.
-        return load_partitioned(resolve_ds_config(run, dtype), lambda: _build(run, dtype)) or _build(run, dtype)
+        # ZeRO-3 builds the model partitioned, never whole on a rank (a safetensors checkpoint from
+        # its config, then filled); other stages get None back and load onto the rank's device.
+        files = checkpoint_files(run.model)
+        build = ((lambda: build_from_config_and_tokenizer(run.model, dtype, tokenizer=run.tokenizer,
+                                                          trust_remote_code=run.trust_remote_code))
+                 if files else (lambda: _build(run, dtype)))
+        return (load_partitioned(resolve_ds_config(run, dtype), build, _preset_init(run, dtype), files)
+                or _build(run, dtype, device=rank_device()))
 
     @staticmethod
     def runner(run: RunConfig, model, calibration=None) -> Runner:
@@ -54,7 +61,9 @@ class _DeepSpeed:
 class _FSDP2:
     @staticmethod
     def load(run: RunConfig, dtype):
-        return _build(run, dtype)
+        # Parameters on the meta device: the runner shards the empty model, then fills each shard.
+        return build_empty_model_and_tokenizer(run.model, dtype, tokenizer=run.tokenizer,
+                                               trust_remote_code=run.trust_remote_code)
 
     @staticmethod
     def runner(run: RunConfig, model, calibration=None) -> Runner:
@@ -63,6 +72,8 @@ class _FSDP2:
         return FSDPRunner(model, run.lisa, lr=run.lr, weight_decay=run.weight_decay,
                           warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm,
                           cpu_offload=run.cpu_offload, activation_checkpointing=run.gradient_checkpointing,
+                          load_weights=weights_loader(run.model, seed=run.seed, tokenizer=run.tokenizer,
+                                                      trust_remote_code=run.trust_remote_code),
                           calibration=calibration)
 
 
@@ -70,9 +81,18 @@ BACKENDS = {"single": _Single, "deepspeed": _DeepSpeed, "fsdp2": _FSDP2}
 """--backend -> how it loads the model and which Runner trains it."""
 
 
-def _build(run: RunConfig, dtype):
+def _build(run: RunConfig, dtype, device=None):
     return build_model_and_tokenizer(run.model, dtype, seed=run.seed, tokenizer=run.tokenizer,
-                                     trust_remote_code=run.trust_remote_code)
+                                     trust_remote_code=run.trust_remote_code, device=device)
+
+
+def _preset_init(run: RunConfig, dtype):
+    """For a preset, its single-process (seeded, whole) weights, which ZeRO-3 copies into the
+    partitioned build so every backend starts from the same model; None for checkpoints."""
+    from . import presets
+    if run.model not in presets.PRESETS:
+        return None
+    return lambda: _build(run, dtype)[0].state_dict()
 
 
 def _checkpoint_activations(run: RunConfig, model) -> None:

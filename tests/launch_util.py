@@ -49,3 +49,16 @@ def deepspeed_launch(script: Path, args: Sequence[str], nproc: int = 2, env: Opt
 
 def output_tail(proc: subprocess.CompletedProcess, chars: int = 6000) -> str:
     return (proc.stdout + proc.stderr)[-chars:]
+
+
+def torchrun_launch(script: Path, args: Sequence[str], nproc: int = 2, env: Optional[Dict[str, str]] = None,
+                    timeout: float = 600) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node N script args...` on this host (a free port, not --standalone)."""
+    beside = Path(sys.executable).with_name("torchrun")
+    launcher = [str(beside)] if beside.exists() else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = launcher + [f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+                      str(script), *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
+    proc.seconds = time.perf_counter() - start
+    return proc

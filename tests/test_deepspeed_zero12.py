@@ -151,6 +151,13 @@ def test_runner(ranks):
 
 
 @distributed
+def test_loading_a_sharded_checkpoint_gives_from_pretrained_weights(ranks):
+    for rank in ranks:
+        r = rank["loading"]
+        assert r["files"] >= 3 and r["loaded_equal"] and r["engine_equal"], r
+
+
+@distributed
 def test_rank_disagreement_fails_fast_with_both_sets(tmp_path):
     proc = deepspeed_launch(SCRIPT, ["--stage", "2", "--out", str(tmp_path), "--only", "skew"], nproc=WORLD,
                             env={"LISA_DIST_TEST_SKEW_RANK": "1"}, timeout=240)

@@ -178,6 +178,11 @@ def test_partitioned_loading(ranks):
             assert r["shard_numel"] * WORLD >= r["total_numel"] and r["shard_numel"] <= r["total_numel"] / WORLD + 1000
         assert rank["loading"]["pretrained"]["vs_saved_max_abs_diff"] == 0.0
         assert rank["loading"]["preset"]["ranks_identical"] and rank["loading"]["preset"]["std"] > 0
+        # Same weights as the whole builds: from_pretrained of the sharded checkpoint, and the
+        # single-process preset init for the same seed (zero.Init's own init differs from it).
+        assert rank["loading"]["pretrained"]["files"] >= 3
+        assert rank["loading"]["pretrained"]["equal_to_whole_build"]
+        assert rank["loading"]["preset"]["equal_to_whole_build"]
 
 
 @distributed

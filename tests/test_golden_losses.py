@@ -57,3 +57,11 @@ def test_losses_match_golden(name, tmp_path):
     assert name in golden, f"no golden losses for {name}; record them with LISA_DIST_RECORD_GOLDEN=1"
     diffs = [(i, a, b) for i, (a, b) in enumerate(zip(losses, golden[name])) if a != b]
     assert not diffs, f"{name}: losses differ from the golden list at (step, now, golden) {diffs[:5]}"
+
+
+@pytest.mark.unit
+def test_distributed_backends_start_from_the_same_weights():
+    """The 2-rank runs see the same first batch, so equal weights give an equal first loss: the
+    presets' init is the single-process one on every backend (ZeRO-3 included, not zero.Init's)."""
+    golden = json.loads(GOLDEN.read_text())
+    assert golden["zero2"][0] == golden["zero3"][0] == golden["fsdp2"][0]

@@ -209,6 +209,18 @@ def test_dry_run_llama2_70b_zero3_32_ranks():
     assert seconds < 90, f"the dry run took {seconds:.0f} s"
 
 
+def test_dry_run_llama2_70b_fsdp2_32_ranks():
+    """The numbers in launch/slurm/llama2_70b_fsdp2_a100_80g.sbatch's header and the README."""
+    proc = run([sys.executable, "-m", "lisa_dist.train", "--dry-run", "--model", "launch/configs/llama2-70b",
+                "--backend", "fsdp2", "--activated-layers", "2"],
+               launch_env({"NNODES": "4", "NPROC_PER_NODE": "8"}), timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    assert "FSDP2            32.12     4.93  <- this run" in proc.stdout
+    assert re.search(r"^LISA g=2\s+4\.01\s", proc.stdout, re.M), proc.stdout
+    header = (ROOT / "launch" / "slurm" / "llama2_70b_fsdp2_a100_80g.sbatch").read_text()
+    assert "LISA 4.93 GiB vs full fine-tuning 32.12 GiB (bf16 weights 4.01 GiB" in header
+
+
 def test_dry_run_offload_splits_gpu_and_host():
     proc = run([sys.executable, "-m", "lisa_dist.train", "--dry-run", "--model", "launch/configs/llama2-70b",
                 "--backend", "deepspeed", "--deepspeed", "ds_configs/zero3_offload.json"],
@@ -293,10 +305,13 @@ def test_slurm_generic_template(tmp_path):
 
 @pytest.mark.slurm
 @requires_slurm
-def test_slurm_70b_a100_recipe_with_tiny_model(tmp_path):
-    """The A100 recipe for real: recipe -> generic.sbatch -> srun -> torchrun -> DeepSpeed ZeRO-3, with
-    the tiny preset saved as a local model directory standing in for LLaMA-2-70B, the GPU request
-    overridden, and the test's flags appended after the recipe's (the last one wins)."""
+@pytest.mark.parametrize("recipe, backend", [("llama2_70b_a100_80g", "deepspeed"),
+                                             ("llama2_70b_fsdp2_a100_80g", "fsdp2")])
+def test_slurm_70b_a100_recipe_with_tiny_model(tmp_path, recipe, backend):
+    """The A100 recipes for real: recipe -> generic.sbatch -> srun -> torchrun -> DeepSpeed ZeRO-3 or
+    FSDP2 (meta build, sharded safetensors read per rank), with the tiny preset saved as a local model
+    directory in several safetensors files standing in for LLaMA-2-70B, the GPU request overridden,
+    and the test's flags appended after the recipe's (the last one wins)."""
     import torch
     import transformers
 
@@ -305,23 +320,26 @@ def test_slurm_70b_a100_recipe_with_tiny_model(tmp_path):
     model_dir = tmp_path / "model"
     tokenizer = presets.default_tokenizer()
     torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(presets.PRESETS["tiny-llama"](tokenizer)).save_pretrained(model_dir)
+    transformers.AutoModelForCausalLM.from_config(presets.PRESETS["tiny-llama"](tokenizer)).save_pretrained(
+        model_dir, max_shard_size="2MB")
     tokenizer.save_pretrained(model_dir)
     env = launch_env({"MODEL": str(model_dir), "NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
     out_file = tmp_path / "job.out"
-    proc = sbatch("launch/slurm/llama2_70b_a100_80g.sbatch", env, ["--nodes=1", "--gpus-per-node=0", "--time=10"],
+    proc = sbatch(f"launch/slurm/{recipe}.sbatch", env, ["--nodes=1", "--gpus-per-node=0", "--time=10"],
                   [*TRAIN_ARGS, "--output-dir", str(tmp_path / "run")], out_file)
     job_log = out_file.read_text() if out_file.exists() else "(no job output file)"
     assert proc.returncode == 0, f"sbatch: {proc.stdout}\njob output:\n{job_log[-8000:]}"
     assert_job_ok([proc.returncode], [job_log], 2, tmp_path / "run")
-    assert f"lisa-train: {model_dir} | backend deepspeed x2" in job_log
+    assert f"lisa-train: {model_dir} | backend {backend} x2" in job_log
 
 
 @pytest.mark.slurm
 @requires_slurm
-@pytest.mark.parametrize("recipe, ds_config", [("llama2_70b_a100_80g", "ds_configs/zero3.json"),
-                                               ("llama2_70b_a10_24g", "ds_configs/zero3_offload.json")])
-def test_slurm_70b_recipes_dry_run(tmp_path, recipe, ds_config):
+@pytest.mark.parametrize("recipe, backend_args", [
+    ("llama2_70b_a100_80g", "--backend deepspeed --deepspeed ds_configs/zero3.json"),
+    ("llama2_70b_a10_24g", "--backend deepspeed --deepspeed ds_configs/zero3_offload.json"),
+    ("llama2_70b_fsdp2_a100_80g", "--backend fsdp2")])
+def test_slurm_70b_recipes_dry_run(tmp_path, recipe, backend_args):
     """The recipes submit on this GPU-less cluster with their GPU request overridden, and resolve to the
     generic template's srun + torchrun line with their config and flags."""
     env = launch_env({"DRY_RUN": "1", "MODEL": "/models/Llama-2-70b-hf", "NPROC_PER_NODE": "8"})
@@ -332,6 +350,6 @@ def test_slurm_70b_recipes_dry_run(tmp_path, recipe, ds_config):
     assert proc.returncode == 0, f"{proc.stdout}\n{line}"
     assert line.startswith("srun --ntasks-per-node=1 ")
     assert "torchrun --nnodes 1 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint " in line
-    assert (f"-m lisa_dist.train --backend deepspeed --deepspeed {ds_config} --model /models/Llama-2-70b-hf "
+    assert (f"-m lisa_dist.train {backend_args} --model /models/Llama-2-70b-hf "
             "--max-length 4096 --batch-size 1 --gradient-checkpointing --lr 1e-5 --warmup-steps 20 --activated-layers 2") in line
     assert line.endswith("--steps 9")

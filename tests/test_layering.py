@@ -29,7 +29,7 @@ def layer_of(module: str) -> str:
     head = parts[0]
     if head in CORE:
         return "core"
-    if head in ("single", "deepspeed", "fsdp"):
+    if head in ("single", "deepspeed", "fsdp", "ddp"):
         return "backends"
     if head in ("hf", "accelerate", "integrations") or head.startswith("hf_"):
         return "integrations"

@@ -168,7 +168,7 @@ def _saved_host(tag_dir: Path, saved: Dict[str, Any]) -> Dict[zero12.GroupKey, A
         raise ValueError(f"{tag_dir} lists offloaded layers {saved['host_layers']} but has no {path.name}; "
                          "the checkpoint is incomplete, resume from an earlier one")
     raw = load_tensors(path)
-    return {(int(k) if k.isdigit() else k): _slice_from_dict(v) for k, v in raw.items()}
+    return {zero12.parse_key(k): _slice_from_dict(v) for k, v in raw.items()}
 
 
 def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
@@ -179,16 +179,13 @@ def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
     check_agreement(saved["switch_index"], active, lisa.device, (saved.get("importance") or {}).get("probabilities"))
     groups = lisa.groups(active)
     keys = [key for key, _ in groups]
-    assert keys == [zero12.ALWAYS if k == zero12.ALWAYS else int(k) for k in saved["group_keys"]], (
-        f"groups {keys} differ from the saved {saved['group_keys']}")
+    if keys != [zero12.parse_key(k) for k in saved["group_keys"]]:
+        raise ValueError(f"the checkpoint's optimizer groups {saved['group_keys']} differ from this run's {keys} "
+                         "for the same active layers: build the optimizer with the same parameter groups "
+                         "(hyper-parameter sets) as the run that saved it")
     if keys != lisa.group_keys:
-        if int(engine.zero_optimization_stage()) == 3:
-            from .zero3 import rebuild
-        else:
-            rebuild = zero12.rebuild
-        with _compat.quiet_logs():
-            # host=None: the groups of the fresh layout are discarded, DeepSpeed restores the saved ones.
-            rebuild(engine, lisa.group_keys, groups, lisa.managed, None)
+        # host=None: the groups of the fresh layout are discarded, DeepSpeed restores the saved ones.
+        lisa.rebuild(engine, groups, None)
     lisa.group_keys = keys
     lisa.active_layers = active
 

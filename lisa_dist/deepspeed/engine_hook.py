@@ -19,18 +19,13 @@ from ..config import LisaConfig
 from ..importance import LayerImportance
 from ..layers import ParamSplit, split_parameters
 from ..memory import device_memory
+from ..optim import refit_scheduler
 from ..sampling import LayerSampler, sample_layers
 from . import _compat, checkpoint, process_group, zero3, zero12
 from .agreement import check_agreement, schedule_seed
 from .importance import Calibration, engine_outlier_ratios, layer_grad_squares
 from .memory import optimizer_bytes
 from .op_errors import explained_op_build_failures
-
-# torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
-# optimizer must have one entry per group of the optimizer LISA gives it.
-_PER_GROUP_SCHEDULER_ATTRS = ("base_lrs", "_last_lr", "lr_lambdas", "min_lrs", "max_lrs",
-                              "base_momentums", "max_momentums")
-
 
 class LisaEngineState:
     """The LISA schedule of one engine (`engine.lisa`): what trains now and what happened so far."""
@@ -51,16 +46,49 @@ class LisaEngineState:
         # state_policy="offload": this rank's slices of deactivated layers, on the host.
         self.host: Optional[Dict[zero12.GroupKey, zero12.GroupSlice]] = (
             {} if config.state_policy == "offload" else None)
+        self.option_sets: List[Dict[str, Any]] = []
+        self.option_set: Dict[int, int] = {}
         self.managed: List[nn.Parameter] = ([p for _, p in split.always] + [p for _, p in split.frozen_outside]
                                             + [p for layer in split.per_layer for _, p in layer])
 
+    def set_option_sets(self, option_sets: List[Dict[str, Any]], option_set: Dict[int, int]) -> None:
+        """Give parameters different hyper-parameters: `option_sets[j]` for the params whose id maps
+        to j in `option_set` (unlisted ones get set 0). Each part (always-active, each layer) is then
+        split into one group per option set it has, so e.g. no-decay biases and norms keep weight_decay=0."""
+        self.option_sets = [dict(o) for o in option_sets]
+        self.option_set = dict(option_set)
+
+    def _by_option_set(self, base: zero12.GroupKey, params: List[nn.Parameter]):
+        if len(self.option_sets) <= 1:
+            return [(base, params)]
+        parts: List[List[nn.Parameter]] = [[] for _ in self.option_sets]
+        for p in params:
+            parts[self.option_set.get(id(p), 0)].append(p)
+        return [(zero12.sub_key(base, j), ps) for j, ps in enumerate(parts) if ps]
+
     def groups(self, active: Sequence[int]) -> List[Tuple[zero12.GroupKey, List[nn.Parameter]]]:
-        """Param groups for an active set: always-active first (if any), then one per layer in order."""
+        """Param groups for an active set: always-active first (if any), then each layer in order;
+        a part with parameters of several option sets gives one group per set, in set order."""
         out: List[Tuple[zero12.GroupKey, List[nn.Parameter]]] = []
         if self.split.always:
-            out.append((zero12.ALWAYS, self.split.always_params))
-        out.extend((i, self.split.layer_params([i])) for i in sorted(active))
+            out.extend(self._by_option_set(zero12.ALWAYS, self.split.always_params))
+        for i in sorted(active):
+            out.extend(self._by_option_set(i, self.split.layer_params([i])))
         return out
+
+    def rebuild(self, engine, new_groups, host) -> None:
+        """Rebuild the engine's ZeRO optimizer over `new_groups`, each group with the current
+        hyper-parameters of its option set (an LR scheduler has moved "lr" since the last build)."""
+        options = None
+        if len(self.option_sets) > 1:
+            current: Dict[int, Dict[str, Any]] = {}
+            for key, group in zip(self.group_keys, engine.basic_optimizer.param_groups):
+                current.setdefault(zero12.option_set_of(key), zero12.inheritable(group))
+            self.option_sets = [current.get(j, o) for j, o in enumerate(self.option_sets)]
+            options = [self.option_sets[zero12.option_set_of(key)] for key, _ in new_groups]
+        rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
+        with _compat.quiet_logs(), _compat.keep_peak_memory_stats():
+            rebuild(engine, self.group_keys, new_groups, self.managed, host, options)
 
     def host_bytes(self) -> int:
         return sum(s.nbytes() for s in self.host.values()) if self.host is not None else 0
@@ -92,9 +120,7 @@ class LisaEngineState:
         new_keys = [key for key, _ in new_groups]
         # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
         if new_keys != self.group_keys:
-            rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
-            with _compat.quiet_logs(), _compat.keep_peak_memory_stats():
-                rebuild(engine, self.group_keys, new_groups, self.managed, self.host)
+            self.rebuild(engine, new_groups, self.host)
         self.group_keys = new_keys
         self.active_layers = active
         self.switch_index = switch_index
@@ -146,57 +172,64 @@ def _check_ds_config(ds_config: dict) -> None:
             "scale); use \"bf16\": {\"enabled\": true} or fp32")
 
 
-def _resize_scheduler(scheduler: Any, old_groups: int, new_groups: int) -> None:
-    """Give a torch LR scheduler built over the caller's optimizer one entry per LISA group."""
-    for child in getattr(scheduler, "_schedulers", []):  # SequentialLR, ChainedScheduler
-        _resize_scheduler(child, old_groups, new_groups)
-    for name in _PER_GROUP_SCHEDULER_ATTRS:
-        values = getattr(scheduler, name, None)
-        if isinstance(values, list) and len(values) == old_groups and old_groups != new_groups:
-            setattr(scheduler, name, [values[0]] * new_groups)
+def client_option_sets(optimizer: torch.optim.Optimizer) -> Tuple[List[Dict[str, Any]], Dict[int, int], List[int]]:
+    """The distinct hyper-parameter sets of a torch optimizer's groups, in first-seen order: the
+    sets, param id -> set index, and for each set the index of the first group that has it."""
+    sets: List[Dict[str, Any]] = []
+    first: List[int] = []
+    of_param: Dict[int, int] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        options = {k: v for k, v in group.items() if k != "params"}
+        j = next((i for i, o in enumerate(sets) if o == options), None)
+        if j is None:
+            sets.append(options)
+            first.append(g)
+            j = len(sets) - 1
+        for p in group["params"]:
+            of_param.setdefault(id(p), j)
+    return sets, of_param, first
 
 
 def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: Any,
-                              param_groups: List[dict]) -> None:
+                              groups: List[Tuple[zero12.GroupKey, List[nn.Parameter]]],
+                              option_sets: List[Dict[str, Any]], first_group: List[int],
+                              other_schedulers: Sequence[Any] = ()) -> None:
     """Re-point the caller's (still unused) torch optimizer at LISA's groups, in place, so an LR
-    scheduler already bound to it keeps working; every switch re-fills this same object."""
+    scheduler already bound to it keeps working; every switch re-fills this same object. Each LISA
+    group takes the hyper-parameters of its option set (see LisaEngineState.set_option_sets)."""
     if any(len(s) for s in optimizer.state.values()):
         raise ValueError("the optimizer passed to lisa_dist.deepspeed.initialize already has state; pass a "
                          "freshly constructed optimizer (LISA builds its parameter groups itself)")
-    options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if any(o != options[0] for o in options[1:]):
-        raise ValueError("lisa_dist builds its own parameter groups (always-active, then one per active "
-                         "layer) and gives them all the same hyper-parameters, but the optimizer's groups "
-                         "differ; construct it over model.parameters() with one set of hyper-parameters, or "
-                         "put the optimizer in the DeepSpeed config")
     old = len(optimizer.param_groups)
-    new = len(param_groups)
-    if old not in (1, new):
-        raise ValueError(f"the optimizer has {old} param groups; lisa_dist needs it built over "
-                         "model.parameters() as one group")
-    optimizer.param_groups = [{**options[0], "params": list(g["params"])} for g in param_groups]
-    if lr_scheduler is not None and not callable(lr_scheduler):
-        bound = getattr(lr_scheduler, "optimizer", None)
+    sets = [zero12.option_set_of(key) for key, _ in groups]
+    optimizer.param_groups = [{**option_sets[j], "params": list(params)} for j, (_, params) in zip(sets, groups)]
+    schedulers = ([lr_scheduler] if lr_scheduler is not None and not callable(lr_scheduler) else []) + list(other_schedulers)
+    for scheduler in schedulers:
+        bound = getattr(scheduler, "optimizer", None)
         if bound is not None and bound is not optimizer:
             raise ValueError("lr_scheduler is bound to a different optimizer than the one passed; build it "
                              "over the optimizer you pass to lisa_dist.deepspeed.initialize")
-        _resize_scheduler(lr_scheduler, old, new)
+        refit_scheduler(scheduler, old, [first_group[j] for j in sets])
 
 
 def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, model_parameters=None,
                training_data=None, lr_scheduler=None, distributed_port: Optional[int] = None, mpu=None,
                dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
-               config_params=None, *, lisa: LisaConfig, calibration: Optional[Calibration] = None):
+               config_params=None, *, lisa: LisaConfig, other_schedulers: Sequence[Any] = (),
+               calibration: Optional[Calibration] = None):
     """`deepspeed.initialize` with LISA: same arguments and return value, plus `lisa`.
 
     Before the engine exists, only the always-active parameters and the first active set require
     grad and they are grouped [always-active, layer, layer, ...]; the returned engine re-samples
     every `lisa.interval_steps` optimizer steps inside `engine.step()` and exposes `engine.lisa`.
     `model_parameters`, if given, is ignored beyond a check: LISA decides what trains. `optimizer`
-    may be None (taken from the DeepSpeed config), a fresh torch optimizer with one set of
-    hyper-parameters (re-used across switches, so a torch LR scheduler bound to it keeps working),
-    or a callable taking param groups. The returned optimizer is a view of the engine's current
+    may be None (taken from the DeepSpeed config), a fresh torch optimizer (re-used across switches,
+    so a torch LR scheduler bound to it keeps working; groups with different hyper-parameters, such
+    as Trainer's weight-decay / no-decay split, keep them: every always-active part and layer is
+    split by option set), or a callable taking param groups. The returned optimizer is a view of the engine's current
     ZeRO optimizer. ZeRO stage 1, 2 and 3 (stage 3 also with offload_optimizer/offload_param to CPU).
+    `other_schedulers`: torch LR schedulers bound to `optimizer` that the caller steps itself
+    (accelerate keeps them out of DeepSpeed); like `lr_scheduler` they get one entry per LISA group.
 
     `lisa.sampling="outlier"` needs `calibration`: batches (dicts for `model(**batch)`) or a callable
     `(rank, world_size) -> batches`, forwarded once through the new engine; the engine is built over
@@ -243,13 +276,16 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     else:
         active = state.importance.draw(state.sampler, 0)
     check_agreement(0, active, device, state.importance.probabilities)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        option_sets, option_set, first_group = client_option_sets(optimizer)
+        state.set_option_sets(option_sets, option_set)
     groups = state.groups(active)
     trainable = {id(p) for _, params in groups for p in params}
     for p in state.managed:
         p.requires_grad_(id(p) in trainable)
     param_groups = [{"params": params} for _, params in groups]
     if isinstance(optimizer, torch.optim.Optimizer):
-        _regroup_client_optimizer(optimizer, lr_scheduler, param_groups)
+        _regroup_client_optimizer(optimizer, lr_scheduler, groups, option_sets, first_group, other_schedulers)
 
     with explained_op_build_failures(ds_config):
         engine, ds_optimizer, loader, scheduler = deepspeed.initialize(

@@ -5,26 +5,39 @@ partitions it would need that much memory per process. transformers' DeepSpeed i
 the model under `deepspeed.zero.Init` instead (each module's parameters are partitioned as soon as
 the module is constructed) when a `HfDeepSpeedConfig` object is alive:
 - from_config (presets): random init runs per module on gathered parameters, on rank 0, and is
-  broadcast (transformers.integrations.deepspeed.initialize_weights_zero3);
+  broadcast (transformers.integrations.deepspeed.initialize_weights_zero3). That init consumes the
+  RNG in another order than the single-process build, so `load_partitioned` overwrites it with the
+  whole, seeded preset built on rank 0 first (`initial_state`): every backend starts from the same
+  weights for the same seed;
 - from_pretrained: rank 0 reads the checkpoint and copies each module's tensors into the gathered
-  parameters, which are re-partitioned module by module.
+  parameters, which are re-partitioned module by module. Measured with transformers 5.24 at 2 ranks
+  (benchmarks/load_memory.py), that still peaked above the checkpoint's size on every rank, so for
+  safetensors checkpoints `load_partitioned` builds from the config instead and fills the
+  partitions itself (`checkpoint_files`): rank 0 reads one file at a time, each parameter is
+  gathered, written on rank 0 and re-partitioned.
 transformers holds that object only through a weak reference, so it is kept on the model for as
 long as the model lives (resizing embeddings, generation and saving consult it too).
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import nn
 
 
-def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
-                     ) -> Optional[Tuple[nn.Module, Any]]:
+def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]],
+                     initial_state: Optional[Callable[[], Mapping[str, torch.Tensor]]] = None,
+                     checkpoint_files: Optional[Sequence[Path]] = None) -> Optional[Tuple[nn.Module, Any]]:
     """`build()`'s (model, tokenizer), built or loaded under ZeRO-3 partitioning, or None when
     `ds_config` is not a ZeRO-3 config (the caller then builds the model whole). `ds_config` must be
     the resolved config the engine will be built from: zero.Init has to agree with it on precision
     and parameter offload. `build` constructs the model with from_config or from_pretrained, which
     transformers routes through zero.Init while the HfDeepSpeedConfig made here is alive.
+    With `initial_state`, rank 0 calls it before anything is partitioned (it must build whole) and
+    its tensors replace the built parameters, one gathered parameter at a time; with
+    `checkpoint_files` (safetensors; `build` then builds from the config) those files do.
     Initialises the process group (zero.Init partitions across it)."""
     if int((ds_config.get("zero_optimization") or {}).get("stage", 0)) != 3:
         return None
@@ -35,6 +48,8 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
 
     _compat.check_deepspeed_version()
     process_group.ensure_initialized()
+    import torch.distributed as dist
+    initial = initial_state() if initial_state is not None and dist.get_rank() == 0 else None
     hf_ds_config = HfDeepSpeedConfig(ds_config)
     assert hf_ds_config.is_zero3()
 
@@ -45,5 +60,48 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
             f"transformers {transformers.__version__} built {type(model).__name__} without ZeRO-3 partitioning "
             f"({len(whole)} parameters whole, e.g. {whole[0]}); its DeepSpeed integration "
             "(transformers.integrations.deepspeed.HfDeepSpeedConfig) did not take effect")
+    if initial_state is not None:
+        _overwrite(model, initial)
+    if checkpoint_files is not None:
+        _fill_from_files(model, checkpoint_files)
     model._lisa_hf_ds_config = hf_ds_config  # transformers keeps only a weak reference
     return model, tokenizer
+
+
+@torch.no_grad()
+def _overwrite(model: nn.Module, state: Optional[Mapping[str, torch.Tensor]]) -> None:
+    """Rank 0's `state` (None elsewhere) into the partitioned parameters: gathered one at a time,
+    written on rank 0, re-partitioned on every rank as the context exits."""
+    import deepspeed
+
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if state is not None:
+                param.data.copy_(state[name])
+
+
+@torch.no_grad()
+def _fill_from_files(model: nn.Module, files: Sequence[Path]) -> None:
+    """Every parameter from the safetensors files: all ranks walk the same keys (headers only), rank
+    0 reads the tensors, one file mapped at a time. Tied parameters are written once."""
+    import deepspeed
+    import torch.distributed as dist
+    from safetensors import safe_open
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    filled = set()
+    reader = dist.get_rank() == 0
+    for path in files:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                param = params.get(key)
+                if param is None or id(param) in filled:
+                    continue
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if reader:
+                        param.data.copy_(f.get_tensor(key))
+                filled.add(id(param))
+    missing = [n for n, p in params.items() if id(p) not in filled]
+    if missing:
+        raise ValueError(f"the checkpoint has no tensor for {len(missing)} parameters of {type(model).__name__} "
+                         f"(e.g. {missing[:3]}); is it a checkpoint of this architecture?")

@@ -32,7 +32,22 @@ from . import _compat
 
 ALWAYS = "always"
 GroupKey = Union[str, int]
-"""ALWAYS for the always-active group, else the decoder-layer index."""
+"""ALWAYS for the always-active group, else the decoder-layer index. When the caller's optimizer
+has groups with different hyper-parameters (Trainer: no weight decay for biases and norms), each
+part is split by option set j and j > 0 gets the key "<part>.<j>" ("always.1", "3.1")."""
+
+
+def sub_key(base: GroupKey, option_set: int) -> GroupKey:
+    return base if option_set == 0 else f"{base}.{option_set}"
+
+
+def option_set_of(key: GroupKey) -> int:
+    return int(key.rsplit(".", 1)[1]) if isinstance(key, str) and "." in key else 0
+
+
+def parse_key(key: GroupKey) -> GroupKey:
+    """A key read back from JSON or a file name: layer indices may come as digit strings."""
+    return int(key) if isinstance(key, str) and key.isdigit() else key
 
 # Torch optimizers keep per-group bookkeeping next to the hyper-parameters; a new group must not
 # inherit another group's ("step" is FusedAdam's initial step for fresh state).
@@ -77,15 +92,29 @@ def group_slices(engine, keys: Sequence[GroupKey]) -> Dict[GroupKey, GroupSlice]
     return {key: GroupSlice(fp32, dict(state.get(fp32, {}))) for key, fp32 in zip(keys, partitions)}
 
 
+def inheritable(group: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in group.items() if k not in _NOT_INHERITED}
+
+
+def group_options(basic: torch.optim.Optimizer, new_groups: Sequence[Tuple[GroupKey, Any]],
+                  options: Optional[Sequence[Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    if options is None:
+        return [inheritable(basic.param_groups[0])] * len(new_groups)
+    assert len(options) == len(new_groups), "one option set per new group"
+    return [dict(o) for o in options]
+
+
 def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[GroupKey, List[nn.Parameter]]],
-            managed: Sequence[nn.Parameter], host: Optional[Dict[GroupKey, GroupSlice]]) -> None:
+            managed: Sequence[nn.Parameter], host: Optional[Dict[GroupKey, GroupSlice]],
+            options: Optional[Sequence[Dict[str, Any]]] = None) -> None:
     """Replace the engine's ZeRO-1/2 optimizer by one over `new_groups`.
 
     Groups whose key is in both `old_keys` and `new_groups` keep this rank's fp32 partition and
     optimizer state. With `host` (state_policy="offload") dropped groups are copied into it and
     groups found in it are restored from it; without, dropped groups are discarded and new ones
     start from the current weights and fresh state. `managed` are all parameters LISA decides
-    `requires_grad` for; afterwards exactly those in `new_groups` require grad.
+    `requires_grad` for; afterwards exactly those in `new_groups` require grad. `options` are the
+    hyper-parameters of each new group (default: those of the current first group, for all).
     """
     old = engine.optimizer
     basic = engine.basic_optimizer
@@ -99,7 +128,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
         for key, s in slices.items():
             if key not in kept:
                 host[key] = s.to_host()
-    options = {k: v for k, v in basic.param_groups[0].items() if k not in _NOT_INHERITED}
+    options = group_options(basic, new_groups, options)
     del slices
 
     old_flats = [weakref.ref(t) for t in _compat.flat_bit16_buffers(old)]
@@ -130,7 +159,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     trainable = {id(p) for _, params in new_groups for p in params}
     for p in managed:
         p.requires_grad_(id(p) in trainable)
-    basic.param_groups = [{**options, "params": list(params)} for _, params in new_groups]
+    basic.param_groups = [{**o, "params": list(params)} for o, (_, params) in zip(options, new_groups)]
     _compat.configure_optimizer(engine, basic)
 
     partitions = _compat.fp32_partitions(engine.optimizer)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import _compat
-from .zero12 import _NOT_INHERITED, GroupKey, GroupSlice, _is_flat_like
+from .zero12 import GroupKey, GroupSlice, _is_flat_like, group_options
 
 
 @dataclass
@@ -64,7 +64,8 @@ def group_shards(engine, keys: Sequence[GroupKey]) -> Dict[GroupKey, GroupShards
 
 
 def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[GroupKey, List[nn.Parameter]]],
-            managed: Sequence[nn.Parameter], host: Optional[Dict[GroupKey, GroupShards]]) -> None:
+            managed: Sequence[nn.Parameter], host: Optional[Dict[GroupKey, GroupShards]],
+            options: Optional[Sequence[Dict]] = None) -> None:
     """Replace the engine's stage-3 optimizer by one over `new_groups`; same contract as
     zero12.rebuild. Collective: every rank must call it at the same point."""
     old = engine.optimizer
@@ -77,7 +78,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     kept = {key: s for key, s in shards.items() if key in new_keys}
     if host is not None:
         host.update({key: s.to_host() for key, s in shards.items() if key not in kept})
-    options = {k: v for k, v in basic.param_groups[0].items() if k not in _NOT_INHERITED}
+    options = group_options(basic, new_groups, options)
     del shards
 
     offload = _compat.zero3_parameter_offload(old)
@@ -93,7 +94,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     trainable = {id(p) for _, params in new_groups for p in params}
     for p in managed:
         p.requires_grad_(id(p) in trainable)
-    basic.param_groups = [{**options, "params": list(params)} for _, params in new_groups]
+    basic.param_groups = [{**o, "params": list(params)} for o, (_, params) in zip(options, new_groups)]
     with _compat.zero3_rebuild_context(offload):
         _compat.configure_optimizer(engine, basic)
     # Building the optimizer gathers and re-partitions every trainable param to hook it, behind

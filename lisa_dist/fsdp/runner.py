@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -14,7 +14,7 @@ from ..config import LisaConfig
 from ..devices import rank_device
 from ..outlier import resolve_calibration
 from ..single import SingleRunner
-from . import checkpoint
+from . import checkpoint, loading
 from .optimizer import FSDPLisaOptimizer
 from .shard import default_device, shard_model
 
@@ -45,6 +45,10 @@ class FSDPRunner(SingleRunner):
     Weights keep the dtype the model arrives in: bf16 weights are sharded as bf16 (frozen layers
     cost 2 bytes per parameter / world size) with fp32 gradient reduction and fp32 masters for the
     active set; fp32 weights train in fp32 throughout.
+
+    A model whose parameters are on the meta device (modeling.build_empty_model_and_tokenizer) is
+    sharded first and then filled by `load_weights(sharded_model)` (modeling.weights_loader), so a
+    rank only ever holds its own shards.
     """
 
     stage = "fsdp2"
@@ -52,8 +56,13 @@ class FSDPRunner(SingleRunner):
     def __init__(self, model: nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  cpu_offload: bool = False, activation_checkpointing: bool = False,
                  warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True,
-                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, calibration: Optional[Any] = None,
+                 optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW,
+                 load_weights: Optional[Callable[[nn.Module], None]] = None, calibration: Optional[Any] = None,
                  **optimizer_kwargs):
+        empty = loading.has_meta_parameters(model)
+        if empty and load_weights is None:
+            raise ValueError("the model's parameters are on the meta device: pass load_weights= "
+                             "(lisa_dist.modeling.weights_loader) to fill them after sharding")
         self._owns_process_group = init_distributed()
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -65,6 +74,9 @@ class FSDPRunner(SingleRunner):
         self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
                                  cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
                                  layers_path=lisa.layers_path)
+        if empty:
+            loading.materialize(self.model, torch.device("cpu") if cpu_offload else self.device)
+            load_weights(self.model)
         calibration = resolve_calibration(calibration, self.rank, self.world_size)
         self._attach_optimizer(FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
                                                  calibration=calibration, lr=lr, weight_decay=weight_decay,

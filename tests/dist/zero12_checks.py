@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import os
 import sys
@@ -353,6 +354,32 @@ def runner_check(stage: int, out_dir: Path) -> Dict:
     return result
 
 
+def loading(stage: int, out_dir: Path) -> Dict:
+    """lisa-train's ZeRO-1/2 loading (BACKENDS["deepspeed"].load, then the runner's engine) of a
+    checkpoint in several safetensors files: every rank's weights equal from_pretrained's."""
+    from lisa_dist.deepspeed.runner import DeepSpeedRunner
+    from lisa_dist.run_config import RunConfig
+    from lisa_dist.train import BACKENDS
+    sharded = out_dir / "loading_checkpoint"
+    if dist.get_rank() == 0:
+        build_model(seed=4).save_pretrained(sharded, max_shard_size="100KB")
+    dist.barrier()
+    cfg_path = out_dir / f"zero{stage}_loading.json"
+    cfg = ds_config(stage, False, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)})
+    cfg_path.write_text(json.dumps(cfg))
+    tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
+    run = RunConfig(model=str(sharded), backend="deepspeed", deepspeed=str(cfg_path), dtype="fp32", batch_size=MB,
+                    warmup_steps=0, steps=1, tokenizer=tokenizer)
+    model, _ = BACKENDS["deepspeed"].load(run, torch.float32)
+    whole = LlamaForCausalLM.from_pretrained(sharded, dtype=torch.float32)
+    loaded_equal = torch.equal(flat_weights(model), flat_weights(whole))
+    runner = DeepSpeedRunner(model, LisaConfig(activated_layers=2, interval_steps=2, seed=0), cfg)
+    result = {"files": len(list(sharded.glob("*.safetensors"))), "loaded_equal": loaded_equal,
+              "engine_equal": torch.equal(flat_weights(runner.engine.module), flat_weights(whole))}
+    runner.close()
+    return result
+
+
 def skew(stage: int) -> Dict:
     """Run with LISA_DIST_TEST_SKEW_RANK set: must raise the disagreement error on every rank."""
     model = build_model()
@@ -371,6 +398,7 @@ def scenarios(stage: int, out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "memory": lambda: memory(stage),
         "leak": lambda: leak(stage, "reset" if stage == 1 else "offload", 100),
         "runner": lambda: runner_check(stage, out_dir),
+        "loading": lambda: loading(stage, out_dir),
         "skew": lambda: skew(stage),
     }
     if stage == 2:  # importance-weighted sampling (tests/dist/importance_checks.py); ZeRO-3 runs them too

@@ -321,40 +321,48 @@ def runner_check(out_dir: Path) -> Dict:
 
 
 def loading(out_dir: Path) -> Dict:
-    """lisa-train's ZeRO-3 loading: a preset built under zero.Init, and the runner's saved model
-    loaded partitioned with from_pretrained; both partitioned on arrival, the latter equal to what
-    was saved."""
-    from lisa_dist.deepspeed.loading import load_partitioned
-    from lisa_dist.ds_config import resolve_ds_config
+    """lisa-train's ZeRO-3 loading (BACKENDS["deepspeed"].load): a preset built under zero.Init and
+    then given the single-process init, and the runner's saved model re-saved as several safetensors
+    files and loaded partitioned with from_pretrained; both partitioned on arrival, with the weights
+    of the single-process build / of from_pretrained."""
+    import transformers
+
     from lisa_dist.modeling import build_model_and_tokenizer
     from lisa_dist.run_config import RunConfig
-    cfg_path = out_dir / "zero3.json"
+    from lisa_dist.train import BACKENDS
+    cfg_path, sharded = out_dir / "zero3.json", out_dir / "saved_sharded"
+    tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
     if dist.get_rank() == 0:
         cfg_path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                         "train_micro_batch_size_per_gpu": 1}))
+        transformers.AutoModelForCausalLM.from_pretrained(out_dir / "saved").save_pretrained(
+            sharded, max_shard_size="100KB")
     dist.barrier()
     result = {}
-    for name, model_arg in (("preset", "tiny-llama"), ("pretrained", str(out_dir / "saved"))):
-        run = RunConfig(model=model_arg, backend="deepspeed", deepspeed=str(cfg_path), batch_size=1,
-                        warmup_steps=0, steps=1)
-        tokenizer = None if model_arg == "tiny-llama" else \
-            str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
-        model, _ = load_partitioned(resolve_ds_config(run, torch.float32),
-                                    lambda: build_model_and_tokenizer(model_arg, torch.float32, tokenizer=tokenizer))
+    for name, model_arg in (("preset", "tiny-llama"), ("pretrained", str(sharded))):
+        run = RunConfig(model=model_arg, backend="deepspeed", deepspeed=str(cfg_path), batch_size=1, dtype="fp32",
+                        warmup_steps=0, steps=1, seed=5, tokenizer=None if name == "preset" else tokenizer)
+        # Whole reference first: while a partitioned model lives, transformers builds under zero.Init.
+        whole = (build_model_and_tokenizer(model_arg, torch.float32, seed=run.seed)[0] if name == "preset" else
+                 transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32))
+        assert not any(hasattr(p, "ds_id") for p in whole.parameters())
+        model, _ = BACKENDS["deepspeed"].load(run, torch.float32)
         params = list(model.parameters())
         r = {"all_zero3": all(hasattr(p, "ds_id") for p in params),
              "local_numel": sum(p.numel() for p in params),
              "shard_numel": sum(p.ds_tensor.numel() for p in params), "total_numel": sum(p.ds_numel for p in params)}
         weights = gathered_weights(model)
         if name == "pretrained":
+            r["files"] = len(list(sharded.glob("*.safetensors")))
             r["vs_saved_max_abs_diff"] = (weights - BASELINES["saved"]).abs().max().item()
         else:
             everyone = [torch.empty_like(weights) for _ in range(dist.get_world_size())]
             dist.all_gather(everyone, weights)
             r["ranks_identical"] = all(torch.equal(w, everyone[0]) for w in everyone)
             r["std"] = weights.std().item()
+        r["equal_to_whole_build"] = torch.equal(weights, plain_weights(whole))
         result[name] = r
-        del model, params
+        del model, params, whole
         gc.collect()
     return result
 

@@ -1,0 +1,144 @@
+"""LISA for hand-written accelerate loops: `prepare(accelerator, *objects, lisa=...)`.
+
+    model, optimizer, loader, scheduler = lisa_dist.accelerate.prepare(
+        accelerator, model, optimizer, loader, scheduler, lisa=LisaConfig(activated_layers=2))
+
+returns what `accelerator.prepare` returns, with LISA inside: under a DeepSpeed plugin the engine
+is built by `lisa_dist.deepspeed.initialize` (the optimizer's hyper-parameter groups are kept, a
+torch LR scheduler built over it follows every switch); on one device or under DDP the optimizer
+becomes a `LisaOptimizer` of the same class, defaults and groups, and a torch LR scheduler passed
+along is re-bound to it (DDP then reduces only the always-active parameters and `lisa_dist.ddp`
+the active layers). `LisaPrepared` (what
+`prepared_state(model)` returns) tells the active layers, switch index and optimizer bytes.
+FSDP plugins are refused (use lisa_dist.fsdp).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import nn
+
+from . import hf_compat
+from .config import LisaConfig
+from .ddp import ActiveLayerGradReducer, broadcast_layers, layer_parameter_names
+from .optim import LisaOptimizer
+
+_prepared: "weakref.WeakKeyDictionary[nn.Module, LisaPrepared]" = weakref.WeakKeyDictionary()
+
+
+class LisaPrepared:
+    """What LISA built for one model: `.backend` ("deepspeed", "ddp", "single"), `.engine` (DeepSpeed)
+    or `.optimizer` (LisaOptimizer), and the schedule."""
+
+    def __init__(self, lisa: LisaConfig):
+        if not isinstance(lisa, LisaConfig):
+            raise ValueError(f"lisa must be a lisa_dist.LisaConfig, got {type(lisa).__name__}")
+        self.lisa = lisa
+        self.backend: Optional[str] = None
+        self.engine = None
+        self.optimizer: Optional[LisaOptimizer] = None
+        self.reducer: Optional[ActiveLayerGradReducer] = None
+
+    @property
+    def active_layers(self):
+        return self.engine.lisa.active_layers if self.engine is not None else self.optimizer.active_layers
+
+    @property
+    def switch_index(self) -> int:
+        return self.engine.lisa.switch_index if self.engine is not None else self.optimizer.switch_index
+
+    def metrics(self) -> Dict[str, Any]:
+        """Active layers, switch index, last switch time (DeepSpeed) and this rank's optimizer bytes
+        (fp32 masters that are not the weights + optimizer state, + gradient partitions under ZeRO)."""
+        out: Dict[str, Any] = {"lisa/active_layers": ",".join(str(i) for i in self.active_layers),
+                               "lisa/switch_index": self.switch_index}
+        if self.engine is not None:
+            from .deepspeed.memory import optimizer_bytes
+            log = self.engine.lisa.schedule_log
+            out["lisa/optimizer_bytes"] = optimizer_bytes(self.engine)
+            out["lisa/switch_seconds"] = log[-1]["seconds"] if log else 0.0
+        else:
+            b = self.optimizer.state_bytes()
+            out["lisa/optimizer_bytes"] = b["master"] + b["optimizer_state"]
+        return out
+
+    def run(self, model: nn.Module, original_prepare, accelerator, args: Sequence[Any], kwargs: Dict[str, Any]):
+        """accelerator.prepare(*args, **kwargs) (`original_prepare` unbound) with LISA for `model`."""
+        if self.backend is not None:
+            raise RuntimeError("LISA already built an engine for this model; prepare each model once (Trainer "
+                               "re-prepares only with auto_find_batch_size, which LISA does not support)")
+        backend = hf_compat.backend_of(accelerator)
+        if backend == "fsdp":
+            raise NotImplementedError(
+                "lisa_dist does not support accelerate's FSDP plugin yet; use DeepSpeed ZeRO-3 "
+                "(a DeepSpeed plugin, or TrainingArguments(deepspeed=...)) or lisa_dist.fsdp.FSDPRunner / "
+                "lisa-train --backend fsdp2")
+        if backend == "deepspeed":
+            out = self._run_deepspeed(original_prepare, accelerator, args, kwargs)
+        else:
+            out = self._run_plain(backend, model, original_prepare, accelerator, args, kwargs)
+        self.backend = backend
+        _prepared[model] = self
+        return out
+
+    def _run_deepspeed(self, original_prepare, accelerator, args, kwargs):
+        from . import deepspeed as lisa_deepspeed
+        optimizer = next((a for a in args if isinstance(a, torch.optim.Optimizer)), None)
+        # accelerate keeps torch schedulers out of DeepSpeed and steps them itself.
+        schedulers = [a for a in args if isinstance(a, torch.optim.lr_scheduler.LRScheduler)
+                      and getattr(a, "optimizer", None) is optimizer and optimizer is not None]
+
+        def initialize(**init_kwargs):
+            engine, ds_optimizer, loader, scheduler = lisa_deepspeed.initialize(
+                **init_kwargs, lisa=self.lisa, other_schedulers=schedulers)
+            self.engine = engine
+            return engine, ds_optimizer, loader, scheduler
+
+        with hf_compat.deepspeed_initialize_routed_to(initialize):
+            out = original_prepare(accelerator, *args, **kwargs)
+        if self.engine is None:
+            raise RuntimeError("accelerate prepared a DeepSpeed model without calling deepspeed.initialize; this "
+                               f"accelerate release is not supported by lisa_dist (tested: {hf_compat.SUPPORTED})")
+        return out
+
+    def _run_plain(self, backend, model, original_prepare, accelerator, args, kwargs):
+        index = next((i for i, a in enumerate(args) if isinstance(a, torch.optim.Optimizer)), None)
+        if index is None:
+            raise ValueError("LISA needs the model's torch optimizer in the same prepare call as the model "
+                             "(prepare(model, optimizer, ...)): it becomes a LisaOptimizer")
+        optimizer = LisaOptimizer.from_optimizer(model, self.lisa, args[index])
+        for scheduler in (a for a in args if isinstance(a, torch.optim.lr_scheduler.LRScheduler)):
+            optimizer.adopt_scheduler(scheduler, args[index])
+        if backend == "ddp":
+            hf_compat.ddp_ignore_parameters(model, layer_parameter_names(model, optimizer.split))
+            broadcast_layers(optimizer.split)
+        args = list(args)
+        args[index] = optimizer
+        out = original_prepare(accelerator, *args, **kwargs)
+        if backend == "ddp":
+            wrapped = out[next(i for i, a in enumerate(args) if a is model)] if isinstance(out, tuple) else out
+            self.reducer = ActiveLayerGradReducer(optimizer.split, lambda: hf_compat.ddp_syncs_this_backward(wrapped))
+        self.optimizer = optimizer
+        return out
+
+
+def prepare(accelerator, *objects, lisa: LisaConfig, device_placement=None):
+    """`accelerator.prepare(*objects)` with LISA for the one model among `objects`; pass the model and
+    its optimizer (and under DeepSpeed a scheduler built over that optimizer) in this one call."""
+    hf_compat.check_versions()
+    models = [o for o in objects if isinstance(o, nn.Module)]
+    if len(models) != 1:
+        raise ValueError(f"lisa_dist.accelerate.prepare needs exactly one model among the objects, got {len(models)}")
+    kwargs = {} if device_placement is None else {"device_placement": device_placement}
+    return LisaPrepared(lisa).run(models[0], hf_compat.original_prepare(), accelerator, objects, kwargs)
+
+
+def prepared_state(model: nn.Module) -> LisaPrepared:
+    """The LISA state of a model prepared by `prepare` or by a Trainer with LisaCallback."""
+    try:
+        return _prepared[model]
+    except KeyError:
+        raise ValueError("this model was not prepared with LISA (lisa_dist.accelerate.prepare or "
+                         "lisa_dist.hf.LisaCallback)") from None

@@ -1,0 +1,95 @@
+"""Memory-bounded loading (lisa_dist/fsdp/loading.py, modeling.build_empty_model_and_tokenizer).
+
+One 2-rank `torchrun` launch of tests/dist/loading_checks.py: lisa-train's FSDP2 path loads a
+sharded safetensors checkpoint with each rank's peak RSS below the checkpoint's size (a whole copy
+per rank, what the path did before, is at least the checkpoint), and every weight equals
+from_pretrained's bit for bit (fp32; bf16 with tied embeddings; a preset against the single-process
+build). The ZeRO-2/3 same-weights checks ride in their backends' launches (zero12_checks /
+zero3_checks `loading`).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+import torch
+
+from launch_util import ROOT, _tool, free_port, launch_env, output_tail
+
+WORLD = 2
+# Big enough that a whole copy (>= the checkpoint) and this rank's half plus transients differ by
+# far more than allocator noise; small enough to write and load in seconds.
+BIG = dict(num_layers=4, hidden_size=512)
+
+
+def write_checkpoint(directory, tied: bool, **shape) -> None:
+    import transformers
+
+    from lisa_dist import presets
+
+    tok = presets.default_tokenizer()
+    config = presets.tiny_llama_config(len(tok), **shape)
+    config.tie_word_embeddings = tied
+    torch.manual_seed(1)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory, max_shard_size="8MB")
+    tok.save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("loading")
+    write_checkpoint(workdir / "big", tied=False, **BIG)
+    write_checkpoint(workdir / "tied", tied=True, num_layers=2, hidden_size=64)
+    cmd = [_tool("torchrun"), f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+           str(ROOT / "tests" / "dist" / "loading_checks.py"), "--workdir", str(workdir)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, output_tail(proc)
+    return [json.loads((workdir / f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+@pytest.mark.distributed
+def test_fsdp2_loads_a_sharded_checkpoint_below_its_size_per_rank(ranks):
+    for rank in ranks:
+        r = rank["rss"]
+        assert r["files"] >= 3  # really sharded: the loader walks several files
+        assert r["local_shard_bytes"] <= r["checkpoint_bytes"] / WORLD + 4096
+        # This rank's half plus one file's worth of transients at most, never a whole copy.
+        assert r["peak_rss_delta"] < 0.75 * r["checkpoint_bytes"], r
+
+
+@pytest.mark.distributed
+def test_fsdp2_loaded_weights_equal_from_pretrained_bit_for_bit(ranks):
+    for rank in ranks:
+        fp32 = rank["rss"]["fp32"]
+        assert fp32["checked"] > 0 and fp32["params"] == [] and fp32["buffers"] == [], fp32
+        t = rank["tied_bf16"]
+        assert t["bf16"]["params"] == [] and t["bf16"]["buffers"] == [], t
+        assert t["tied"] and t["reference_tied"] and t["dtype"] == "torch.bfloat16"
+
+
+@pytest.mark.distributed
+def test_fsdp2_preset_equals_the_single_process_init(ranks):
+    for rank in ranks:
+        assert rank["preset"]["checked"] > 0 and rank["preset"]["params"] == [], rank["preset"]
+
+
+@pytest.mark.unit
+def test_meta_parameters_keeps_buffers_and_ties(tmp_path):
+    from lisa_dist.modeling import build_empty_model_and_tokenizer, build_model_and_tokenizer
+
+    write_checkpoint(tmp_path, tied=True, num_layers=2, hidden_size=64)
+    empty, _ = build_empty_model_and_tokenizer(str(tmp_path), torch.float32)
+    whole, _ = build_model_and_tokenizer(str(tmp_path), torch.float32)
+    assert all(p.device.type == "meta" for p in empty.parameters())
+    assert empty.lm_head.weight is empty.model.embed_tokens.weight
+    buffers = dict(whole.named_buffers())
+    assert buffers and all(torch.equal(b, buffers[n]) for n, b in empty.named_buffers())
+
+
+@pytest.mark.unit
+def test_a_checkpoint_without_safetensors_is_a_clear_error(tmp_path):
+    from lisa_dist.fsdp.loading import safetensors_files
+
+    with pytest.raises(ValueError, match="safe_serialization=True"):
+        safetensors_files(tmp_path)
