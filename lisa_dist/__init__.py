@@ -2,9 +2,9 @@
 from .config import LisaConfig
 from .layers import DecoderLayers, ParamSplit, find_decoder_layers, split_parameters
 from .optim import LisaOptimizer
-from .sampling import LayerSampler, sample_layers
+from .sampling import LayerSampler, sample_layers, sample_weighted
 
 __version__ = "0.1.0"
 
-__all__ = ["LisaConfig", "LayerSampler", "LisaOptimizer", "sample_layers",
+__all__ = ["LisaConfig", "LayerSampler", "LisaOptimizer", "sample_layers", "sample_weighted",
            "DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters", "__version__"]

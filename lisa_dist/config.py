@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 STATE_POLICIES = ("reset", "offload")
+SAMPLING_MODES = ("uniform", "weighted", "outlier", "gradient")
 
 
 @dataclass
@@ -34,8 +36,37 @@ class LisaConfig:
     "reset" drops them (a re-sampled layer starts from fresh moments and its current weights),
     "offload" moves them to host memory and brings them back when the layer is sampled again."""
 
+    sampling: str = "uniform"
+    """How the gamma layers of each interval are drawn (without replacement):
+    "uniform" (the paper), "weighted" (probabilities proportional to `layer_weights`),
+    "outlier" (proportional to each layer's OwLore outlier ratio, computed once before training from
+    calibration batches; see lisa_dist/outlier.py) or "gradient" (MISA-style: a moving average of each
+    layer's squared gradient norm, p proportional to exp(gradient_eta * G^2 / mean G^2), mixed with
+    `exploration`; see lisa_dist/importance.py)."""
+
+    layer_weights: Optional[Tuple[float, ...]] = None
+    """sampling="weighted" only: one non-negative weight per decoder layer (normalised internally)."""
+
+    outlier_threshold: float = 13.0
+    """sampling="outlier": M, a weight is an outlier when its score |W_ij| * ||X_j||_2 exceeds M times
+    its layer's mean score (OwLore's Hyper_m; 13 in its code)."""
+
+    calibration_batches: int = 4
+    """sampling="outlier": training batches per rank that lisa-train forwards (no gradient) to measure
+    the input-activation column norms ||X_j||_2."""
+
+    gradient_eta: float = 1.0
+    """sampling="gradient": temperature eta of p proportional to exp(eta * G^2 / mean(G^2))."""
+
+    gradient_beta: float = 0.9
+    """sampling="gradient": moving-average factor, G^2 <- beta * G^2 + (1 - beta) * (interval mean)."""
+
+    exploration: float = 0.1
+    """sampling="gradient": share of probability spread uniformly, so no layer's probability falls
+    below exploration / num_layers."""
+
     def __post_init__(self):
-        for name in ("activated_layers", "interval_steps", "seed"):
+        for name in ("activated_layers", "interval_steps", "seed", "calibration_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"LisaConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -53,6 +84,37 @@ class LisaConfig:
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path.strip()):
             raise ValueError(f"LisaConfig.layers_path must be a dotted path such as 'model.layers' or None, "
                              f"got {self.layers_path!r}")
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(f"LisaConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
+        if self.layer_weights is not None and self.sampling != "weighted":
+            raise ValueError(f"LisaConfig.layer_weights is only used with sampling=\"weighted\" but sampling is "
+                             f"{self.sampling!r}; set sampling=\"weighted\" or drop layer_weights")
+        if self.sampling == "weighted":
+            if self.layer_weights is None:
+                raise ValueError("LisaConfig.sampling=\"weighted\" needs layer_weights: one non-negative float per "
+                                 "decoder layer (e.g. --layer-weights 1,1,2,4)")
+            self.layer_weights = check_weights(self.layer_weights, self.activated_layers, "LisaConfig.layer_weights")
+        for name in ("outlier_threshold", "gradient_eta", "gradient_beta", "exploration"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LisaConfig.{name} must be a finite number, got {value!r}")
+            setattr(self, name, float(value))
+        if self.outlier_threshold <= 0:
+            raise ValueError(f"LisaConfig.outlier_threshold (M) must be > 0, got {self.outlier_threshold}; "
+                             "OwLore uses 13, lower values count more weights as outliers")
+        if self.calibration_batches <= 0:
+            raise ValueError(f"LisaConfig.calibration_batches must be >= 1, got {self.calibration_batches}")
+        if self.gradient_eta < 0:
+            raise ValueError(f"LisaConfig.gradient_eta must be >= 0 (0 is uniform), got {self.gradient_eta}")
+        if not 0 <= self.gradient_beta < 1:
+            raise ValueError(f"LisaConfig.gradient_beta must be in [0, 1), got {self.gradient_beta}; 0.9 averages "
+                             "over about ten intervals per layer")
+        if not 0 < self.exploration <= 1:
+            raise ValueError(f"LisaConfig.exploration must be in (0, 1] so that every layer keeps a non-zero "
+                             f"probability, got {self.exploration}; 0.1 is a common choice")
 
     def check_num_layers(self, num_layers: int) -> None:
         """gamma can only be checked against a model: raise if it asks for more layers than there are."""
@@ -60,9 +122,16 @@ class LisaConfig:
             raise ValueError(
                 f"LisaConfig.activated_layers (gamma) is {self.activated_layers} but the model has only "
                 f"{num_layers} decoder layers; choose a value from 1 to {num_layers}")
+        if self.layer_weights is not None and len(self.layer_weights) != num_layers:
+            raise ValueError(
+                f"LisaConfig.layer_weights has {len(self.layer_weights)} entries but the model has {num_layers} "
+                f"decoder layers; give exactly one weight per layer")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        if out["layer_weights"] is not None:
+            out["layer_weights"] = list(out["layer_weights"])
+        return out
 
     @classmethod
     def from_dict(cls, values: dict) -> "LisaConfig":
@@ -71,3 +140,22 @@ class LisaConfig:
         if unknown:
             raise ValueError(f"unknown LisaConfig field(s) {unknown}; known fields are {sorted(known)}")
         return cls(**values)
+
+
+def check_weights(weights: Sequence[float], gamma: int, field: str) -> Tuple[float, ...]:
+    """Validate a per-layer weight vector (finite, >= 0, at least gamma positive); return it as floats."""
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        raise ValueError(f"{field} must be a list of numbers, one per decoder layer, got {weights!r}")
+    out = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"{field}[{i}] must be a finite number, got {w!r}")
+        if w < 0:
+            raise ValueError(f"{field}[{i}] is {w}: weights must be >= 0 (0 means never sampled)")
+        out.append(float(w))
+    positive = sum(1 for w in out if w > 0)
+    if positive < gamma:
+        raise ValueError(f"{field} has {positive} positive weight(s) but activated_layers (gamma) is {gamma}: "
+                         f"each interval draws gamma distinct layers, so give at least {gamma} layers a weight > 0 "
+                         "or lower activated_layers")
+    return tuple(out)

@@ -8,18 +8,23 @@ that of an optimizer over the active set, not the peak set ever sampled (what th
 from __future__ import annotations
 
 import inspect
+import json
 from collections import OrderedDict
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import nn
 
 from .config import LisaConfig
+from .importance import LayerImportance
 from .layers import ParamSplit, split_parameters
 from .memory import local_tensor_bytes
+from .outlier import outlier_ratios
 from .sampling import LayerSampler
 
 _STATE_FORMAT = 1
+# Schedule fields added after format 1 was first written: a checkpoint without them used these.
+_SCHEDULE_DEFAULTS = {"sampling": "uniform", "layer_weights": None}
 
 # torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
 # optimizer must have one entry per group of the optimizer LISA gives it.
@@ -84,14 +89,26 @@ class LisaOptimizer(torch.optim.Optimizer):
     e.g. weight_decay=0 for biases and norms. With S distinct option sets there are 2*S groups, a
     fixed layout: `param_groups[j]` the always-active parameters of set j, `param_groups[S + j]`
     the active layers' parameters of set j. Parameters in no group get set 0.
+
+    Under `config.sampling="outlier"`, `calibration` (an iterable of batches, dicts for
+    `model(**batch)`; labels are dropped) is forwarded once here to measure the outlier ratios.
+    Under "gradient", each step measures the active layers' gradient norms (see `record_gradients`).
     """
 
     def __init__(self, model: nn.Module, config: LisaConfig,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 groups: Optional[Sequence[dict]] = None, **optimizer_kwargs):
+                 groups: Optional[Sequence[dict]] = None, calibration: Optional[Iterable[Dict[str, Any]]] = None,
+                 **optimizer_kwargs):
         self.config = config
         self.split: ParamSplit = split_parameters(model, config)
         self.sampler = LayerSampler(self.split.num_layers, config)
+        self.importance = LayerImportance(self.split.num_layers, config)
+        self._observed = False
+        if config.sampling == "outlier":
+            if calibration is None:
+                raise ValueError("LisaConfig.sampling=\"outlier\" needs calibration batches: pass calibration= "
+                                 "(a few training batches) to the optimizer")
+            self.importance.set_outlier_ratios(self._outlier_ratios(model, calibration))
         self._names: Dict[nn.Parameter, str] = {p: n for n, p in self.split.always}
         for layer in self.split.per_layer:
             self._names.update((p, n) for n, p in layer)
@@ -123,7 +140,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         self.optimizer_steps = 0
         self.switch_index = 0
         self.active_layers: Tuple[int, ...] = ()
-        self._switch_to(self.sampler.active_layers(0))
+        self._switch_to(self.importance.draw(self.sampler, 0))
 
     # The inner optimizer owns groups and state; load_state_dict replaces its lists, so delegate
     # instead of aliasing.
@@ -225,6 +242,41 @@ class LisaOptimizer(torch.optim.Optimizer):
     def _trained(self) -> List[Tuple[nn.Parameter, torch.Tensor]]:
         return list(self._masters.items())
 
+    # --- importance statistics ---------------------------------------------------------------
+
+    def _outlier_ratios(self, model: nn.Module, calibration: Iterable[Dict[str, Any]]) -> List[float]:
+        device = next(model.parameters()).device
+        return outlier_ratios(self.split_layers(model), lambda b: _forward(model, b, device), calibration,
+                              self.config.outlier_threshold)
+
+    def split_layers(self, model: nn.Module) -> List[nn.Module]:
+        from .layers import find_decoder_layers
+        return list(find_decoder_layers(model, self.split.layers_path).layers)
+
+    def _sum_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """One process: nothing to sum (FSDP2 all-reduces its shards' contributions)."""
+        return t
+
+    @staticmethod
+    def _local(t: torch.Tensor) -> torch.Tensor:
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    @torch.no_grad()
+    def record_gradients(self) -> None:
+        """sampling="gradient": record each active layer's squared gradient norm for this step.
+        `step()` calls it when the caller has not; a runner calls it before clipping, so every
+        backend measures the unclipped gradient (DeepSpeed clips inside its step)."""
+        if not self.importance.needs_gradients or self._observed:
+            return
+        sq = torch.zeros(len(self.active_layers), dtype=torch.float64)
+        for j, i in enumerate(self.active_layers):
+            for _, p in self.split.per_layer[i]:
+                if p.grad is not None:
+                    sq[j] += self._local(p.grad).double().pow(2).sum().cpu()
+        device = next(iter(self._masters)).device if self._masters else sq.device
+        self.importance.observe(self.active_layers, self._sum_across_ranks(sq.to(device)).cpu().tolist())
+        self._observed = True
+
     # --- torch optimizer surface ---------------------------------------------------------------
 
     @torch.no_grad()
@@ -233,6 +285,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.record_gradients()
         for p, master in self._trained():
             if master is not p:
                 master.grad = None if p.grad is None else p.grad.to(torch.float32)
@@ -241,10 +294,11 @@ class LisaOptimizer(torch.optim.Optimizer):
             if master is not p:
                 p.copy_(master)
                 master.grad = None
+        self._observed = False
         self.optimizer_steps += 1
         if self.optimizer_steps % self.config.interval_steps == 0:
             self.switch_index = self.optimizer_steps // self.config.interval_steps
-            self._switch_to(self.sampler.active_layers(self.switch_index))
+            self._switch_to(self.importance.draw(self.sampler, self.switch_index))
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -268,14 +322,17 @@ class LisaOptimizer(torch.optim.Optimizer):
                 "offloaded_host": local_tensor_bytes(host)}
 
     def _schedule_key(self) -> dict:
+        weights = self.config.layer_weights
         return {"seed": self.config.seed, "activated_layers": self.config.activated_layers,
                 "interval_steps": self.config.interval_steps, "num_layers": self.split.num_layers,
-                "state_policy": self.config.state_policy}
+                "state_policy": self.config.state_policy, "sampling": self.config.sampling,
+                "layer_weights": None if weights is None else list(weights)}
 
     def check_resumable(self, saved: dict, source: str) -> None:
         """Raise ValueError naming every schedule field where `saved` (a state dict's "lisa" section)
         differs from this optimizer: resuming across any of them would train other layers."""
         expected = self._schedule_key()
+        saved = {**_SCHEDULE_DEFAULTS, **saved}
         mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
         if mismatched:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
@@ -288,7 +345,9 @@ class LisaOptimizer(torch.optim.Optimizer):
                      for i, layer in self._offloaded.items()}
         return {"format": _STATE_FORMAT,
                 "lisa": {**self._schedule_key(), "optimizer_steps": self.optimizer_steps,
-                         "switch_index": self.switch_index, "active_layers": list(self.active_layers)},
+                         "switch_index": self.switch_index, "active_layers": list(self.active_layers),
+                         # a string: DCP restores a non-tensor leaf whole, whatever its structure
+                         "importance": json.dumps(self.importance.state_dict())},
                 "inner": self._inner.state_dict(), "masters": masters, "offloaded": offloaded}
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -311,3 +370,11 @@ class LisaOptimizer(torch.optim.Optimizer):
         self._inner.load_state_dict(state_dict["inner"])
         self.optimizer_steps = lisa["optimizer_steps"]
         self.switch_index = lisa["switch_index"]
+        if "importance" in lisa:
+            self.importance.load_state_dict(json.loads(lisa["importance"]))
+        self._observed = False
+
+
+def _forward(model: nn.Module, batch: Dict[str, Any], device) -> Any:
+    """A calibration forward: no labels (no loss needed), tensors on the model's device."""
+    return model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})

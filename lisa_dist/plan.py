@@ -43,6 +43,8 @@ class DryRunPlan:
     schedule: List[Tuple[int, int, Tuple[int, ...]]]
     """(switch index, first optimizer step, active layers) for the first switches."""
     intervals: int
+    schedule_note: str = ""
+    """Under sampling="outlier"/"gradient": why the (rest of the) schedule cannot be printed."""
     full: Dict[str, float] = field(default_factory=dict)
     lisa: Dict[str, float] = field(default_factory=dict)
     by_stage: Dict[str, Tuple[float, float]] = field(default_factory=dict)
@@ -138,6 +140,29 @@ def _model_skeleton(run: RunConfig):
     return model
 
 
+def _first_switches(sampler: LayerSampler, lisa, intervals: int) -> Tuple[List[Tuple[int, int, Tuple[int, ...]]], str]:
+    """The switches known before training, and a note for those that depend on data."""
+    K, shown = lisa.interval_steps, min(intervals, SHOWN_SWITCHES)
+    if lisa.sampling in ("uniform", "weighted"):
+        return [(k, k * K, sampler.active_layers(k)) for k in range(shown)], ""
+    if lisa.sampling == "outlier":
+        return [], ("data-dependent: drawn with probabilities proportional to each layer's outlier ratio, "
+                    f"measured on {lisa.calibration_batches} calibration batches per rank before step 0 "
+                    f"(M={lisa.outlier_threshold:g})")
+    # gradient: until every layer has trained once, each switch draws among the unvisited layers
+    # only, which needs no statistics, so those switches are known now.
+    schedule, unvisited = [], set(range(sampler.num_layers))
+    for k in range(shown):
+        if len(unvisited) < lisa.activated_layers:
+            break
+        layers = sampler.active_layers(k, [1.0 if i in unvisited else 0.0 for i in range(sampler.num_layers)])
+        schedule.append((k, k * K, layers))
+        unvisited -= set(layers)
+    return schedule, (f"data-dependent from switch {len(schedule)} on: every layer trains once first, then p is "
+                      f"proportional to exp({lisa.gradient_eta:g} * G^2 / mean G^2) of the gradient-norm moving "
+                      f"average, with {lisa.exploration:g} spread uniformly")
+
+
 def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPlan:
     from .layers import split_parameters
 
@@ -153,11 +178,12 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPla
     weight_bytes, weights_desc = _weight_bytes(run)
     K = run.lisa.interval_steps
     intervals = math.ceil(run.steps / K)
+    schedule, note = _first_switches(sampler, run.lisa, intervals)
     plan = DryRunPlan(
         model=run.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
         psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
         weight_bytes=weight_bytes, weights_desc=weights_desc, offload=offload, intervals=intervals,
-        schedule=[(k, k * K, sampler.active_layers(k)) for k in range(min(intervals, SHOWN_SWITCHES))],
+        schedule=schedule, schedule_note=note,
         full=model_state_floor(stage, counts.total, counts.total, world, weight_bytes),
         lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes))
     for other in ("zero1", "zero2", "zero3", "fsdp2"):
@@ -222,10 +248,14 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
         for stage, (full, lisa) in plan.by_stage.items():
             mark = "  <- this run" if stage == plan.stage else ""
             lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f}{mark}")
-    lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}): {plan.intervals} intervals over {run.steps} steps"]
+    sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
+    lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
+                  f"{run.steps} steps"]
     for k, step, layers in plan.schedule:
         lines.append(f"  switch {k} at step {step}: active layers {list(layers)}")
-    if plan.intervals > len(plan.schedule):
+    if plan.schedule_note:
+        lines.append(f"  {plan.schedule_note}")
+    elif plan.intervals > len(plan.schedule):
         lines.append(f"  ... {plan.intervals - len(plan.schedule)} more")
     return "\n".join(lines)
 

@@ -78,6 +78,13 @@ class RunConfig:
     no_train_head: bool = _opt(False, "LISA")
     """freeze the LM head and final norm"""
 
+    sampling: Literal["uniform", "weighted", "outlier", "gradient"] = _opt("uniform", "LISA")
+    """how layers are drawn: uniform (the paper), weighted (--layer-weights), outlier (OwLore outlier ratios
+    from calibration batches) or gradient (gradient-norm moving average)"""
+
+    layer_weights: Optional[str] = _opt(None, "LISA")
+    """with --sampling weighted: one non-negative weight per decoder layer, comma-separated (e.g. 1,1,2,4)"""
+
     # --- optimisation ------------------------------------------------------------------------
     steps: int = _opt(150, "optimisation")
     """optimizer steps"""
@@ -162,7 +169,19 @@ class RunConfig:
         self.lisa = LisaConfig(activated_layers=self.activated_layers, interval_steps=self.interval_steps,
                                seed=self.seed, train_embeddings=not self.no_train_embeddings,
                                train_head=not self.no_train_head, layers_path=self.layers_path,
-                               state_policy=self.state_policy)
+                               state_policy=self.state_policy, sampling=self.sampling,
+                               layer_weights=_layer_weights(self.layer_weights))
+
+
+def _layer_weights(value: Optional[str]) -> Optional[List[float]]:
+    """--layer-weights "1,1,2" as floats."""
+    if value is None:
+        return None
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layer-weights {value!r}: expected comma-separated numbers, one per decoder layer, "
+                         "e.g. 1,1,2,4") from None
 
 
 def _flag(name: str) -> str:

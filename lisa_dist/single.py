@@ -4,13 +4,14 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from .config import LisaConfig
 from .memory import count_params, model_state_floor
 from .optim import LisaOptimizer
+from .outlier import resolve_calibration
 
 
 class SingleRunner:
@@ -22,10 +23,12 @@ class SingleRunner:
     stage = "single"
 
     def __init__(self, model: torch.nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
-                 warmup_steps: int = 0, max_grad_norm: float = 1.0):
+                 warmup_steps: int = 0, max_grad_norm: float = 1.0, calibration: Optional[Any] = None):
+        """`calibration`: batches, or a callable (rank, world_size) -> batches, for sampling="outlier"."""
         self.model = model
         self.device = next(model.parameters()).device
-        self._attach_optimizer(LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay),
+        self._attach_optimizer(LisaOptimizer(model, lisa, torch.optim.AdamW, lr=lr, weight_decay=weight_decay,
+                                             calibration=resolve_calibration(calibration, 0, 1)),
                                warmup_steps, max_grad_norm)
 
     def _attach_optimizer(self, optimizer: LisaOptimizer, warmup_steps: int, max_grad_norm: float) -> None:
@@ -63,6 +66,7 @@ class SingleRunner:
 
     def _clip_and_step(self) -> None:
         """Clip, step (which may switch the active set), advance the LR schedule, log a switch."""
+        self.optimizer.record_gradients()  # sampling="gradient" measures unclipped norms, as DeepSpeed does
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                            self.max_grad_norm)

@@ -30,11 +30,11 @@ class _Single:
         return model.to(rank_device()), tokenizer  # the GPU when there is one (LOCAL_RANK's)
 
     @staticmethod
-    def runner(run: RunConfig, model) -> Runner:
+    def runner(run: RunConfig, model, calibration=None) -> Runner:
         from .single import SingleRunner
         _checkpoint_activations(run, model)
         return SingleRunner(model, run.lisa, lr=run.lr, weight_decay=run.weight_decay,
-                            warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm)
+                            warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm, calibration=calibration)
 
 
 class _DeepSpeed:
@@ -51,10 +51,11 @@ class _DeepSpeed:
                 or _build(run, dtype, device=rank_device()))
 
     @staticmethod
-    def runner(run: RunConfig, model) -> Runner:
+    def runner(run: RunConfig, model, calibration=None) -> Runner:
         from .deepspeed.runner import DeepSpeedRunner
         _checkpoint_activations(run, model)
-        return DeepSpeedRunner(model, run.lisa, resolve_ds_config(run, next(model.parameters()).dtype))
+        return DeepSpeedRunner(model, run.lisa, resolve_ds_config(run, next(model.parameters()).dtype),
+                               calibration=calibration)
 
 
 class _FSDP2:
@@ -65,14 +66,15 @@ class _FSDP2:
                                                trust_remote_code=run.trust_remote_code)
 
     @staticmethod
-    def runner(run: RunConfig, model) -> Runner:
+    def runner(run: RunConfig, model, calibration=None) -> Runner:
         from .fsdp import FSDPRunner
         # FSDP2 wraps each block in its own checkpoint unit, inside the sharding.
         return FSDPRunner(model, run.lisa, lr=run.lr, weight_decay=run.weight_decay,
                           warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm,
                           cpu_offload=run.cpu_offload, activation_checkpointing=run.gradient_checkpointing,
                           load_weights=weights_loader(run.model, seed=run.seed, tokenizer=run.tokenizer,
-                                                      trust_remote_code=run.trust_remote_code))
+                                                      trust_remote_code=run.trust_remote_code),
+                          calibration=calibration)
 
 
 BACKENDS = {"single": _Single, "deepspeed": _DeepSpeed, "fsdp2": _FSDP2}
@@ -96,6 +98,14 @@ def _preset_init(run: RunConfig, dtype):
 def _checkpoint_activations(run: RunConfig, model) -> None:
     if run.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _calibration(run: RunConfig, batches):
+    """sampling="outlier": each rank's first training batches, once the runner knows its rank."""
+    if run.lisa.sampling != "outlier":
+        return None
+    return lambda rank, world: [batches.batch(i, rank=rank, world_size=world)
+                                for i in range(run.lisa.calibration_batches)]
 
 
 def _fmt_bytes(n: float) -> str:
@@ -154,16 +164,16 @@ def train(run: RunConfig) -> Dict:
     data_path = Path(run.data) if run.data else presets.DEFAULT_DATA
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
     dataset = data.build_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format)
-    runner = backend.runner(run, model)
-    rank, world = runner.rank, runner.world_size
     batches = data.BatchIterator(dataset, run.batch_size, run.seed, tokenizer.pad_token_id)
+    runner = backend.runner(run, model, _calibration(run, batches))
+    rank, world = runner.rank, runner.world_size
     out_dir = Path(run.output_dir)
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _say(f"lisa-train: {run.model} | backend {run.backend} x{world} | {len(dataset)} examples from "
              f"{data_path} | gamma={run.lisa.activated_layers} K={run.lisa.interval_steps} "
-             f"seed={run.lisa.seed} policy={run.lisa.state_policy}")
+             f"seed={run.lisa.seed} policy={run.lisa.state_policy} sampling={run.lisa.sampling}")
     # Every rank prints its own schedule line so disagreement is visible in multi-node logs too.
     _say(f"[rank {rank}/{world}] switch {runner.switch_index}: active layers {list(runner.active_layers)}")
 

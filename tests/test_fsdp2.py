@@ -102,6 +102,19 @@ def test_resume_is_bit_identical(runs):
         assert rank["resume_offload"] == "bit-identical"
 
 
+def test_importance_sampling_statistics_agree_across_ranks(runs):
+    """sampling="gradient" from DTensor gradient shards and "outlier" from row shards
+    (check_importance in tests/dist/fsdp2_checks.py)."""
+    ranks = runs["main"]
+    for rank in ranks:
+        g, o = rank["importance_gradient"], rank["importance_outlier"]
+        assert g["ranks_identical"] and g["resume_bit_identical"] and g["pending_steps_at_save"] == 1
+        assert g["step0_max_rel_diff"] < 1e-5 and g["ema_max_rel_diff"] < 1e-2
+        assert o["ranks_identical"] and o["resume_bit_identical"] and max(range(6), key=lambda i: o["ratios"][i]) == 4
+        assert o["ratios"] == pytest.approx(o["reference_ratios"], abs=1e-4)
+    assert ranks[0]["importance_gradient"]["ema"] == ranks[1]["importance_gradient"]["ema"]
+
+
 @pytest.mark.launch
 def test_accelerate_launch_config_runs_lisa_train(tmp_path):
     """launch/accelerate_fsdp2.yaml as documented in its header, with CPU offload and checkpointing."""

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "backends", "integrations", "recipe")
-CORE = {"config", "layers", "sampling", "optim", "memory", "serialization", "protocol", "devices"}
+CORE = {"config", "layers", "sampling", "optim", "memory", "serialization", "protocol", "devices", "importance",
+        "outlier"}
 RECIPE = {"train", "run_config", "modeling", "ds_config", "data", "presets", "checkpoint", "export", "plan"}
 
 

@@ -444,3 +444,32 @@ def zero3_consolidated_state_dict(engine) -> Dict[str, torch.Tensor] | None:
     """The full 16-bit state dict on rank 0 (None elsewhere), gathered one module at a time
     (engine.py:5631). Collective: every rank must call it."""
     return engine._zero3_consolidated_16bit_state_dict()
+
+
+# --- importance statistics (sampling="gradient" / "outlier") --------------------------------------
+
+def zero12_grad_partitions(zero_optimizer, group_index: int) -> List[torch.Tensor]:
+    """This rank's reduced gradient partition of param group `group_index`, as tensors, between the
+    gradient reduction and the step (`averaged_gradients`, stage_1_and_2.py:1047-1085; what its own
+    clipping norm reads, scaled_global_norm). Disjoint across ranks; padding is zero."""
+    grads = zero_optimizer.averaged_gradients.get(group_index)
+    if grads is None:
+        return []
+    flat = getattr(grads, "flat_partition", None)  # the pre-flattened variant (stage_1_and_2.py:2904)
+    if flat is not None:
+        return [flat]
+    if torch.is_tensor(grads):
+        return [grads]
+    return [g for g in grads if g is not None]
+
+
+def zero3_local_weight(param: torch.nn.Parameter):
+    """(this rank's flat partition of a ZeRO-3 parameter, the flat index of its first element, the
+    number of real elements in it): `ds_tensor` holds elements [rank * size, (rank + 1) * size) of
+    the flattened full tensor, the last rank's tail being padding (partition_parameters.py)."""
+    import torch.distributed as dist
+
+    local = param.ds_tensor
+    size = local.ds_numel if hasattr(local, "ds_numel") else local.numel()
+    start = dist.get_rank() * size
+    return local, start, max(0, min(size, param.ds_numel - start))

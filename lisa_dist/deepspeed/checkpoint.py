@@ -38,7 +38,10 @@ CLIENT_KEY = "lisa"
 _FORMAT = 1
 # LisaConfig fields a resumed run must share with the saved one (layers_path may be given
 # explicitly or found automatically; the split it leads to is covered by the model fingerprint).
-_SCHEDULE_FIELDS = ("activated_layers", "interval_steps", "seed", "state_policy", "train_embeddings", "train_head")
+_SCHEDULE_FIELDS = ("activated_layers", "interval_steps", "seed", "state_policy", "train_embeddings", "train_head",
+                    "sampling", "layer_weights")
+# What a checkpoint written before a field existed was run with.
+_FIELD_DEFAULTS = {"sampling": "uniform", "layer_weights": None}
 
 
 def host_file(rank: int) -> str:
@@ -68,7 +71,9 @@ def describe(engine) -> Dict[str, Any]:
             "active_layers": list(lisa.active_layers), "group_keys": list(lisa.group_keys),
             "host_layers": sorted(lisa.host) if lisa.host is not None else None,
             "world_size": dist.get_world_size(), "zero_stage": int(engine.zero_optimization_stage()),
-            "global_steps": int(engine.global_steps), "rng_state": True}
+            "global_steps": int(engine.global_steps), "rng_state": True,
+            # the probability vector and the statistics behind it (moving averages, the open interval)
+            "importance": lisa.importance.state_dict()}
 
 
 def read_sidecar(tag_dir: Path) -> Dict[str, Any]:
@@ -93,7 +98,7 @@ def check_compatible(engine, saved: Dict[str, Any], where: Path, load_optimizer_
                      f"(parameters {saved['model_fingerprint']}) vs now {now['model_class']} with "
                      f"{now['num_layers']} (parameters {now['model_fingerprint']})")
     for key in _SCHEDULE_FIELDS:
-        a, b = saved["lisa_config"].get(key), now["lisa_config"][key]
+        a, b = saved["lisa_config"].get(key, _FIELD_DEFAULTS.get(key)), now["lisa_config"][key]
         if a != b:
             diffs.append(f"{key}: checkpoint {a!r} vs now {b!r}")
     if saved["zero_stage"] != now["zero_stage"]:
@@ -191,7 +196,7 @@ def _move_to_saved_set(engine, saved: Dict[str, Any]) -> None:
     the layout it saved."""
     lisa = engine.lisa
     active = tuple(saved["active_layers"])
-    check_agreement(saved["switch_index"], active, lisa.device)
+    check_agreement(saved["switch_index"], active, lisa.device, (saved.get("importance") or {}).get("probabilities"))
     groups = lisa.groups(active)
     keys = [key for key, _ in groups]
     if keys != [zero12.parse_key(k) for k in saved["group_keys"]]:
@@ -230,6 +235,8 @@ def load_checkpoint(engine, original, load_dir, tag=None, load_module_strict=Tru
     if restore:
         lisa.optimizer_steps = saved["optimizer_steps"]
         lisa.switch_index = saved["switch_index"]
+        if "importance" in saved:
+            lisa.importance.load_state_dict(saved["importance"])
         if lisa.host is not None:
             lisa.host = _saved_host(tag_dir, saved)
         _restore_rng(tag_dir, saved)

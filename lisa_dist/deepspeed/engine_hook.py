@@ -16,12 +16,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import LisaConfig
+from ..importance import LayerImportance
 from ..layers import ParamSplit, split_parameters
 from ..memory import device_memory
 from ..optim import refit_scheduler
-from ..sampling import LayerSampler
+from ..sampling import LayerSampler, sample_layers
 from . import _compat, checkpoint, process_group, zero3, zero12
 from .agreement import check_agreement, schedule_seed
+from .importance import Calibration, engine_outlier_ratios, layer_grad_squares
 from .memory import optimizer_bytes
 from .op_errors import explained_op_build_failures
 
@@ -34,6 +36,7 @@ class LisaEngineState:
         # Only the LISA_DIST_TEST_SKEW_RANK test hook makes this differ from config.seed.
         self.sampler = LayerSampler(split.num_layers,
                                     dataclasses.replace(config, seed=schedule_seed(config.seed, rank)))
+        self.importance = LayerImportance(split.num_layers, config)
         self.device = device
         self.active_layers: Tuple[int, ...] = ()
         self.switch_index = 0
@@ -97,6 +100,8 @@ class LisaEngineState:
                                   "active_layers": list(self.active_layers), "seconds": seconds,
                                   "optimizer_bytes": optimizer_bytes(engine),
                                   "host_bytes": self.host_bytes(), "device_memory": device_memory()})
+        if self.importance.probabilities is not None:
+            self.schedule_log[-1]["probabilities"] = list(self.importance.probabilities)
 
     def after_optimizer_step(self, engine) -> None:
         self.optimizer_steps += 1
@@ -109,8 +114,8 @@ class LisaEngineState:
         # Timed on the device's clock: the step's kernels may still be running when it returns.
         get_accelerator().synchronize()
         start = time.perf_counter()
-        active = self.sampler.active_layers(switch_index)
-        check_agreement(switch_index, active, self.device)
+        active = self.importance.draw(self.sampler, switch_index)
+        check_agreement(switch_index, active, self.device, self.importance.probabilities)
         new_groups = self.groups(active)
         new_keys = [key for key, _ in new_groups]
         # The same set drawn again keeps every group, and a rebuild would only reproduce the state.
@@ -200,7 +205,8 @@ def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: An
 def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, model_parameters=None,
                training_data=None, lr_scheduler=None, distributed_port: Optional[int] = None, mpu=None,
                dist_init_required: Optional[bool] = None, collate_fn=None, config=None, mesh_param=None,
-               config_params=None, *, lisa: LisaConfig, other_schedulers: Sequence[Any] = ()):
+               config_params=None, *, lisa: LisaConfig, other_schedulers: Sequence[Any] = (),
+               calibration: Optional[Calibration] = None):
     """`deepspeed.initialize` with LISA: same arguments and return value, plus `lisa`.
 
     Before the engine exists, only the always-active parameters and the first active set require
@@ -215,6 +221,10 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     offload_param to CPU on stage 3), in fp32, bf16 or fp16 (the loss scaler carries across every
     rebuild). `other_schedulers`: torch LR schedulers bound to `optimizer` that the caller steps
     itself (accelerate keeps them out of DeepSpeed); like `lr_scheduler` they get one entry per LISA group.
+
+    `lisa.sampling="outlier"` needs `calibration`: batches (dicts for `model(**batch)`) or a callable
+    `(rank, world_size) -> batches`, forwarded once through the new engine; the engine is built over
+    a provisional set and rebuilt over the first outlier-weighted one.
     """
     _compat.check_deepspeed_version()
     import deepspeed
@@ -240,6 +250,10 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     if optimizer is None and "optimizer" not in ds_config:
         raise ValueError("LISA trains through the optimizer: add an \"optimizer\" section to the DeepSpeed "
                          "config or pass optimizer=")
+    outlier = lisa.sampling == "outlier"
+    if outlier and calibration is None:
+        raise ValueError("LisaConfig.sampling=\"outlier\" needs calibration batches: pass calibration= (a few "
+                         "training batches, or a callable (rank, world_size) -> batches) to initialize")
 
     # The first active set must be agreed on before the engine is built over it.
     port_kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
@@ -248,8 +262,11 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     device = process_group.rank_device()
     split = split_parameters(model, lisa)
     state = LisaEngineState(lisa, split, dist.get_rank(), device)
-    active = state.sampler.active_layers(0)
-    check_agreement(0, active, device)
+    if outlier:  # the ratios need the engine (ZeRO-3 forwards gather through it): a provisional set first
+        active = sample_layers(state.sampler.config.seed, 0, split.num_layers, lisa.activated_layers)
+    else:
+        active = state.importance.draw(state.sampler, 0)
+    check_agreement(0, active, device, state.importance.probabilities)
     if isinstance(optimizer, torch.optim.Optimizer):
         option_sets, option_set, first_group = client_option_sets(optimizer)
         state.set_option_sets(option_sets, option_set)
@@ -278,7 +295,11 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     engine.lisa = state
     _wrap_step(engine, state)
     checkpoint.install(engine)  # save/load_checkpoint carry the LISA schedule and optimizer layout
-    state.record(engine, 0.0)
+    if outlier:
+        state.importance.set_outlier_ratios(engine_outlier_ratios(engine, state, calibration))
+        state.switch(engine, 0)
+    else:
+        state.record(engine, 0.0)
     return engine, ZeroOptimizerView(engine), loader, scheduler
 
 
@@ -288,8 +309,30 @@ def _wrap_step(engine, state: LisaEngineState) -> None:
     def step(lr_kwargs=None):
         # Read before stepping: step() advances the micro-step counter the boundary is derived from.
         boundary = engine.is_gradient_accumulation_boundary()
-        original(lr_kwargs=lr_kwargs)
+        if boundary and state.importance.needs_gradients:
+            _measure_in_optimizer_step(engine, state, lambda: original(lr_kwargs=lr_kwargs))
+        else:
+            original(lr_kwargs=lr_kwargs)
         if boundary:
             state.after_optimizer_step(engine)
 
     engine.step = step
+
+
+def _measure_in_optimizer_step(engine, state: LisaEngineState, run_step) -> None:
+    """Record the active layers' gradient norms as the ZeRO optimizer's step begins: gradients are
+    reduced by then whether backward went through engine.backward or torch (which DeepSpeed
+    finalises inside engine.step), and not yet clipped or freed."""
+    zero = engine.optimizer
+    inner = zero.step
+
+    def measured(*args, **kwargs):
+        state.importance.observe(state.active_layers, layer_grad_squares(engine, state))
+        return inner(*args, **kwargs)
+
+    zero.step = measured
+    try:
+        run_step()
+    finally:
+        if zero.__dict__.get("step") is measured:
+            del zero.step

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -24,12 +24,15 @@ class DeepSpeedRunner:
     `train_step` (the accumulation boundary is set explicitly).
     """
 
-    def __init__(self, model: nn.Module, lisa_config: LisaConfig, ds_config: Union[dict, str]):
+    def __init__(self, model: nn.Module, lisa_config: LisaConfig, ds_config: Union[dict, str], *,
+                 calibration: Optional[Any] = None):
+        """`calibration`: batches, or a callable (rank, world_size) -> batches, for sampling="outlier"."""
         _compat.check_deepspeed_version()
         # ZeRO-3 loading may have started the group on the runner's behalf.
         self._owned_process_group = not (dist.is_available() and dist.is_initialized()) or process_group.started_here()
         self.engine, _, _, self.scheduler = initialize(model=model, config=ds_config, lisa=lisa_config,
-                                                       distributed_port=process_group.master_port())
+                                                       distributed_port=process_group.master_port(),
+                                                       calibration=calibration)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.lisa_config = lisa_config

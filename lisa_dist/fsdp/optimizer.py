@@ -11,15 +11,17 @@ holds only this rank's shard, and the inner AdamW steps DTensors. What FSDP2 add
 """
 from __future__ import annotations
 
-from typing import Tuple, Type
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Type
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..config import LisaConfig
-from ..optim import LisaOptimizer
+from ..optim import LisaOptimizer, _forward
+from ..outlier import outlier_ratios
 from ._compat import check_torch_version, refresh_mp_dtypes
+from .shard import default_device
 
 
 class FSDPLisaOptimizer(LisaOptimizer):
@@ -31,12 +33,13 @@ class FSDPLisaOptimizer(LisaOptimizer):
 
     def __init__(self, model: nn.Module, config: LisaConfig,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 fix_mp_dtypes: bool = True, **optimizer_kwargs):
+                 fix_mp_dtypes: bool = True, calibration: Optional[Iterable[Dict[str, Any]]] = None,
+                 **optimizer_kwargs):
         check_torch_version()
         # Set before super().__init__(), which performs the first switch through _switch_to.
         self._model = model
         self._fix_mp_dtypes = fix_mp_dtypes
-        super().__init__(model, config, optimizer_cls, **optimizer_kwargs)
+        super().__init__(model, config, optimizer_cls, calibration=calibration, **optimizer_kwargs)
 
     def _switch_to(self, new_active: Tuple[int, ...]) -> None:
         super()._switch_to(new_active)
@@ -44,17 +47,31 @@ class FSDPLisaOptimizer(LisaOptimizer):
             refresh_mp_dtypes(self._model)
         self._check_agreement()
 
+    # --- importance statistics from shards -------------------------------------------------------
+
+    def _outlier_ratios(self, model: nn.Module, calibration: Iterable[Dict[str, Any]]) -> List[float]:
+        # Row shards of every weight on every rank, so layer totals and counts are summed too.
+        return outlier_ratios(self.split_layers(model), lambda b: _forward(model, b, default_device()), calibration,
+                              self.config.outlier_threshold, all_reduce=_all_reduce, sharded=True)
+
+    def _sum_across_ranks(self, t: torch.Tensor) -> torch.Tensor:
+        """Each rank holds a disjoint row shard of every gradient: the squares sum to the full norm."""
+        _all_reduce(t)
+        return t
+
     def _check_agreement(self) -> None:
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return
-        mine = (self.switch_index, tuple(self.active_layers))
+        mine = (self.switch_index, tuple(self.active_layers), self.importance.probabilities)
         everyone = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, mine)
         if any(x != mine for x in everyone):
-            listing = ", ".join(f"rank {r}: switch {k} layers {list(a)}" for r, (k, a) in enumerate(everyone))
+            listing = ", ".join(f"rank {r}: switch {k} layers {list(a)}"
+                                + ("" if p is None else f" probabilities {[round(x, 6) for x in p]}")
+                                for r, (k, a, p) in enumerate(everyone))
             raise RuntimeError(f"LISA ranks disagree on the active layer set ({listing}); every rank must use "
-                               "the same LisaConfig (seed, activated_layers, interval_steps) and resume from "
-                               "the same checkpoint")
+                               "the same LisaConfig (seed, activated_layers, interval_steps, sampling) and resume "
+                               "from the same checkpoint")
 
     # --- checkpoint support ------------------------------------------------------------------
 
@@ -82,3 +99,8 @@ class FSDPLisaOptimizer(LisaOptimizer):
             m.grad = None
         for group, lr in zip(self._inner.param_groups, saved_lr):
             group["lr"] = lr
+
+
+def _all_reduce(t: torch.Tensor) -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)

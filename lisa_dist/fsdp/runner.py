@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Optional, Type
 
 import torch
 import torch.distributed as dist
@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import LisaConfig
 from ..devices import rank_device
+from ..outlier import resolve_calibration
 from ..single import SingleRunner
 from . import checkpoint, loading
 from .optimizer import FSDPLisaOptimizer
@@ -56,7 +57,8 @@ class FSDPRunner(SingleRunner):
                  cpu_offload: bool = False, activation_checkpointing: bool = False,
                  warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW,
-                 load_weights: Optional[Callable[[nn.Module], None]] = None, **optimizer_kwargs):
+                 load_weights: Optional[Callable[[nn.Module], None]] = None, calibration: Optional[Any] = None,
+                 **optimizer_kwargs):
         empty = loading.has_meta_parameters(model)
         if empty and load_weights is None:
             raise ValueError("the model's parameters are on the meta device: pass load_weights= "
@@ -75,8 +77,10 @@ class FSDPRunner(SingleRunner):
         if empty:
             loading.materialize(self.model, torch.device("cpu") if cpu_offload else self.device)
             load_weights(self.model)
+        calibration = resolve_calibration(calibration, self.rank, self.world_size)
         self._attach_optimizer(FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
-                                                 lr=lr, weight_decay=weight_decay, **optimizer_kwargs),
+                                                 calibration=calibration, lr=lr, weight_decay=weight_decay,
+                                                 **optimizer_kwargs),
                                warmup_steps, max_grad_norm)
 
     # --- training ------------------------------------------------------------------------------

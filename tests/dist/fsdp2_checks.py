@@ -361,6 +361,121 @@ def check_resume_second_half(results: Dict, workdir: Path, expected: Dict) -> No
             f"straight (weights, masters, moments, losses, schedule)")
 
 
+# --- importance-weighted sampling ------------------------------------------------------------------
+
+def _same_on_all_ranks(value) -> bool:
+    everyone: List = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, json.dumps(value, sort_keys=True))
+    return all(e == everyone[0] for e in everyone)
+
+
+def _planted(seed: int = 0):
+    """fp32 model with outsized weights on large-input channels: 8 in layer 4, 2 in layer 1."""
+    model = build_model(seed, torch.float32)
+    with torch.no_grad():
+        model.model.layers[4].self_attn.q_proj.weight[:, :8] *= 40.0
+        model.model.layers[1].self_attn.q_proj.weight[:, :2] *= 40.0
+    return model
+
+
+def _importance_reference(model, lisa: LisaConfig, steps: int, world: int, calibration=None):
+    opt = LisaOptimizer(model, lisa, torch.optim.AdamW, lr=1e-2, calibration=calibration)
+    schedule, states = [list(opt.active_layers)], []
+    for step in range(steps):
+        batches = [b for r in range(world) for b in rank_batches(step, r)]
+        model(**{k: torch.cat([b[k] for b in batches]) for k in batches[0]}).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        schedule.append(list(opt.active_layers))
+        states.append(opt.importance.state_dict())
+    return opt, schedule, states
+
+
+def check_importance(results: Dict, workdir: Path) -> None:
+    """sampling="gradient": statistics from the DTensor gradient shards are bit-identical on every
+    rank, match the single-process reference, and a mid-interval checkpoint resumes bit-identical.
+    sampling="outlier": ratios from the row shards are identical on every rank, equal the
+    single-process ones over every rank's calibration batches and rank the planted layer first."""
+    from lisa_dist.outlier import outlier_ratios
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, sampling="gradient")
+    steps, save_at = 9, 5
+
+    def runner(seed: int = 0, config: LisaConfig = lisa, **kw) -> FSDPRunner:
+        model = _planted(seed) if config.sampling == "outlier" else build_model(seed, torch.float32)
+        return FSDPRunner(model, config, lr=1e-2, max_grad_norm=0.0, **kw)
+
+    ref, ref_schedule, ref_states = _importance_reference(build_model(0, torch.float32), lisa, steps, world)
+    straight = runner()
+    per_step, schedule = [], [list(straight.active_layers)]
+    for s in range(steps):
+        straight.train_step(rank_batches(s, rank))
+        per_step.append(straight.optimizer.importance.state_dict())
+        schedule.append(list(straight.active_layers))
+        if s + 1 == save_at:
+            straight.save_checkpoint(workdir / "ckpt-gradient", save_at)
+    state, digest = per_step[-1], _digest(full_state(straight.model))
+    straight.close()
+    assert _same_on_all_ranks(per_step), "gradient statistics differ between ranks"
+    # Step 0 starts from the same weights: the sharded statistics equal the full ones to fp32
+    # rounding. Later, AdamW at lr 1e-2 amplifies that rounding in the weights themselves (as in
+    # the parity check above), so the moving averages agree less tightly.
+    first = {i: (v, ref_states[0]["pending"][i]) for i, v in per_step[0]["pending"].items()}
+    rel0 = max(abs(a - b) / abs(b) for a, b in first.values())
+    assert per_step[0]["pending"].keys() == ref_states[0]["pending"].keys() and rel0 < 1e-5, first
+    rel = max(abs(a - b) / abs(b) for a, b in zip(state["ema"], ref.importance.state_dict()["ema"]))
+    assert rel < 1e-2, (state["ema"], ref.importance.state_dict()["ema"])
+    assert schedule == ref_schedule, (schedule, ref_schedule)
+    resumed = runner(seed=123)
+    assert resumed.load_checkpoint(workdir / "ckpt-gradient") == save_at
+    assert resumed.optimizer.importance.state_dict() == per_step[save_at - 1]
+    for s in range(save_at, steps):
+        resumed.train_step(rank_batches(s, rank))
+    assert _digest(full_state(resumed.model)) == digest, "gradient mode: weights differ after resume"
+    assert resumed.optimizer.importance.state_dict() == state
+    resumed.close()
+    results["importance_gradient"] = {"ema": state["ema"], "ema_max_rel_diff": rel, "step0_max_rel_diff": rel0,
+                                      "schedule": schedule,
+                                      "ranks_identical": True, "resume_bit_identical": True,
+                                      "pending_steps_at_save": per_step[save_at - 1]["pending_steps"]}
+    log(f"importance gradient: statistics identical on {world} ranks, {rel0:.1e} (step 0) and {rel:.1e} (end) "
+        "from the reference, "
+        "resume bit-identical")
+
+    olisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, sampling="outlier", outlier_threshold=8.0)
+    calib_all = [micro_batch(900 + i, r, 0) for r in range(world) for i in range(2)]
+    plain = _planted()
+    want = outlier_ratios(list(plain.model.layers), lambda b: plain(input_ids=b["input_ids"]), calib_all, 8.0)
+    numel = sum(m.weight.numel() for m in plain.model.layers[0].modules() if isinstance(m, torch.nn.Linear))
+    oref, oref_schedule, _ = _importance_reference(_planted(), olisa, 4, world, calibration=calib_all)
+    calibration = lambda r, w: [micro_batch(900 + i, r, 0) for i in range(2)]  # noqa: E731
+    orun = runner(config=olisa, calibration=calibration)
+    got = list(orun.optimizer.importance.outlier_ratios)
+    oschedule = [list(orun.active_layers)]
+    for s in range(4):
+        orun.train_step(rank_batches(s, rank))
+        oschedule.append(list(orun.active_layers))
+        if s + 1 == 3:  # K=2: inside interval 1
+            orun.save_checkpoint(workdir / "ckpt-outlier", 3)
+    odigest = _digest(full_state(orun.model))
+    orun.close()
+    # another init measures other ratios; the checkpoint's must win
+    oresumed = runner(seed=123, config=olisa, calibration=calibration)
+    fresh = list(oresumed.optimizer.importance.outlier_ratios)
+    assert oresumed.load_checkpoint(workdir / "ckpt-outlier") == 3
+    assert list(oresumed.optimizer.importance.outlier_ratios) == got
+    oresumed.train_step(rank_batches(3, rank))
+    assert fresh != got and _digest(full_state(oresumed.model)) == odigest, "outlier mode: resume differs"
+    oresumed.close()
+    assert _same_on_all_ranks(got), got
+    assert max(range(LAYERS), key=lambda i: got[i]) == 4, got
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 2.0 / numel, (got, want)
+    assert oschedule == oref_schedule, (oschedule, oref_schedule)
+    results["importance_outlier"] = {"ratios": got, "reference_ratios": want, "ranks_identical": True,
+                                     "schedule": oschedule, "resume_bit_identical": True}
+    log("importance outlier: ratios identical on every rank, planted layer first, resume bit-identical")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--phase", choices=("main", "resume"), required=True)
@@ -380,7 +495,8 @@ def main() -> int:
                   for o, d, dt in runs}
         checks.update({"fixup": check_dtype_fixup_needed, "memory": check_memory_flat,
                        "offload": check_offload_and_checkpointing, "disagree": check_disagreement_raises,
-                       "resume": lambda r: check_resume_first_half(r, args.workdir)})
+                       "resume": lambda r: check_resume_first_half(r, args.workdir),
+                       "importance": lambda r: check_importance(r, args.workdir)})
         for name, check in checks.items():
             if not args.only or name in args.only:
                 start = time.perf_counter()

@@ -460,6 +460,12 @@ def scenarios(stage: int, out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "loading": lambda: loading(stage, out_dir),
         "skew": lambda: skew(stage),
     }
+    if stage == 2:  # importance-weighted sampling (tests/dist/importance_checks.py); ZeRO-3 runs them too
+        import importance_checks
+        cfg = lambda: ds_config(stage, False, optimizer={"type": "AdamW",  # noqa: E731
+                                                         "params": dict(ADAMW, torch_adam=True)})
+        s["importance_gradient"] = lambda: importance_checks.gradient(stage, out_dir, cfg)
+        s["importance_outlier"] = lambda: importance_checks.outlier(stage, out_dir, cfg)
     # Item 5 of the issue: every configuration once. ZeRO-2 crosses them with overlap_comm and
     # contiguous_gradients on and off.
     variants = [("bf16_gas2_clip_ckpt_warmup", dict(bf16=True, gas=2, clip=1.0, checkpointing=True,

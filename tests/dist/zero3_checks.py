@@ -35,6 +35,7 @@ import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
+import importance_checks  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
@@ -444,6 +445,9 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "memory": memory,
         "runner": lambda: runner_check(out_dir),
         "loading": lambda: loading(out_dir),
+        # importance-weighted sampling from the partitions (tests/dist/importance_checks.py)
+        "importance_gradient": lambda: importance_checks.gradient(3, out_dir, importance_config),
+        "importance_outlier": lambda: importance_checks.outlier(3, out_dir, importance_config),
     }
 
 
@@ -455,6 +459,12 @@ def old_release_gaps(table: Dict[str, Callable[[], Dict]]) -> Dict[str, Callable
     if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
         table["ckpt_reentrant_false"] = lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False)
     return table
+
+
+def importance_config() -> dict:
+    # sub_group_size below one layer's share: a layer's gradient spans several DeepSpeed sub-groups
+    return ds3_config(False, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)},
+                      sub_group_size=5000)
 
 
 def main() -> None:
