@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from importance_asserts import assert_importance_statistics_agree
 from launch_util import ROOT, _tool, deepspeed_launch, free_port, launch_env, output_tail
 from lisa_dist import LisaConfig
 from lisa_dist.sampling import LayerSampler
@@ -238,20 +239,8 @@ def test_fp16_loss_scale_carries_across_switches(ranks):
 
 @distributed
 def test_importance_sampling_statistics_agree_across_ranks(ranks):
-    """sampling="gradient" and "outlier" (tests/dist/importance_checks.py): every rank holds the same
-    statistics, they match the single-process reference, and gradient mode resumes bit-identical."""
-    if "importance_gradient" not in ranks[0]:
-        pytest.skip("run under ZeRO-2 and ZeRO-3 only")
-    for rank in ranks:
-        g, o = rank["importance_gradient"], rank["importance_outlier"]
-        assert g["ranks_identical"] and g["resume_bit_identical"] and g["pending_steps_at_save"] == 1
-        assert g["ema_max_rel_diff"] < 1e-5 and all(e is not None for e in g["ema"])
-        assert [list(e) for e in g["schedule"]] == [list(e) for e in g["reference_schedule"]]
-        assert min(g["probabilities"]) >= 0.1 / 6 - 1e-12
-        assert o["ranks_identical"] and o["resume_bit_identical"] and max(range(6), key=lambda i: o["ratios"][i]) == 4
-        assert o["ratios"] == pytest.approx(o["reference_ratios"], abs=1e-4)
-    assert ranks[0]["importance_gradient"]["ema"] == ranks[1]["importance_gradient"]["ema"]
-    assert ranks[0]["importance_outlier"]["ratios"] == ranks[1]["importance_outlier"]["ratios"]
+    """sampling="gradient" and "outlier": see tests/importance_asserts.py."""
+    assert_importance_statistics_agree(ranks)
 
 
 # --- in-process: refused configurations (raised before any process group exists) ----------------
