@@ -59,3 +59,16 @@ def build_model(args) -> LlamaForCausalLM:
                                         intermediate_size=args.intermediate, num_hidden_layers=args.layers,
                                         num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
                                         max_position_embeddings=args.seq))
+
+
+def optimizer_state_bytes(opt: torch.optim.Optimizer, model: torch.nn.Module) -> int:
+    """fp32 masters that are not the weights themselves + optimizer state, on live tensors; for a
+    LisaOptimizer its own accounting (offloaded host copies excluded)."""
+    from lisa_dist.optim import LisaOptimizer
+    if isinstance(opt, LisaOptimizer):
+        b = opt.state_bytes()
+        return b["master"] + b["optimizer_state"]
+    weights = {p.data_ptr() for p in model.parameters()}
+    tensors = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
+    masters = [p for g in opt.param_groups for p in g["params"] if p.data_ptr() not in weights]
+    return sum(t.numel() * t.element_size() for t in tensors + masters)

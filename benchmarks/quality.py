@@ -31,7 +31,7 @@ import transformers
 
 from lisa_dist import LisaConfig, data, presets
 from lisa_dist.optim import LisaOptimizer
-from bench_common import machine, versions
+from bench_common import machine, optimizer_state_bytes, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("full", "lora", "lora_lr10x", "lisa_uniform", "lisa_outlier", "lisa_gradient")
@@ -44,17 +44,6 @@ OUTLIER_THRESHOLDS = (13.0, 8.0, 5.0, 3.0)
 
 def schedule(warmup: int, steps: int):
     return lambda s: min(1.0, (s + 1) / warmup) if s < warmup else max(0.0, (steps - s) / (steps - warmup))
-
-
-def optimizer_bytes(opt, model) -> int:
-    """fp32 masters that are not the weights themselves + optimizer state, on live tensors."""
-    if isinstance(opt, LisaOptimizer):
-        b = opt.state_bytes()
-        return b["master"] + b["optimizer_state"]
-    weights = {p.data_ptr() for p in model.parameters()}
-    tensors = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    masters = [p for g in opt.param_groups for p in g["params"] if p.data_ptr() not in weights]
-    return sum(t.numel() * t.element_size() for t in tensors + masters)
 
 
 @torch.no_grad()
@@ -146,7 +135,7 @@ def finetune(method: str, seed: int, tok, weights, train, heldout, args) -> Dict
         sched.step()
         opt.zero_grad()
         seconds += time.perf_counter() - start
-        peak = max(peak, optimizer_bytes(opt, model))
+        peak = max(peak, optimizer_state_bytes(opt, model))
         train_losses.append(loss.item())
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             curve.append((step + 1, heldout_loss(model, heldout)))

@@ -19,19 +19,9 @@ import transformers
 
 from lisa_dist import LisaConfig, data, presets
 from lisa_dist.optim import LisaOptimizer
-from bench_common import machine, versions
+from bench_common import machine, optimizer_state_bytes, versions
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def state_bytes(opt: torch.optim.Optimizer, model: torch.nn.Module) -> int:
-    if isinstance(opt, LisaOptimizer):
-        b = opt.state_bytes()
-        return b["master"] + b["optimizer_state"]
-    weights = {p.data_ptr() for p in model.parameters()}
-    tensors = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
-    masters = [p for g in opt.param_groups for p in g["params"] if p.data_ptr() not in weights]
-    return sum(t.numel() * t.element_size() for t in tensors + masters)
 
 
 def run(kind: str, args, dataset, tok):
@@ -50,7 +40,7 @@ def run(kind: str, args, dataset, tok):
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - start)
-        peak = max(peak, state_bytes(opt, model))
+        peak = max(peak, optimizer_state_bytes(opt, model))
     return {"optimizer_bytes_peak": peak, "step_seconds_median": statistics.median(times[args.warmup:]),
             "params": sum(p.numel() for p in model.parameters())}
 
