@@ -25,6 +25,16 @@ def close(engine) -> None:
     gc.collect()
 
 
+def settled_live_bytes() -> int:
+    """live_tensor_bytes once the last collective's buffers are gone. gloo's worker thread drops its
+    reference to a finished all-gather's tensors (the switch's agreement gather: 2 ranks x 3 int64 =
+    48 bytes) on its own schedule, so a single walk right after a step sometimes still counts them;
+    the second walk, a second or more later, sees the settled state. Not a tolerance: a real leak is
+    in both walks."""
+    from lisa_dist.memory import live_tensor_bytes
+    return min(live_tensor_bytes(), live_tensor_bytes())
+
+
 def run_scenarios(table: Dict[str, Callable[[], Dict]], names: Sequence[str], out: Path, label: str) -> None:
     """Run the named scenarios in order, writing every rank's results after each one (so a crash
     still leaves what finished), then tear the process group down cleanly."""

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
-from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
+from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
-from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -345,7 +345,7 @@ def leak(stage: int, policy: str, switches: int) -> Dict:
         engine.step()
         if step in probes:
             b = lds.model_state_bytes(engine)
-            live = live_tensor_bytes()
+            live = settled_live_bytes()
             # Right after a switch only groups that stayed active hold Adam state, and host copies
             # depend on what has been visited: take those out, the rest must not move.
             samples[step] = {"live": live, "optimizer_state": b["optimizer_state"], "host": b["host_offload"],

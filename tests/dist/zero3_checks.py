@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lisa_dist.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.deepspeed import _compat  # noqa: E402
-from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402
+from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 import importance_checks  # noqa: E402
-from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
@@ -228,7 +228,7 @@ def leak(switches: int) -> Dict:
         step_seconds.append(time.perf_counter() - t0 - engine.lisa.schedule_log[-1]["seconds"])
         if step in probes:
             b = lds.model_state_bytes(engine)
-            live = live_tensor_bytes()
+            live = settled_live_bytes()
             # Groups new to an interval have no Adam state until they step, and the host copies
             # grow as layers are visited: take those out, the rest must not move.
             samples[step] = {"live": live, "optimizer_state": b["optimizer_state"], "host": b["host_offload"],
