@@ -9,3 +9,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHM = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+def _deepspeed_segments() -> set:
+    return {p.name for p in SHM.glob(SHM_PREFIX + "*")} if SHM.is_dir() else set()
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_deepspeed_shm():
+    """DeepSpeed's CPU all-reduce maps a 66 MiB /dev/shm segment per rank and never unlinks it;
+    lisa_dist unlinks them once every rank has mapped its peers (process_group.release_shm_segments).
+    A launch that leaves one behind fails here, and the segment is removed: /dev/shm is RAM, and a
+    clean-clone CI run that leaked 132 MiB per launch ran out of memory after ~150 launches."""
+    before = _deepspeed_segments()
+    yield
+    leaked = sorted(_deepspeed_segments() - before)
+    for name in leaked:
+        (SHM / name).unlink(missing_ok=True)
+    assert not leaked, f"DeepSpeed shared-memory segments left in /dev/shm: {leaked}"

@@ -189,6 +189,23 @@ def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
             "buckets": [t for t in buckets if torch.is_tensor(t)]}
 
 
+def cpu_shm_segment(rank: int) -> str | None:
+    """The /dev/shm name of this rank's CPU all-reduce workspace, or None when DeepSpeed made none.
+
+    DeepSpeed's CPU backend (comm/torch.py TorchBackend, csrc/cpu/comm/shm.cpp shm_initialize,
+    0.16-0.19) maps one 66 MiB segment per rank when every rank is local and never unlinks it, so
+    each CPU launch leaves 132 MiB of RAM behind in /dev/shm until reboot. The name is built in C
+    from the environment at init time: uid, MASTER_ADDR, MASTER_PORT, global rank."""
+    import os
+
+    from deepspeed.comm import comm as ds_comm  # the module: the package's `cdb` is a stale None
+
+    if getattr(ds_comm.cdb, "shm_comm_op", None) is None:
+        return None
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
 def checkpoint_safe_globals() -> List:
     """Non-tensor objects DeepSpeed pickles into its checkpoint files. They are plain data (enums, a
     dataclass of two ints, the loss scaler's attributes), safe to allow in weights-only loads."""

@@ -259,6 +259,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     port_kwargs = {} if distributed_port is None else {"distributed_port": distributed_port}
     ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                              dist_init_required=dist_init_required, **port_kwargs)
+    process_group.release_shm_segments()
     device = process_group.rank_device()
     split = split_parameters(model, lisa)
     state = LisaEngineState(lisa, split, dist.get_rank(), device)

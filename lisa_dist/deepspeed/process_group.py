@@ -12,6 +12,7 @@ import torch
 from ..devices import local_rank
 
 _STARTED_HERE = False
+_SHM_RELEASED = False
 
 
 def master_port() -> int:
@@ -32,6 +33,31 @@ def ensure_initialized() -> None:
         deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                                    distributed_port=master_port())
         _STARTED_HERE = True
+    release_shm_segments()
+
+
+def release_shm_segments() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
+
+    A mapping outlives its name, so the all-reduce keeps working; unlinking before the barrier
+    could strand a peer still polling for the name. Called on every rank right after the group
+    starts, so a run that later crashes or is killed leaves nothing in /dev/shm either."""
+    global _SHM_RELEASED
+    import torch.distributed as dist
+
+    from . import _compat
+
+    if _SHM_RELEASED or not dist.is_initialized():
+        return
+    _SHM_RELEASED = True
+    name = _compat.cpu_shm_segment(dist.get_rank())
+    if name is None:
+        return
+    dist.barrier()
+    try:
+        os.unlink(os.path.join("/dev/shm", name))
+    except FileNotFoundError:  # not all ranks local: DeepSpeed made no segment
+        pass
 
 
 def started_here() -> bool:
