@@ -138,7 +138,8 @@ class NaiveToggle:
 
 def trainable_count(model: torch.nn.Module, args, method: str) -> int:
     if method.startswith("lora"):
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        # ZeRO-3 partitions parameters in place (numel() == 0); ds_numel is the full size.
+        return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters() if p.requires_grad)
     counts = count_params(split_parameters(model, lisa_config(args, method)))
     return counts.gamma_active(args.gamma) if method.startswith("lisa") else counts.total
 
@@ -251,8 +252,9 @@ def build_single(args, method: str):
         return RunnerRow(SingleRunner(model, lisa_config(args, method), lr=LR, max_grad_norm=MAX_GRAD_NORM)), model
     if method.startswith("lora"):
         model = lora_model(model, method)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    # Like LMFlow's callback: the optimizer is built first, over everything that requires grad.
     toggle = NaiveToggle(model, args) if method == "naive" else None
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad or method == "naive"], lr=LR)
     return TorchRow(model, opt, toggle.after_step if toggle else None), model
 
 
@@ -266,10 +268,10 @@ def build_fsdp2(args, method: str):
     if method.startswith("lora"):
         model = lora_model(model, method)
         layers_path = "base_model.model.model.layers"
-    toggle = NaiveToggle(model, args) if method == "naive" else None
     shard_model(model, mp_bf16=False, reduce_fp32=True, layers_path=layers_path)
-    params = [p for p in model.parameters() if p.requires_grad or method == "naive"]
-    return TorchRow(model, torch.optim.AdamW(params, lr=LR), toggle.after_step if toggle else None), model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    toggle = NaiveToggle(model, args) if method == "naive" else None
+    return TorchRow(model, opt, toggle.after_step if toggle else None), model
 
 
 def build_zero(args, method: str, stage: int):
@@ -284,9 +286,11 @@ def build_zero(args, method: str, stage: int):
         return DeepSpeedRow(engine), model
     if method.startswith("lora"):
         model = lora_model(model, method)
-    toggle = NaiveToggle(model, args) if method == "naive" else None
-    params = [p for p in model.parameters() if p.requires_grad or method == "naive"]
+    params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, config=config)
+    # After initialize, like LMFlow's callback under Trainer: ZeRO drops parameters that do not
+    # require grad when it builds its partitions, so toggling first would be a different method.
+    toggle = NaiveToggle(model, args) if method == "naive" else None
     return DeepSpeedRow(engine, toggle), model
 
 
@@ -455,6 +459,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     argv = list(sys.argv[1:] if argv is None else argv)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     rows: List[Dict] = []
     backend = None
     if "single" in args.engine_list:
@@ -471,7 +476,10 @@ def main(argv=None) -> None:
     report = {"command": " ".join(["python benchmarks/peers.py", *argv]).strip(),
               "machine": {**machine(), "torch_threads": torch.get_num_threads()},
               "versions": versions(), "backend": backend, "config": config,
-              "wall_seconds": time.perf_counter() - started, "rows": rows}
+              "wall_seconds": time.perf_counter() - started,
+              # Other processes on the machine would slow some methods and not others: the 1-minute
+              # load average before and after says whether the run had the cores to itself.
+              "load_average_1min": {"before": load_before[0], "after": os.getloadavg()[0]}, "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
     (args.out / f"{args.name}.md").write_text(markdown(report))
@@ -494,7 +502,8 @@ def markdown(report: Dict) -> str:
         f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.1f} min)", "",
         f"Machine: {m['cpu']} ({m['cpus_visible']} CPUs visible, shared), GPU: {m['gpu']}, "
         f"OMP_NUM_THREADS={m['omp_num_threads']} (one thread per process), {m['platform']}; distributed engines: "
-        f"{c['nproc']} ranks, backend {report['backend']}",
+        f"{c['nproc']} ranks, backend {report['backend']}; 1-minute load average {report['load_average_1min']['before']:.2f} "
+        f"before, {report['load_average_1min']['after']:.2f} after",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"Model: Llama from config, fp32, hidden {c['hidden']}, intermediate {c['intermediate']}, {c['layers']} "
         f"layers, {c['heads']} heads ({c['kv_heads']} KV), vocab {c['vocab']}; {c['batch']} x {c['seq']} tokens per "
@@ -502,7 +511,7 @@ def markdown(report: Dict) -> str:
         f"K={c['interval']}; {c['steps']} timed steps per method after {c['warmup']} warm-up, methods one after "
         "the other.", "",
         "| engine | method | trained params | model states / rank (MiB) | vs full | of which optimizer state + "
-        "masters | peak RSS / rank (MiB) | median step | vs full | compute floor | tokens/s |",
+        "masters | peak RSS / rank (MiB, + over start) | median step | vs full | compute floor | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
@@ -512,7 +521,7 @@ def markdown(report: Dict) -> str:
         lines.append(
             f"| {ENGINE_LABELS[r['engine']]} | {r['method']} | {r['trainable_params']:,} | {mib(s['total'])} | "
             f"{r.get('model_state_vs_full', float('nan')):.2f}x | {mib(s['optimizer_state'] + s['master'])} | "
-            f"{mib(r['peak_rss_bytes'])} | {r['median_step_seconds'] * 1e3:.0f} ms | "
+            f"{mib(r['peak_rss_bytes'])} (+{mib(r['peak_rss_over_start_bytes'])}) | {r['median_step_seconds'] * 1e3:.0f} ms | "
             f"{r.get('step_time_vs_full', float('nan')):.2f}x | {floor} | {r['tokens_per_second']:.0f} |")
     f = c["forward_flops_per_token"]
     lines += [
@@ -523,7 +532,9 @@ def markdown(report: Dict) -> str:
         "lisa_dist.deepspeed.model_state_bytes). fp32 weights are their own masters under plain torch and "
         "FSDP2; DeepSpeed keeps a separate fp32 partition. Peak RSS: the process's host resident-set "
         "high-water mark (VmHWM, reset before building the method) over build, warm-up and steps; it "
-        "includes the Python process, libraries and activations. Tokens/s: all ranks together.",
+        "includes the Python process, libraries and activations; + over start is that peak minus the RSS "
+        "just before building (memory freed by earlier methods can stay mapped in the process, so the peak "
+        "alone creeps up method after method). Tokens/s: all ranks together.",
         "",
         "Compute floor = full fine-tuning's median step time on the same engine x the method's compute "
         "fraction, averaged over the timed steps' active sets. From forward FLOPs per token F (decoder layer "
