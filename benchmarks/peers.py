@@ -307,6 +307,7 @@ def run_method(args, engine: str, method: str, rank: int, world: int) -> Dict:
     import torch.distributed as dist
     distributed = engine != "single"
     gc.collect()
+    _return_freed_memory()
     reset_peak_host_rss()
     rss_start = host_rss_bytes()
     row, model = build(args, engine, method)
@@ -341,6 +342,16 @@ def run_method(args, engine: str, method: str, rank: int, world: int) -> Dict:
             "model_state_bytes": max((r["model_state_bytes"] for r in ranks), key=lambda s: s["total"]),
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
             "peak_rss_over_start_bytes": max(r["peak_rss_over_start_bytes"] for r in ranks), "ranks": ranks}
+
+
+def _return_freed_memory() -> None:
+    """Hand memory that earlier methods freed back to the kernel (glibc keeps freed heap pages
+    mapped), so each method's RSS peak starts from what is really in use."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peaks then include earlier methods' leftovers
+        pass
 
 
 def run_engine(args, engine: str, rank: int = 0, world: int = 1) -> List[Dict]:
@@ -378,6 +389,8 @@ def compute_fraction(args, method: str, active: Sequence[int]) -> float:
     and the optimizer step are left out)."""
     f = forward_flops(args)
     full = 3 * (args.layers * f["layer"] + f["head"])
+    if method == "full":
+        return 1.0
     if method.startswith("lora"):
         return 2 * (args.layers * f["layer"] + f["head"]) / full
     lowest = min(active) if method == "lisa_no_emb" else 0
@@ -388,17 +401,21 @@ def compute_fraction(args, method: str, active: Sequence[int]) -> float:
 
 
 def add_floors(args, rows: List[Dict]) -> None:
-    """floor = median full-FT step time of the same engine x mean compute fraction over the timed
+    """floor = what the step's compute alone costs one rank: the single-process full fine-tuning
+    median step time (the same batch per rank, one thread, no communication; the engine's own full
+    fine-tuning when the single engine was not run) x the mean compute fraction over the timed
     steps' active sets (step s trains the layers of interval s // K)."""
     full = {r["engine"]: r for r in rows if r["method"] == "full"}
     sampler = LayerSampler(args.layers, lisa_config(args, "lisa"))
     timed = range(args.warmup, args.warmup + args.steps)
     for r in rows:
-        if r["method"] == "full" or r["engine"] not in full:
+        basis = full.get("single", full.get(r["engine"]))
+        if basis is None or basis is r:
             continue
         fractions = [compute_fraction(args, r["method"], sampler.active_layers(s // args.interval)) for s in timed]
         r["compute_fraction"] = statistics.mean(fractions)
-        r["compute_floor_seconds"] = r["compute_fraction"] * full[r["engine"]]["median_step_seconds"]
+        r["compute_floor_basis"] = f"{basis['engine']} full"
+        r["compute_floor_seconds"] = r["compute_fraction"] * basis["median_step_seconds"]
         r["vs_floor"] = r["median_step_seconds"] / r["compute_floor_seconds"]
     for r in rows:
         f = full.get(r["engine"])
@@ -536,14 +553,16 @@ def markdown(report: Dict) -> str:
         "just before building (memory freed by earlier methods can stay mapped in the process, so the peak "
         "alone creeps up method after method). Tokens/s: all ranks together.",
         "",
-        "Compute floor = full fine-tuning's median step time on the same engine x the method's compute "
-        "fraction, averaged over the timed steps' active sets. From forward FLOPs per token F (decoder layer "
+        "Compute floor = what the step's compute alone costs a rank: the single-process full fine-tuning "
+        "median step time (same batch per rank, one thread, no communication) x the method's compute "
+        "fraction, averaged over the timed steps' active sets; the distributed engines' full rows get "
+        "fraction 1, so their measured / floor is the engine's communication and bookkeeping. From forward FLOPs per token F (decoder layer "
         f"{f['layer']:,}: projections 2 x params + attention 4 x seq x hidden; LM head {f['head']:,}; "
         "embeddings none): full fine-tuning costs 3F per part; a trained part 3F; a frozen part that the "
         "backward passes through 2F (forward + input gradient, about 2/3); a frozen part below the lowest "
         "trained one F (forward only: with train_embeddings=False the backward stops at the lowest active "
-        "layer). LoRA rows: 2F everywhere (adapters' own cost left out). The floor scales the optimizer step "
-        "and communication like compute, so it is a compute-only estimate, not a bound on communication.",
+        "layer). LoRA rows: 2F everywhere (adapters' own cost left out). The single-process optimizer step "
+        "(about a tenth of that step) is scaled like compute.",
         "",
         "naive follows the same layer schedule as lisa. On one process torch AdamW creates state lazily for "
         "each layer the callback unfreezes and never frees it, so its optimizer state grows with every switch "

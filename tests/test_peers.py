@@ -76,14 +76,15 @@ def test_naive_toggling_under_zero_keeps_full_optimizer_state(report):
     assert lisa["model_state_bytes"]["total"] < full["model_state_bytes"]["total"]
 
 
-def test_compute_floor_beside_every_method_but_full(report):
+def test_compute_floor_beside_every_row(report):
+    single_full = _row(report, "single", "full")
+    assert "compute_floor_seconds" not in single_full  # it is the basis
     for r in report["rows"]:
-        if r["method"] == "full":
-            assert "compute_floor_seconds" not in r
+        if r is single_full:
             continue
-        assert 1 / 3 < r["compute_fraction"] < 1
-        assert r["compute_floor_seconds"] == pytest.approx(
-            r["compute_fraction"] * _row(report, r["engine"], "full")["median_step_seconds"])
+        assert (r["compute_fraction"] == 1.0) == (r["method"] == "full")
+        assert 1 / 3 < r["compute_fraction"] <= 1
+        assert r["compute_floor_seconds"] == pytest.approx(r["compute_fraction"] * single_full["median_step_seconds"])
     # Frozen embeddings stop the backward at the lowest active layer: never dearer than the default.
     assert _row(report, "single", "lisa_no_emb")["compute_fraction"] <= _row(report, "single", "lisa")["compute_fraction"]
     assert _row(report, "single", "lora_r8")["compute_fraction"] == pytest.approx(2 / 3)
