@@ -374,7 +374,8 @@ def forward_flops(args) -> Dict[str, float]:
     """Forward matmul FLOPs per token: each decoder layer (its projections plus attention scores and
     weighted sum, 4 * seq * hidden, causal mask ignored) and the LM head; embeddings are a lookup."""
     head_dim = args.hidden // args.heads
-    proj = args.hidden * args.hidden * 2 + 2 * args.hidden * args.kv_heads * head_dim + 3 * args.hidden * args.intermediate
+    proj = (2 * args.hidden * args.hidden + 2 * args.hidden * args.kv_heads * head_dim  # q, o; k, v
+            + 3 * args.hidden * args.intermediate)  # gate, up, down
     return {"layer": 2 * proj + 4 * args.seq * args.hidden, "head": 2 * args.hidden * args.vocab}
 
 
@@ -519,7 +520,8 @@ def markdown(report: Dict) -> str:
         f"Command: `{report['command']}` ({report['wall_seconds'] / 60:.1f} min)", "",
         f"Machine: {m['cpu']} ({m['cpus_visible']} CPUs visible, shared), GPU: {m['gpu']}, "
         f"OMP_NUM_THREADS={m['omp_num_threads']} (one thread per process), {m['platform']}; distributed engines: "
-        f"{c['nproc']} ranks, backend {report['backend']}; 1-minute load average {report['load_average_1min']['before']:.2f} "
+        f"{c['nproc']} ranks, backend {report['backend']}; 1-minute load average "
+        f"{report['load_average_1min']['before']:.2f} "
         f"before, {report['load_average_1min']['after']:.2f} after",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items()),
         f"Model: Llama from config, fp32, hidden {c['hidden']}, intermediate {c['intermediate']}, {c['layers']} "
@@ -538,7 +540,8 @@ def markdown(report: Dict) -> str:
         lines.append(
             f"| {ENGINE_LABELS[r['engine']]} | {r['method']} | {r['trainable_params']:,} | {mib(s['total'])} | "
             f"{r.get('model_state_vs_full', float('nan')):.2f}x | {mib(s['optimizer_state'] + s['master'])} | "
-            f"{mib(r['peak_rss_bytes'])} (+{mib(r['peak_rss_over_start_bytes'])}) | {r['median_step_seconds'] * 1e3:.0f} ms | "
+            f"{mib(r['peak_rss_bytes'])} (+{mib(r['peak_rss_over_start_bytes'])}) | "
+            f"{r['median_step_seconds'] * 1e3:.0f} ms | "
             f"{r.get('step_time_vs_full', float('nan')):.2f}x | {floor} | {r['tokens_per_second']:.0f} |")
     f = c["forward_flops_per_token"]
     lines += [
@@ -556,7 +559,8 @@ def markdown(report: Dict) -> str:
         "Compute floor = what the step's compute alone costs a rank: the single-process full fine-tuning "
         "median step time (same batch per rank, one thread, no communication) x the method's compute "
         "fraction, averaged over the timed steps' active sets; the distributed engines' full rows get "
-        "fraction 1, so their measured / floor is the engine's communication and bookkeeping. From forward FLOPs per token F (decoder layer "
+        "fraction 1, so their measured / floor is the engine's communication and bookkeeping. From forward "
+        "FLOPs per token F (decoder layer "
         f"{f['layer']:,}: projections 2 x params + attention 4 x seq x hidden; LM head {f['head']:,}; "
         "embeddings none): full fine-tuning costs 3F per part; a trained part 3F; a frozen part that the "
         "backward passes through 2F (forward + input gradient, about 2/3); a frozen part below the lowest "
