@@ -217,14 +217,21 @@ def _tiny():
 
 @pytest.mark.unit
 def test_version_pin():
-    from lisa_dist.deepspeed._compat import SUPPORTED, check_deepspeed_version
-    for good in ("0.19.8", "0.19.12+abc123"):
+    from lisa_dist.deepspeed._compat import SUPPORTED, ZERO3_SUPPORTED, check_deepspeed_version
+    for good in ("0.18.9", "0.18.12", "0.19.8", "0.19.12+abc123"):
         check_deepspeed_version(good)
-    assert SUPPORTED == ">=0.19.8,<0.20"
-    # 0.16.9 / 0.17.6 / 0.18.9 are adapted in _compat but fail the 2-rank checks (.ci/ds_matrix.sh)
-    for bad in ("0.15.4", "0.16.9", "0.17.6", "0.18.9", "0.19.7", "0.20.0", "1.0.0"):
+    assert SUPPORTED == ">=0.18.9,<0.19 or >=0.19.8,<0.20"
+    assert ZERO3_SUPPORTED == ">=0.19.8,<0.20"
+    for bad in ("0.15.4", "0.16.9", "0.17.6", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
         with pytest.raises(RuntimeError, match=rf"tested with deepspeed .*<0\.20 but deepspeed {bad} is installed"):
             check_deepspeed_version(bad)
+    # 0.18's ZeRO-3 fails the 2-rank checks (.ci/ds_matrix.sh): refused there, ZeRO-1/2 not
+    for zero12_only in ("0.18.9", "0.18.10"):
+        check_deepspeed_version(zero12_only, zero_stage=2)
+        with pytest.raises(RuntimeError, match=rf"ZeRO-3 hook is tested with deepspeed >=0\.19\.8,<0\.20 but "
+                                               rf"deepspeed {zero12_only} is installed .*use ZeRO stage 2"):
+            check_deepspeed_version(zero12_only, zero_stage=3)
+    check_deepspeed_version("0.19.8", zero_stage=3)
 
 
 @pytest.mark.unit
@@ -266,3 +273,19 @@ def test_refuses_param_group_dicts():
                        config={"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}},
                        lisa=LisaConfig(activated_layers=1, interval_steps=2))
     assert torch.is_grad_enabled()
+
+
+@pytest.mark.unit
+def test_zero3_refused_on_zero12_only_releases():
+    """On a release whose ZeRO-3 fails the matrix (0.18) initialize refuses stage 3 before any
+    process group exists; on the others the same config passes the gate (runs in .ci/ds_matrix.sh)."""
+    import deepspeed
+
+    import lisa_dist.deepspeed as lds
+    from lisa_dist.deepspeed._compat import version_supported
+    if version_supported(deepspeed.__version__, 3):
+        pytest.skip(f"deepspeed {deepspeed.__version__} supports ZeRO-3 (tests/test_deepspeed_zero3.py)")
+    with pytest.raises(RuntimeError, match="ZeRO-3 hook is tested with deepspeed"):
+        lds.initialize(model=_tiny(), config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+                                              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
+                       lisa=LisaConfig(activated_layers=1, interval_steps=2))

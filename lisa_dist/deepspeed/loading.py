@@ -46,7 +46,7 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
 
     from . import _compat, process_group
 
-    _compat.check_deepspeed_version()
+    _compat.check_deepspeed_version(zero_stage=3)
     process_group.ensure_initialized()
     import torch.distributed as dist
     initial = initial_state() if initial_state is not None and dist.get_rank() == 0 else None

@@ -59,9 +59,13 @@ def naive_toggling_bytes(model, cfg: dict, lisa, gamma: int, micro_batches: Call
     import deepspeed
 
     import lisa_dist.deepspeed as lds
+    from lisa_dist.deepspeed import _compat
     from lisa_dist.layers import split_parameters
 
-    naive, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    # The build fix lets DeepSpeed < 0.19 itself run 2 ranks on torch 2.13 (see _compat); the
+    # baseline measured is DeepSpeed's own ZeRO optimizer either way.
+    with _compat.zero12_build_fixes():
+        naive, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     for i, layer in enumerate(split_parameters(model, lisa).per_layer):
         for _, p in layer:
             p.requires_grad_(i < gamma)
