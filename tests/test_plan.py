@@ -124,3 +124,41 @@ def test_lora_rank_must_be_positive():
     psi, a = plan.counts.total, plan.lora_params
     assert plan.lora["total"] == 2 * (psi + a) + (2 + 12) * a / 4  # ZeRO-2 floor of the adapters
     assert len(plan.by_stage["zero3"]) == 3
+
+
+def test_dry_run_predicts_the_single_process_model_state():
+    """The dry run's single-process LISA floor against the bytes SingleRunner holds at the fullest
+    moment of a step (bf16 weights and gradients, fp32 masters and moments), within 10%. The
+    multi-rank stages are checked the same way inside their launches (tests/dist/*_checks.py)."""
+    import sys
+
+    import torch
+    import transformers
+
+    from lisa_dist import LisaConfig, presets
+    from lisa_dist.memory import local_tensor_bytes
+    from lisa_dist.single import SingleRunner
+
+    sys.path.insert(0, str(Path(__file__).parent / "dist"))
+    from plan_prediction import dry_run_prediction
+
+    torch.manual_seed(0)
+    config = presets.PRESETS["tiny-llama"](presets.default_tokenizer())
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    lisa = LisaConfig(activated_layers=2, interval_steps=10, seed=0)
+    runner = SingleRunner(model, lisa, lr=1e-4)
+    measured = []
+
+    def measure(*_):
+        params = list(model.parameters())
+        b = runner.optimizer.state_bytes()
+        measured.append(local_tensor_bytes(params) + local_tensor_bytes([p.grad for p in params if p.grad is not None])
+                        + b["master"] + b["optimizer_state"])
+
+    runner.optimizer._inner.register_step_post_hook(measure)
+    ids = torch.randint(0, config.vocab_size, (2, 16))
+    for _ in range(2):
+        runner.train_step([{"input_ids": ids, "labels": ids}])
+    predicted = dry_run_prediction(model, lisa, "single", 1)
+    assert predicted["stage"] == "single"
+    assert abs(measured[-1] / predicted["lisa"]["total"] - 1) <= 0.10, (measured, predicted["lisa"])
