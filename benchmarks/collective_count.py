@@ -111,7 +111,9 @@ def count_collectives(deepspeed_shm: bool = False) -> Iterator[CommLog]:
             log.record(_op, args[_arg] if len(args) > _arg else None)
             return _fn(self, *args, **kwargs)
 
-        originals[name] = fn
+        # Keep the class's own descriptor: pybind11 stores methods as instancemethod objects, and
+        # getattr on the class unwraps them into plain functions that would no longer bind `self`.
+        originals[name] = group_cls.__dict__.get(name)
         setattr(group_cls, name, counted)
     shm_original = None
     if deepspeed_shm:
@@ -131,8 +133,11 @@ def count_collectives(deepspeed_shm: bool = False) -> Iterator[CommLog]:
     try:
         yield log
     finally:
-        for name, fn in originals.items():
-            setattr(group_cls, name, fn)
+        for name, descriptor in originals.items():
+            if descriptor is None:  # inherited: drop the wrapper to uncover it again
+                delattr(group_cls, name)
+            else:
+                setattr(group_cls, name, descriptor)
         if shm_original is not None:
             import deepspeed.comm as ds_comm
             ds_comm.inference_all_reduce = shm_original

@@ -9,8 +9,8 @@ all-gather / reduce-scatter functions, its reduce / all-reduce buckets and FSDP2
 phase (forward, backward, step) and op type. Gradient bytes are the reductions (all-reduce, reduce,
 reduce-scatter) issued in the backward pass, where ZeRO and FSDP2 reduce gradients; the step's
 reductions are the gradient-norm and overflow scalars, reported apart. FSDP2 runs forward, backward
-and step inside one runner call, so all its collectives are in one phase; with clipping off its only
-reductions are the gradient reduce-scatters. The goal checked: lisa's gradient bytes <= 1.05 x
+and step inside one runner call, so all its collectives are in one phase: its gradient bytes are
+the reduce-scatters, and its other reductions (scalars) are reported apart. The goal checked: lisa's gradient bytes <= 1.05 x
 full's x Psi_a / Psi, and equal to the bytes of the active set's gradients (frozen layers send none).
 
 FSDP2 runs in the process group deepspeed.init_distributed made (plain gloo/NCCL), so one launch
@@ -165,7 +165,8 @@ def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
                 train_step([{"input_ids": ids, "labels": ids}])
     rs = log.calls.get("step", {}).get("reduce_scatter", {"calls": 0})
     row = {"engine": "fsdp2", "row": kind, "comm": log.summary(),
-           "grad_bytes": log.bytes(REDUCTIONS), "step_reduction_bytes": 0,
+           # the reduce-scatters are the gradients; anything else reduced (LisaOptimizer's scalars) is reported apart
+           "grad_bytes": log.bytes(("reduce_scatter",)), "step_reduction_bytes": log.bytes(("all_reduce", "reduce")),
            "param_all_gather_bytes": log.bytes(("all_gather",)),
            "trainable_grad_bytes": sum(p.numel() * 4 for p in model.parameters() if p.requires_grad),
            "grad_dtype": "float32", "reduce_scatter_calls": rs["calls"]}
@@ -193,14 +194,15 @@ def measure(args) -> List[Dict]:
         for r in pair.values():
             r.update(psi=psi, psi_active=psi if r["row"] == "full" else psi_a)
         budget = full["grad_bytes"] * psi_a / psi
-        lisa_row.update(goal_bytes=GOAL * budget, vs_full_times_share=lisa_row["grad_bytes"] / budget,
-                        vs_full=lisa_row["grad_bytes"] / full["grad_bytes"],
+        # one rank: FSDP2 issues no reduce-scatter at all, so there is nothing to compare
+        lisa_row.update(goal_bytes=GOAL * budget, vs_full_times_share=lisa_row["grad_bytes"] / budget if budget else None,
+                        vs_full=lisa_row["grad_bytes"] / full["grad_bytes"] if budget else None,
                         all_gather_vs_full=lisa_row["param_all_gather_bytes"] / max(1, full["param_all_gather_bytes"]),
                         meets_goal=lisa_row["grad_bytes"] <= GOAL * budget)
         rows += [full, lisa_row]
         if dist.get_rank() == 0:
             print(f"{engine}: grad bytes full {full['grad_bytes']:,} lisa {lisa_row['grad_bytes']:,} "
-                  f"({lisa_row['vs_full_times_share']:.4f}x of full x Psi_a/Psi)", flush=True)
+                  f"({lisa_row['vs_full_times_share'] or 0:.4f}x of full x Psi_a/Psi)", flush=True)
     return rows
 
 
@@ -228,10 +230,10 @@ def markdown(report: Dict) -> str:
     for r in report["rows"]:
         phase = "step" if r["engine"] == "fsdp2" else "backward"
         ops = ", ".join(f"{op} x{e['calls']}" for op, e in r["comm"].get(phase, {}).items() if op in REDUCTIONS)
-        ratio = f"{r['vs_full_times_share']:.4f}x" if r["row"] == "lisa" else "-"
+        ratio = f"{r['vs_full_times_share']:.4f}x" if r["row"] == "lisa" and r["vs_full_times_share"] else "-"
         goal = ("yes" if r["meets_goal"] else "NO") if r["row"] == "lisa" else "-"
         lines.append(f"| {r['engine']} | {r['row']} | {mib(r['grad_bytes'])} ({ops}) | {r['grad_dtype']} | "
-                     f"{r['grad_bytes'] / r['trainable_grad_bytes']:.4f}x | {ratio} | {goal} | "
+                     f"{r['grad_bytes'] / max(1, r['trainable_grad_bytes']):.4f}x | {ratio} | {goal} | "
                      f"{mib(r['param_all_gather_bytes'])} | {r['step_reduction_bytes']} B |")
     lines += [
         "",
