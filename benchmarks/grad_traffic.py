@@ -118,11 +118,16 @@ def deepspeed_row(args, stage: int, kind: str, lisa: LisaConfig) -> Dict:
 
 
 def _reduction_dtype(log) -> torch.dtype:
-    dtypes = {d for ph in ("backward", "step") for op in REDUCTIONS
-              for d in log.calls.get(ph, {}).get(op, {}).get("dtypes", ())}
-    grad = {d for op in REDUCTIONS for d in log.calls.get("backward", {}).get(op, {}).get("dtypes", ())}
-    assert len(grad) == 1, f"gradient reductions in several dtypes: {dtypes}"
-    return getattr(torch, grad.pop())
+    """The dtype that carries most of the backward pass's reduced bytes: the gradients' (a scalar
+    reduced in another dtype, if any, does not change it)."""
+    by_dtype: Dict[str, int] = {}
+    for op in REDUCTIONS:
+        entry = log.calls.get("backward", {}).get(op)
+        if entry and len(entry["dtypes"]) == 1:
+            (dtype,) = entry["dtypes"]
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + entry["bytes"]
+    assert by_dtype, f"no single-dtype gradient reduction in the backward pass: {log.summary()}"
+    return getattr(torch, max(by_dtype, key=by_dtype.get))
 
 
 def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
