@@ -233,8 +233,8 @@ def markdown(report: Dict) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
-        phase = "step" if r["engine"] == "fsdp2" else "backward"
-        ops = ", ".join(f"{op} x{e['calls']}" for op, e in r["comm"].get(phase, {}).items() if op in REDUCTIONS)
+        phase, grad_ops = ("step", ("reduce_scatter",)) if r["engine"] == "fsdp2" else ("backward", REDUCTIONS)
+        ops = ", ".join(f"{op} x{e['calls']}" for op, e in r["comm"].get(phase, {}).items() if op in grad_ops)
         ratio = f"{r['vs_full_times_share']:.4f}x" if r["row"] == "lisa" and r["vs_full_times_share"] else "-"
         goal = ("yes" if r["meets_goal"] else "NO") if r["row"] == "lisa" else "-"
         lines.append(f"| {r['engine']} | {r['row']} | {mib(r['grad_bytes'])} ({ops}) | {r['grad_dtype']} | "
@@ -246,12 +246,12 @@ def markdown(report: Dict) -> str:
         "a reduce-scatter, the unsharded output of an all-gather), counted at the ProcessGroup methods; on the "
         "wire a ring moves about (N-1)/N of that per rank, twice for an all-reduce. \"Of the trainable grads\": "
         "gradient bytes over (trainable parameters x grad dtype size); 1.0000x means every byte reduced is a "
-        "trainable gradient, so frozen layers send nothing. ZeRO-1/2 reduce each bucket slice to its owner "
-        "(`reduce`) or all-reduce it when DeepSpeed's multi-rank bucket all-reduce is on; ZeRO-3 and FSDP2 "
+        "trainable gradient, so frozen layers send nothing. ZeRO-1/2 all-reduce each bucket slice (DeepSpeed's "
+        "default `use_multi_rank_bucket_allreduce`; off, each slice is reduced to its owner); ZeRO-3 and FSDP2 "
         "reduce-scatter, FSDP2 one call per unit with a gradient (frozen units issue none). Parameter "
         "all-gathers: ZeRO-1/2 gather the updated partitions of what the optimizer owns after the step; ZeRO-3 "
         "and FSDP2 gather every layer, frozen ones too, for forward and backward, so those do not shrink with "
-        "LISA. Step scalars: the gradient-norm and overflow all-reduces inside engine.step().",
+        "LISA. Step scalars: the gradient-norm and overflow all-reduces inside engine.step() (FSDP2: LisaOptimizer's own scalar all-reduce).",
     ]
     return "\n".join(lines) + "\n"
 
