@@ -3,8 +3,9 @@
 Resolves the world size from the launcher's environment, builds the model skeleton on the meta
 device (no storage is allocated, so a 70B config takes seconds on a laptop) to count Psi (every
 parameter) and Psi_a (always-active parameters + the gamma largest decoder layers), and prints the
-analytic per-rank model-state floor of DESIGN.md section 8 for full fine-tuning and for LISA, plus
-the first switches of the layer schedule. Activations, gathered ZeRO-3 buckets, communication
+analytic per-rank model-state floor of DESIGN.md section 8 for full fine-tuning, for LISA and for
+LoRA (PEFT `target_modules="all-linear"` at rank --dry-run-lora-rank), plus the first switches of the
+layer schedule. Activations, gathered ZeRO-3 buckets, communication
 buffers and the CUDA context come on top of these numbers.
 """
 from __future__ import annotations
@@ -47,8 +48,13 @@ class DryRunPlan:
     """Under sampling="outlier"/"gradient": why the (rest of the) schedule cannot be printed."""
     full: Dict[str, float] = field(default_factory=dict)
     lisa: Dict[str, float] = field(default_factory=dict)
-    by_stage: Dict[str, Tuple[float, float]] = field(default_factory=dict)
-    """stage -> (full, LISA) total bytes per rank at this world size, without offload."""
+    lora_rank: int = 8
+    lora_params: int = 0
+    """LoRA adapter parameters at lora_rank on every linear layer but the LM head (what PEFT's
+    target_modules="all-linear" adapts): rank x (in + out) per layer."""
+    lora: Dict[str, float] = field(default_factory=dict)
+    by_stage: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
+    """stage -> (full, LISA, LoRA) total bytes per rank at this world size, without offload."""
 
 
 def _positive_int(env: Mapping[str, str], name: str) -> Optional[int]:
@@ -163,6 +169,34 @@ def _first_switches(sampler: LayerSampler, lisa, intervals: int) -> Tuple[List[T
                       f"average, with {lisa.exploration:g} spread uniformly")
 
 
+def lora_adapter_params(model, rank: int) -> int:
+    """Parameters LoRA adds at `rank` on every linear layer (nn.Linear, transformers' Conv1D) except the
+    output embeddings, the modules PEFT's target_modules="all-linear" picks (peft 0.x,
+    `_maybe_include_all_linear_layers`): A is rank x in, B is out x rank."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    total = 0
+    for module in model.modules():
+        if module is head:
+            continue
+        if isinstance(module, nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, Conv1D):  # weight is (in, out)
+            total += rank * (module.weight.shape[0] + module.nf)
+    return total
+
+
+def lora_state_floor(stage: str, psi: int, adapter: int, world_size: int, weight_bytes: int) -> Dict[str, float]:
+    """Per-rank model states of LoRA: frozen base weights in the run's dtype, and 16 bytes per adapter
+    parameter (fp32 adapter or bf16 copy + fp32 master, its gradient, two Adam moments), sharded as the
+    stage shards trainable parameters. It is the floor of a model with Psi + A parameters of which the
+    A adapter ones train: the totals agree for PEFT's fp32 adapters (4 + 4 + 8) and for DeepSpeed's
+    bf16 copies with fp32 masters (2 + 2 + 4 + 8); only the split between categories differs."""
+    return model_state_floor(stage, psi + adapter, adapter, world_size, weight_bytes)
+
+
 def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPlan:
     from .layers import split_parameters
 
@@ -179,16 +213,22 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPla
     K = run.lisa.interval_steps
     intervals = math.ceil(run.steps / K)
     schedule, note = _first_switches(sampler, run.lisa, intervals)
+    if run.dry_run_lora_rank < 1:
+        raise ValueError(f"--dry-run-lora-rank must be >= 1, got {run.dry_run_lora_rank}")
+    lora_params = lora_adapter_params(model, run.dry_run_lora_rank)
     plan = DryRunPlan(
         model=run.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
         psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
         weight_bytes=weight_bytes, weights_desc=weights_desc, offload=offload, intervals=intervals,
         schedule=schedule, schedule_note=note,
         full=model_state_floor(stage, counts.total, counts.total, world, weight_bytes),
-        lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes))
+        lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes),
+        lora_rank=run.dry_run_lora_rank, lora_params=lora_params,
+        lora=lora_state_floor(stage, counts.total, lora_params, world, weight_bytes))
     for other in ("zero1", "zero2", "zero3", "fsdp2"):
         plan.by_stage[other] = (model_state_floor(other, counts.total, counts.total, world, weight_bytes)["total"],
-                                model_state_floor(other, counts.total, psi_active, world, weight_bytes)["total"])
+                                model_state_floor(other, counts.total, psi_active, world, weight_bytes)["total"],
+                                lora_state_floor(other, counts.total, lora_params, world, weight_bytes)["total"])
     return plan
 
 
@@ -227,6 +267,8 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
         f"largest layer {max(c.per_layer):,}",
         f"             Psi_a = {plan.psi_active:,} ({_count(plan.psi_active)}, "
         f"{100 * plan.psi_active / c.total:.2f}% of Psi) with gamma={gamma}",
+        f"             LoRA r={plan.lora_rank} on all linear layers but the head: {plan.lora_params:,} adapter "
+        f"parameters ({100 * plan.lora_params / c.total:.2f}% of Psi), base weights frozen",
         f"world size   {plan.world_size} ({plan.world_size_source})",
         f"backend      {stage_desc}",
         f"precision    {plan.weights_desc}, {'fp32 master + ' if plan.weight_bytes == 2 else ''}fp32 Adam moments",
@@ -234,20 +276,24 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
         f"model states per rank in {unit} (DESIGN.md section 8; activations and buffers not included)",
         f"{'':14}{'weights':>8} {'grads':>8} {'master':>8} {'Adam m+v':>8} {'total':>8}",
     ]
-    for name, floor in (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa)):
+    rows = (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa), (f"LoRA r={plan.lora_rank}", plan.lora))
+    for name, floor in rows:
         lines.append(f"{name:14}" + " ".join(f"{floor[k] / size:8.2f}" for k in
                                            ("weights", "grads", "master", "optimizer_state", "total")))
     if plan.offload:
-        for name, floor in (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa)):
+        for name, floor in rows:
             device, host = _split(floor, plan.offload)
             lines.append(f"  {name}: {device / size:.2f} {unit} on the accelerator + {host / size:.2f} {unit} host memory")
-    lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}")
+    lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}    "
+                 f"LoRA / full {plan.lora['total'] / plan.full['total']:.3f}    "
+                 f"LISA / LoRA {plan.lisa['total'] / plan.lora['total']:.3f}")
     if plan.world_size > 1:  # at one rank every stage is the same
         lines += ["", f"every stage at {plan.world_size} ranks ({unit} per rank, no offload)",
-                  f"{'':14}{'full FT':>8} {'LISA':>8}"]
-        for stage, (full, lisa) in plan.by_stage.items():
+                  f"{'':14}{'full FT':>8} {'LISA':>8} {'LoRA':>8}"]
+        for stage, (full, lisa, lora) in plan.by_stage.items():
             mark = "  <- this run" if stage == plan.stage else ""
-            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f}{mark}")
+            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f} "
+                         f"{lora / size:8.2f}{mark}")
     sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
     lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
                   f"{run.steps} steps"]

@@ -149,6 +149,9 @@ class RunConfig:
     """print world size, per-rank memory estimate (full vs LISA) and the first switches, from the model's
     config on the meta device (no weights loaded), then exit"""
 
+    dry_run_lora_rank: int = _opt(8, "output")
+    """LoRA rank of the dry run's comparison row (PEFT on all linear layers but the head, base weights frozen)"""
+
     lisa: LisaConfig = field(init=False, repr=False, compare=False)
     """Derived from the LISA fields above."""
 

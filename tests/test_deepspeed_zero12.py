@@ -289,3 +289,13 @@ def test_zero3_refused_on_zero12_only_releases():
         lds.initialize(model=_tiny(), config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
                                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
                        lisa=LisaConfig(activated_layers=1, interval_steps=2))
+
+
+@distributed
+def test_dry_run_predicts_the_measured_model_state(ranks):
+    """`lisa-train --dry-run` for the memory check's model, config and world size (same ds_config):
+    its LISA per-rank floor within 10% of the model states counted on the live engine."""
+    for rank in ranks:
+        m = rank["memory"]
+        assert m["dry_run"]["psi"] == m["psi"] and m["dry_run"]["psi_active"] == m["psi_active"], m["dry_run"]
+        assert abs(m["in_step_over_dry_run"] - 1) <= 0.10, (m["in_step_over_dry_run"], m["dry_run"]["lisa"])

@@ -302,3 +302,13 @@ def test_invalidate_trace_tolerates_an_invalid_trace():
     _compat.invalidate_gather_trace(Optimizer())
     _compat.invalidate_gather_trace(Optimizer())
     assert Offload.coordinator.calls == 1
+
+
+@distributed
+def test_dry_run_predicts_the_measured_model_state(ranks):
+    """`lisa-train --dry-run` for the memory check's model, config and world size (same ds_config):
+    its LISA per-rank floor within 10% of the model states counted on the live engine."""
+    for rank in ranks:
+        m = rank["memory"]
+        assert m["dry_run"]["psi"] == m["psi"] and m["dry_run"]["psi_active"] == m["psi_active"], m["dry_run"]
+        assert abs(m["in_step_over_dry_run"] - 1) <= 0.10, (m["in_step_over_dry_run"], m["dry_run"]["lisa"])

@@ -131,3 +131,12 @@ def test_accelerate_launch_config_runs_lisa_train(tmp_path):
     assert [e["switch_index"] for e in log["schedule"]] == [0, 1, 2, 3]
     assert log["optimizer_bytes_per_rank"] < log["full_finetune_optimizer_bytes_per_rank"]
     assert (out / "model.safetensors").is_file()
+
+
+def test_dry_run_predicts_the_measured_model_state(runs):
+    """`lisa-train --dry-run --backend fsdp2` for the memory check's model at its world size: the LISA
+    per-rank floor within 10% of weights + gradients + masters + moments counted in the step."""
+    for rank in runs["main"]:
+        m = rank["memory"]
+        assert m["dry_run"]["stage"] == "fsdp2" and m["dry_run"]["world_size"] == len(runs["main"])
+        assert abs(m["in_step_over_dry_run"] - 1) <= 0.10, (m["in_step_over_dry_run"], m["dry_run"]["lisa"])

@@ -34,6 +34,7 @@ from lisa_dist.memory import live_tensor_bytes, local_tensor_bytes as local_byte
 from lisa_dist.fsdp._compat import unit_reduce_dtype  # noqa: E402
 from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
+from plan_prediction import dry_run_prediction  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 
 VOCAB, LAYERS, GAMMA = 256, 6, 2
@@ -206,6 +207,7 @@ def check_memory_flat(results: Dict) -> None:
     counts = count_params(split)
     floor = model_state_floor("fsdp2", counts.total, counts.gamma_active(GAMMA), world)
     in_step: List[int] = []
+    model_state: List[int] = []
 
     def measure(*_):  # runs after the inner AdamW step, before the switch: the fullest moment
         b = opt.state_bytes()
@@ -215,6 +217,10 @@ def check_memory_flat(results: Dict) -> None:
         # rank's shard, plus AdamW's 4-byte scalar step counter per parameter tensor
         expected = 12 * local_bytes(active) // 2 + 4 * len(active)
         assert in_step[-1] == expected, (in_step[-1], expected)
+        if not model_state:  # weights + gradients + masters + moments, for the dry run's prediction
+            params = list(runner.model.parameters())
+            model_state.append(local_bytes(params) + local_bytes([p.grad for p in params if p.grad is not None])
+                               + in_step[-1])
         if opt.optimizer_steps in (9, switches - 1):
             live[opt.optimizer_steps] = live_tensor_bytes()
 
@@ -243,6 +249,9 @@ def check_memory_flat(results: Dict) -> None:
                          "full_finetune_master_plus_state_bytes": runner.full_finetune_state_bytes(),
                          "after_switch_bytes": sd, "live_tensor_bytes_step10": live[9],
                          "live_tensor_bytes_step100": live[switches - 1]}
+    predicted = dry_run_prediction(runner.model, lisa, "fsdp2", world)
+    results["memory"].update(in_step_model_state_bytes=model_state[0], dry_run=predicted,
+                             in_step_over_dry_run=model_state[0] / predicted["lisa"]["total"])
     # even shards: exactly the floor, apart from the step counters
     assert in_step[0] - step_counters == per_rank_floor, (in_step[0], step_counters, per_rank_floor)
     runner.close()

@@ -33,6 +33,7 @@ from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
+from plan_prediction import dry_run_prediction  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -305,13 +306,15 @@ def memory(stage: int, offload: Optional[dict] = None) -> Dict:
     floor = model_state_floor(f"zero{stage}", counts.total, psi_a, n, weight_bytes=2)
     full_floor = model_state_floor(f"zero{stage}", counts.total, counts.total, n, weight_bytes=2)
     close(engine)
+    predicted = dry_run_prediction(model, lisa, "deepspeed", n, ds_config=cfg)
+    dry_run = {"dry_run": predicted, "in_step_over_dry_run": in_step["model_state"] / predicted["lisa"]["total"]}
     if offload:
         grads = 4 * psi_a / n + (2 * psi_a if stage == 1 else 0)  # host fp32 partition (+ ZeRO-1's bf16 grads)
         floor = dict(floor, grads=grads, total=floor["total"] - floor["grads"] + grads)
         result = {"psi": counts.total, "psi_active": psi_a, "floor": floor, "lisa": lisa_bytes,
                   "lisa_in_step": in_step, "lisa_over_floor": lisa_bytes["model_state"] / floor["total"],
                   "lisa_in_step_over_floor": in_step["model_state"] / floor["total"],
-                  "master_over_active_share": lisa_bytes["fp32_master"] / (4 * psi_a / n)}
+                  "master_over_active_share": lisa_bytes["fp32_master"] / (4 * psi_a / n), **dry_run}
         assert result["lisa_over_floor"] <= 1.1 and result["lisa_in_step_over_floor"] <= 1.1, result
         assert 1.0 <= result["master_over_active_share"] <= 1.01, result
         return result
@@ -325,7 +328,7 @@ def memory(stage: int, offload: Optional[dict] = None) -> Dict:
               "lisa_over_floor": lisa_bytes["model_state"] / floor["total"],
               "lisa_in_step_over_floor": in_step["model_state"] / floor["total"],
               "naive_optimizer_over_full": opt_bytes(naive_bytes) / (full_floor["master"] + full_floor["optimizer_state"]),
-              "lisa_optimizer_over_naive": opt_bytes(lisa_bytes) / opt_bytes(naive_bytes)}
+              "lisa_optimizer_over_naive": opt_bytes(lisa_bytes) / opt_bytes(naive_bytes), **dry_run}
     assert result["lisa_over_floor"] <= 1.1 and result["lisa_in_step_over_floor"] <= 1.1, result
     assert result["naive_optimizer_over_full"] >= 0.99, result
     return result

@@ -37,6 +37,7 @@ from lisa_dist.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 import importance_checks  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
+from plan_prediction import dry_run_prediction  # noqa: E402
 from zero12_checks import (ADAMW, BETAS, EPS, LR, WD, build_model,  # noqa: E402
                            rank_micro_batches, reference)
 
@@ -267,6 +268,7 @@ def memory() -> Dict:
     floor = model_state_floor("zero3", counts.total, psi_a, n, weight_bytes=2)
     full_floor = model_state_floor("zero3", counts.total, counts.total, n, weight_bytes=2)
     close(engine)
+    predicted = dry_run_prediction(model, lisa, "deepspeed", n, ds_config=cfg)
 
     naive_bytes = naive_toggling_bytes(build_model(layers=layers), cfg, lisa, gamma, rank_micro_batches)
 
@@ -282,7 +284,8 @@ def memory() -> Dict:
               "weights_over_floor": between["weights"] / floor["weights"],
               "naive_optimizer_over_full":
                   opt_bytes(naive_bytes) / (full_floor["master"] + full_floor["optimizer_state"]),
-              "lisa_optimizer_over_naive": opt_bytes(between) / opt_bytes(naive_bytes)}
+              "lisa_optimizer_over_naive": opt_bytes(between) / opt_bytes(naive_bytes),
+              "dry_run": predicted, "in_step_over_dry_run": in_step["model_state"] / predicted["lisa"]["total"]}
     assert result["optimizer_bytes_per_share_element"] == 12, result
     assert result["lisa_in_step_over_floor"] <= 1.1 and result["lisa_over_floor"] <= 1.1, result
     return result
