@@ -130,27 +130,34 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 """What the hub accepts as a repo id: `name` or `namespace/name`."""
 
 
-def check_model_source(model: str) -> None:
-    """--model names a preset, an existing save_pretrained directory, or a hub id; anything else
-    (a path that does not exist, a directory without config.json) fails here, before the hub client
-    turns it into a traceback about repo ids or connections."""
+def check_model_source(model: str, tokenizer: Optional[str] = None) -> None:
+    """--model names a preset, an existing save_pretrained directory, or a hub id (and --tokenizer a
+    tokenizer directory or id); anything else (a path that does not exist, a directory without
+    config.json) fails here, before the hub client turns it into a traceback about repo ids."""
     from . import presets
 
-    if model in presets.PRESETS:
-        return
-    path = Path(model).expanduser()
-    kinds = f"a preset ({', '.join(presets.PRESETS)}), a directory written by save_pretrained, or a Hugging Face id"
+    if model not in presets.PRESETS:
+        _check_source(model, "--model", ("config.json",),
+                      f"a preset ({', '.join(presets.PRESETS)}), a directory written by save_pretrained, "
+                      "or a Hugging Face id")
+        _check_local(model)
+    if tokenizer is not None:
+        _check_source(tokenizer, "--tokenizer", ("tokenizer_config.json", "tokenizer.json"),
+                      "a directory written by tokenizer.save_pretrained, or a Hugging Face id")
+
+
+def _check_source(name: str, flag: str, markers: Tuple[str, ...], kinds: str) -> None:
+    path = Path(name).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"--model {model}: the directory holds no config.json, so it is not a save_pretrained "
-                             f"model directory; pass the folder that contains config.json and the weights")
+        if not any((path / m).is_file() for m in markers):
+            raise ValueError(f"{flag} {name}: the directory holds no {' or '.join(markers)}, so save_pretrained did "
+                             f"not write it; pass the folder that contains {markers[0]}")
         return
     if path.exists():
-        raise ValueError(f"--model {model}: is a file; pass {kinds} (a folder, not a weights file)")
-    if not _HUB_ID.fullmatch(model) or model.startswith((".", "~")) or model.count("/") > 1:
-        raise FileNotFoundError(f"--model {model}: no such directory; pass {kinds} "
-                                "(check the path, or save the model there with save_pretrained first)")
-    _check_local(model)
+        raise ValueError(f"{flag} {name}: is a file; pass {kinds} (a folder, not a single file)")
+    if not _HUB_ID.fullmatch(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{flag} {name}: no such directory; pass {kinds} "
+                                "(check the path, or write the folder with save_pretrained first)")
 
 
 @contextlib.contextmanager
@@ -173,16 +180,18 @@ def _check_local(model: str) -> None:
                                 "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
 
 
-def check_vocabulary(model: torch.nn.Module, tokenizer) -> None:
-    """A tokenizer with more tokens than the model has embedding rows produces ids the embedding
-    cannot look up (an IndexError mid-forward); refuse before training."""
+def check_vocabulary(model: torch.nn.Module, tokenizer, largest_id: int) -> None:
+    """Token ids at or past the model's embedding rows (a tokenizer larger than the model's
+    vocabulary) would fail as an IndexError mid-forward; refuse before training. Only the ids the
+    data uses count: tokenizers often carry unused added tokens past the model's vocabulary (a
+    Qwen2 tokenizer class adds <|endoftext|>) and those train fine."""
     weight = model.get_input_embeddings().weight
     rows = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # ZeRO-3 partitions it in place
-    if len(tokenizer) > rows:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's input embeddings have {rows} "
-                         f"rows, so ids >= {rows} would index past them; pass the model's own tokenizer "
-                         "(--tokenizer), or grow the embeddings first (model.resize_token_embeddings(len(tokenizer)) "
-                         "then save_pretrained) and train that directory")
+    if largest_id >= rows:
+        raise ValueError(f"the data tokenizes to token id {largest_id}, but the model's input embeddings have {rows} "
+                         f"rows (the tokenizer has {len(tokenizer)} tokens): the tokenizer does not belong to this "
+                         "model; pass the model's own tokenizer (--tokenizer), or grow the embeddings first "
+                         "(model.resize_token_embeddings(len(tokenizer)) then save_pretrained) and train that directory")
 
 
 def _config(model: str, tok, trust_remote_code: bool):

@@ -174,12 +174,12 @@ def train(run: RunConfig) -> Dict:
     from . import checkpoint, data, presets
     from .reporting import Reporter
 
-    check_model_source(run.model)
+    check_model_source(run.model, run.tokenizer)
     backend = BACKENDS[run.backend]
     data_path = Path(run.data) if run.data else presets.DEFAULT_DATA
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
-    check_vocabulary(model, tokenizer)
     dataset = data.build_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format)
+    check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]))
     batches = data.BatchIterator(dataset, run.batch_size, run.seed, tokenizer.pad_token_id)
     runner = backend.runner(run, model, _calibration(run, batches))
     rank, world = runner.rank, runner.world_size
@@ -286,7 +286,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     run = parse_args(argv)
     try:
-        check_model_source(run.model)
+        check_model_source(run.model, run.tokenizer)
         if run.dry_run:
             from .plan import dry_run_report
             _say(dry_run_report(run))
