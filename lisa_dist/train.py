@@ -16,8 +16,8 @@ from typing import Dict, List, Optional
 
 from .devices import rank_device
 from .ds_config import resolve_ds_config
-from .memory import device_memory, host_peak_rss_bytes
 from .layers import find_decoder_layers
+from .memory import device_memory, host_peak_rss_bytes
 from .modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
                        check_model_source, check_vocabulary, checkpoint_files, weights_dtype, weights_loader)
 from .protocol import Runner
