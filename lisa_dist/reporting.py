@@ -40,9 +40,12 @@ class Reporter:
         return self._writer.log_dir if self._writer else None
 
     def skip_switches_before(self, schedule: List[Dict[str, Any]], step: int) -> None:
-        """On resume the restored schedule's earlier switches were reported by the first run."""
-        self._switches_written = sum(1 for e in schedule if e["step"] < step)
-        self._after_first_written = set(range(self._switches_written))
+        """On resume from `step`, the first run reported the switches up to and including the one at
+        `step` (it switches at the end of its last step), but not that set's first-step bytes."""
+        if step == 0:
+            return
+        self._switches_written = sum(1 for e in schedule if e["step"] <= step)
+        self._after_first_written = {i for i, e in enumerate(schedule) if e["step"] < step}
 
     def step(self, global_step: int, loss: float, learning_rate: float, tokens_per_second: float,
              switch_index: int, schedule: List[Dict[str, Any]]) -> None:

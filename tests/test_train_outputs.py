@@ -120,3 +120,18 @@ def test_bad_report_to_exits_2(argv, message, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lisa_dist.train", *argv], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_resumed_run_continues_the_event_stream(tmp_path):
+    """The resumed process appends its own event file; together they hold each step and switch once."""
+    base = ARGS + ["--output-dir", str(tmp_path), "--report-to", "tensorboard", "--no-plots"]
+    assert main(base + ["--steps", "4", "--save-steps", "2"]) == 0
+    first = json.loads((tmp_path / "lisa_log.json").read_text())["losses"]
+    assert main(base + ["--resume", str(tmp_path / "checkpoints" / "step-00000004")]) == 0
+    log = json.loads((tmp_path / "lisa_log.json").read_text())
+    scalars, _ = read_events(tmp_path / "tensorboard")
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert scalars["train/loss"] == list(zip(range(1, STEPS + 1), f32(first + log["losses"])))
+    switch_steps = list(range(0, STEPS, K))
+    assert [s for s, _ in scalars["switch/optimizer_bytes"]] == switch_steps
+    assert [s for s, _ in scalars["switch/optimizer_bytes_after_first_step"]] == switch_steps
