@@ -61,7 +61,9 @@ def _read_records(path: PathLike) -> List[Tuple[str, Record]]:
             raise ValueError(f"{path}: {where} is a JSON {type(item).__name__}, expected an object "
                              f"of one of these shapes: {ACCEPTED_SHAPES}")
     if not located:
-        raise ValueError(f"{path}: the file contains no examples; expected one JSON object per line")
+        raise ValueError(f"{path}: the file contains no examples; expected one JSON object per line"
+                         if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES else
+                         f"{path}: the dataset has no rows")
     return located
 
 
