@@ -29,7 +29,7 @@ def machine() -> Dict:
 
 def versions() -> Dict:
     out = {"python": platform.python_version()}
-    for package in ("torch", "deepspeed", "transformers", "lisa_dist"):
+    for package in ("torch", "deepspeed", "transformers", "peft", "lisa_dist"):
         try:
             out[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -64,6 +64,7 @@ def build_model(args) -> LlamaForCausalLM:
 def optimizer_state_bytes(opt: torch.optim.Optimizer, model: torch.nn.Module) -> int:
     """fp32 masters that are not the weights themselves + optimizer state, on live tensors; for a
     LisaOptimizer its own accounting (offloaded host copies excluded)."""
+    from lisa_dist.memory import local_tensor_bytes
     from lisa_dist.optim import LisaOptimizer
     if isinstance(opt, LisaOptimizer):
         b = opt.state_bytes()
@@ -71,4 +72,4 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer, model: torch.nn.Module) ->
     weights = {p.data_ptr() for p in model.parameters()}
     tensors = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     masters = [p for g in opt.param_groups for p in g["params"] if p.data_ptr() not in weights]
-    return sum(t.numel() * t.element_size() for t in tensors + masters)
+    return local_tensor_bytes(tensors + masters)  # a DTensor (FSDP2) counts its local shard only
