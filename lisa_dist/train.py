@@ -16,9 +16,10 @@ from typing import Dict, List, Optional
 
 from .devices import rank_device
 from .ds_config import resolve_ds_config
+from .layers import find_decoder_layers
 from .memory import device_memory, host_peak_rss_bytes
 from .modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
-                       checkpoint_files, weights_dtype, weights_loader)
+                       check_model_source, check_vocabulary, checkpoint_files, weights_dtype, weights_loader)
 from .protocol import Runner
 from .run_config import RunConfig, parse_args as _parse_args
 
@@ -155,22 +156,40 @@ def _per_rank(value, world: int) -> List:
     return values
 
 
+def _plots(out_dir: Path, schedule: List[Dict], num_layers: int, steps: int, first_step: int) -> str:
+    """The PNGs, or a note saying why there are none; returns what the summary line names."""
+    try:
+        import matplotlib  # noqa: F401  (an optional dependency: the run's results matter more)
+    except ImportError:
+        _say("plots skipped: matplotlib is not installed (pip install matplotlib, or pass --no-plots)")
+        return ""
+    from .plots import write_plots
+    write_plots(out_dir, schedule, num_layers, steps, first_step)
+    return ", schedule and memory plots"
+
+
 def train(run: RunConfig) -> Dict:
     from tqdm import tqdm
 
     from . import checkpoint, data, presets
+    from .reporting import Reporter
 
+    check_model_source(run.model, run.tokenizer)
     backend = BACKENDS[run.backend]
     data_path = Path(run.data) if run.data else presets.DEFAULT_DATA
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
     dataset = data.build_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format)
+    check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]))
     batches = data.BatchIterator(dataset, run.batch_size, run.seed, tokenizer.pad_token_id)
     runner = backend.runner(run, model, _calibration(run, batches))
     rank, world = runner.rank, runner.world_size
+    num_layers = len(find_decoder_layers(model, run.lisa.layers_path).layers)
     out_dir = Path(run.output_dir)
     is_main = rank == 0
     if is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(run.report_to, out_dir, is_main)
+    if is_main:
         _say(f"lisa-train: {run.model} | backend {run.backend} x{world} | {len(dataset)} examples from "
              f"{data_path} | gamma={run.lisa.activated_layers} K={run.lisa.interval_steps} "
              f"seed={run.lisa.seed} policy={run.lisa.state_policy} sampling={run.lisa.sampling}")
@@ -178,6 +197,7 @@ def train(run: RunConfig) -> Dict:
     _say(f"[rank {rank}/{world}] switch {runner.switch_index}: active layers {list(runner.active_layers)}")
 
     first_step = checkpoint.resume_for_train(runner, run)
+    reporter.skip_switches_before(runner.schedule_log, first_step)
     losses: List[float] = []
     tokens = 0
     start = time.perf_counter()
@@ -195,6 +215,7 @@ def train(run: RunConfig) -> Dict:
             tokens += int(batch["attention_mask"].sum())
             micro.append(batch)
         before = runner.switch_index
+        lr = runner.learning_rate()  # the step's own rate: the schedule advances inside train_step
         step_start = time.perf_counter()
         loss = runner.train_step(micro)  # loss.item() inside: the device has finished the step
         step_seconds.append(time.perf_counter() - step_start)
@@ -213,6 +234,7 @@ def train(run: RunConfig) -> Dict:
             _say(f"[rank {rank}/{world}] switch {runner.switch_index} at step {step + 1}: "
                  f"active layers {list(runner.active_layers)}")
         rate = tokens / (time.perf_counter() - start)
+        reporter.step(step + 1, loss, lr, rate, before, runner.schedule_log)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s_rank=f"{rate:.0f}", layers=list(runner.active_layers))
         bar.update(1)
         if is_main and bar.disable and ((step + 1) % run.log_every == 0 or step + 1 == run.steps):
@@ -221,11 +243,12 @@ def train(run: RunConfig) -> Dict:
         checkpoint.save_for_train(runner, run, step + 1, tokenizer)
         checkpoint.kill_for_test_after_step(step + 1)
     bar.close()
+    reporter.close()
     elapsed = time.perf_counter() - start
 
     window = max(1, min(10, len(losses) // 5))
     summary = {
-        "model": run.model, "backend": run.backend, "world_size": world, "steps": run.steps,
+        "model": run.model, "backend": run.backend, "world_size": world, "steps": run.steps, "num_layers": num_layers,
         "lisa": run.lisa.to_dict(), "seconds": elapsed, "tokens_per_second_per_rank": tokens / elapsed,
         "loss_start": sum(losses[:window]) / window, "loss_end": sum(losses[-window:]) / window,
         "losses": losses, "schedule": runner.schedule_log,
@@ -241,6 +264,7 @@ def train(run: RunConfig) -> Dict:
         runner.save_pretrained(out_dir, tokenizer)
     if is_main:
         (out_dir / "lisa_log.json").write_text(json.dumps(summary, indent=1))
+        plotted = "" if run.no_plots else _plots(out_dir, runner.schedule_log, num_layers, run.steps, first_step)
         ratio = summary["optimizer_bytes_per_rank"] / summary["full_finetune_optimizer_bytes_per_rank"]
         per_rank = ", ".join(f"rank {r}: {_fmt_bytes(b)}" for r, b in enumerate(summary["optimizer_bytes_all_ranks"]))
         _say(f"\nloss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} (mean of first/last {window} steps)\n"
@@ -248,7 +272,8 @@ def train(run: RunConfig) -> Dict:
              f"\noptimizer memory per rank (fp32 master + moments): {per_rank}; full fine-tuning would hold "
              f"{_fmt_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} per rank ({ratio:.2f}x)\n"
              + _device_memory_line(summary["device_memory_all_ranks"]) +
-             f"{'weights and ' if not run.no_save else ''}log in {out_dir}")
+             f"{'weights and ' if not run.no_save else ''}log{plotted} in {out_dir}"
+             + (f" (TensorBoard: {out_dir / 'tensorboard'})" if run.report_to == "tensorboard" else ""))
     runner.close()
     del model
     return summary
@@ -261,6 +286,7 @@ def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
 def main(argv: Optional[List[str]] = None) -> int:
     run = parse_args(argv)
     try:
+        check_model_source(run.model, run.tokenizer)
         if run.dry_run:
             from .plan import dry_run_report
             _say(dry_run_report(run))

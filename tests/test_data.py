@@ -290,3 +290,97 @@ def test_tiny_llama_trains_on_a_collated_batch(tok):
     assert 5.0 < loss.item() < 9.0  # about ln(1024) = 6.9 at initialisation
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- Parquet, CSV and save_to_disk through Hugging Face datasets -----------------------------------
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and a private cache: the loaders must be datasets' local ones, never the hub's."""
+    import datasets
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("reading local data tried to open a network connection")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+
+
+def alpaca_records(n=24):
+    return load_jsonl(DEFAULT_DATA)[:n]
+
+
+def test_parquet_and_csv_build_like_jsonl(tok, tmp_path, offline):
+    import datasets
+
+    records = alpaca_records()
+    table = datasets.Dataset.from_list(records)
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    jsonl = write(tmp_path / "d.jsonl", [json.dumps(r) for r in records])
+    expected = build_dataset(jsonl, tok, max_length=64)
+    assert len(expected) == len(records)
+    assert build_dataset(tmp_path / "d.parquet", tok, max_length=64) == expected
+    assert build_dataset(str(tmp_path / "d.csv"), tok, max_length=64) == expected
+    assert build_dataset(table, tok, max_length=64) == expected  # a Dataset object from Python
+
+
+def test_save_to_disk_folders(tok, tmp_path, offline):
+    import datasets
+
+    chat = datasets.Dataset.from_list(load_jsonl(CHAT_DATA))
+    chat.save_to_disk(str(tmp_path / "chat"))
+    # Chat messages survive the columnar round trip as lists of structs.
+    assert build_dataset(tmp_path / "chat", tok, 128, fmt="chat") == build_dataset(CHAT_DATA, tok, 128, fmt="chat")
+    alpaca = datasets.Dataset.from_list(alpaca_records())
+    datasets.DatasetDict({"validation": alpaca.select(range(4)), "train": alpaca}).save_to_disk(str(tmp_path / "dd"))
+    assert len(build_dataset(tmp_path / "dd", tok, 64)) == len(alpaca)  # the train split
+    datasets.DatasetDict({"a": alpaca, "b": alpaca}).save_to_disk(str(tmp_path / "ab"))
+    with pytest.raises(ValueError, match=r"splits \['a', 'b'\] and none is 'train'"):
+        build_dataset(tmp_path / "ab", tok, 64)
+
+
+def test_mixed_shapes_in_one_table_detect_per_row(tok, tmp_path, offline):
+    import datasets
+
+    # Columnar rows carry every column (None where absent); a text row must not detect as alpaca.
+    rows = [{"instruction": "Say hi.", "input": "", "output": "hi", "text": None},
+            {"instruction": None, "input": None, "output": None, "text": "Plain text."}]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "mixed.parquet"))
+    built = build_dataset(tmp_path / "mixed.parquet", tok, 64)
+    assert [trained_text(tok, e) for e in built] == ["hi</s>", "<s>Plain text.</s>"]
+
+
+def test_columnar_errors_name_the_file_and_row(tok, tmp_path, offline):
+    (tmp_path / "odd.csv").write_text("prompt,completion\na,b\nc,d\n")
+    with pytest.raises(ValueError, match=r"odd\.csv: row 0: .*no known format.*alpaca.*chat.*text"):
+        build_dataset(tmp_path / "odd.csv", tok)
+    (tmp_path / "broken.csv").write_text('instruction,output\n"unterminated,x\n')
+    with pytest.raises(ValueError, match=r"broken\.csv: cannot read it as CSV \(ParserError"):
+        build_dataset(tmp_path / "broken.csv", tok)
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    with pytest.raises(ValueError, match=r"fake\.parquet: cannot read it as Parquet"):
+        build_dataset(tmp_path / "fake.parquet", tok)
+    (tmp_path / "plain_dir").mkdir()
+    with pytest.raises(ValueError, match="is a directory but not one written by datasets' save_to_disk"):
+        build_dataset(tmp_path / "plain_dir", tok)
+    with pytest.raises(FileNotFoundError, match=r"nope\.parquet.*\.parquet or \.csv file"):
+        build_dataset(tmp_path / "nope.parquet", tok)
+
+
+def test_lisa_train_on_parquet_and_save_to_disk(tmp_path, offline):
+    import datasets
+
+    from lisa_dist.train import main
+
+    table = datasets.Dataset.from_list(alpaca_records(32))
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    logs = []
+    for source in ("d.parquet", "saved"):
+        out = tmp_path / f"run-{source}"
+        argv = ["--data", str(tmp_path / source), "--steps", "3", "--batch-size", "4", "--max-length", "64",
+                "--no-save", "--no-plots", "--output-dir", str(out)]
+        assert main(argv) == 0
+        logs.append(json.loads((out / "lisa_log.json").read_text()))
+    # Same rows, same order: the same batches, so the same losses bit for bit.
+    assert logs[0]["losses"] == logs[1]["losses"] and len(logs[0]["losses"]) == 3

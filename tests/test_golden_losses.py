@@ -18,8 +18,9 @@ from launch_util import ROOT, _tool, free_port, launch_env, output_tail
 
 GOLDEN = ROOT / "tests" / "golden" / "train_losses.json"
 RECORD = os.environ.get("LISA_DIST_RECORD_GOLDEN") == "1"
+# --report-to rides along: its scalars must not move a loss, and only rank 0 may write events.
 ARGS = ["--steps", "20", "--interval-steps", "5", "--batch-size", "4", "--max-length", "64", "--no-save",
-        "--log-every", "100"]
+        "--log-every", "100", "--report-to", "tensorboard"]
 RUNS = {
     "single": ([], ["--backend", "single"]),
     "zero2": (["deepspeed"], ["--backend", "deepspeed", "--deepspeed", "ds_configs/zero2.json"]),
@@ -40,7 +41,25 @@ def _launch(launcher, args, out):
     proc = subprocess.run(cmd + ARGS + args + ["--output-dir", str(out)], cwd=ROOT, env=launch_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, output_tail(proc)
-    return json.loads((out / "lisa_log.json").read_text())["losses"]
+    losses = json.loads((out / "lisa_log.json").read_text())["losses"]
+    _check_events(out, losses)
+    return losses
+
+
+def _check_events(out, losses):
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = list(out.rglob("events.out.tfevents.*"))
+    assert len(files) == 1 and files[0].parent == out / "tensorboard", files  # rank 0 only
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("train/loss")] == [
+        (i + 1, float(np.float32(v))) for i, v in enumerate(losses)]
+    lrs = [e.value for e in acc.Scalars("train/learning_rate")]
+    # DeepSpeed's WarmupLR starts at its warmup_min_lr (0); every schedule reaches --lr (1e-3) by step 10.
+    assert len(lrs) == len(losses) and all(0 <= v <= 1e-3 * (1 + 1e-6) for v in lrs)
+    assert lrs[-1] == float(np.float32(1e-3))
 
 
 @pytest.mark.distributed

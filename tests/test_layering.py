@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("core", "backends", "integrations", "recipe")
 CORE = {"config", "layers", "sampling", "optim", "memory", "serialization", "protocol", "devices", "importance",
         "outlier"}
-RECIPE = {"train", "run_config", "modeling", "ds_config", "data", "presets", "checkpoint", "export", "plan"}
+RECIPE = {"train", "run_config", "modeling", "ds_config", "data", "presets", "checkpoint", "export", "plan",
+          "reporting", "plots"}
 
 
 def layer_of(module: str) -> str:

@@ -1,5 +1,6 @@
 """`lisa-train` end to end on the embedded default and on a local save_pretrained directory, and its errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -101,3 +102,38 @@ def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lisa_dist.train", "--activated-layers", "-1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "activated_layers" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def small_vocab_model(tmp_path_factory):
+    """A checkpoint whose embeddings hold fewer rows than the tokenizer saved beside it has tokens."""
+    tok = presets.default_tokenizer()
+    path = tmp_path_factory.mktemp("small_vocab") / "model"
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("argv, messages", [
+    (["--model", "/nonexistent/model-dir"], ["--model /nonexistent/model-dir: no such directory", "save_pretrained"]),
+    (["--model", "EMPTY_DIR"], ["holds no config.json", "pass the folder that contains config.json"]),
+    (["--model", "some-org/missing-model"], ["HF_HUB_OFFLINE=1 forbids downloading"]),
+    # The hub client's OSError for an id it cannot fetch (offline here; with no route to the hub
+    # the same error comes after its retries).
+    (["--tokenizer", "some-org/missing-tokenizer"],
+     ["fetching it as a Hugging Face id failed", "huggingface-cli download some-org/missing-tokenizer --local-dir DIR"]),
+    (["--model", "SMALL_VOCAB"], ["the data tokenizes to token id", "but the model's input embeddings have 64 rows (the tokenizer has",
+                                  "resize_token_embeddings"]),
+])
+def test_model_and_tokenizer_errors_exit_2_without_traceback(argv, messages, tmp_path, small_vocab_model):
+    path = small_vocab_model
+    argv = [{"EMPTY_DIR": str(tmp_path), "SMALL_VOCAB": str(path)}.get(a, a) for a in argv]
+    proc = subprocess.run([sys.executable, "-m", "lisa_dist.train", *FAST, "--steps", "1", "--no-save", "--no-plots",
+                           "--output-dir", str(tmp_path / "run"), *argv],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    for message in messages:
+        assert message in proc.stderr

@@ -73,6 +73,9 @@ class DeepSpeedRunner:
         dist.all_reduce(total)
         return total.item() / (len(micro_batches) * self.world_size)
 
+    def learning_rate(self) -> float:
+        return self.engine.get_lr()[0]
+
     # --- memory ----------------------------------------------------------------------------------
 
     def model_state_bytes(self) -> Dict[str, int]:
