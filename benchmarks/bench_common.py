@@ -73,3 +73,12 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer, model: torch.nn.Module) ->
     tensors = [t for st in opt.state.values() for t in st.values() if torch.is_tensor(t)]
     masters = [p for g in opt.param_groups for p in g["params"] if p.data_ptr() not in weights]
     return local_tensor_bytes(tensors + masters)  # a DTensor (FSDP2) counts its local shard only
+
+
+def destroy_engine(engine) -> None:
+    """Free a DeepSpeed engine's optimizer and LISA state before the next row builds its own, so
+    one row's memory is not counted in the next one's peak."""
+    engine.destroy()
+    engine.optimizer = None
+    if hasattr(engine, "lisa"):
+        engine.lisa = None

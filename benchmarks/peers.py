@@ -52,7 +52,8 @@ from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import (count_params, host_rss_bytes, local_tensor_bytes,  # noqa: E402
                               reset_peak_host_rss)
 from lisa_dist.sampling import LayerSampler  # noqa: E402
-from bench_common import add_model_args, build_model, machine, optimizer_state_bytes, versions  # noqa: E402
+from bench_common import (add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes,  # noqa: E402
+                          versions)
 
 ENGINES = ("single", "zero2", "zero3", "fsdp2")
 DIST_ENGINES = ENGINES[1:]
@@ -236,10 +237,7 @@ class DeepSpeedRow:
             self.toggle.after_step(self.steps)
 
     def close(self) -> None:
-        self.engine.destroy()
-        self.engine.optimizer = None
-        if hasattr(self.engine, "lisa"):
-            self.engine.lisa = None
+        destroy_engine(self.engine)
         del self.engine
 
 

@@ -43,7 +43,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
-from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
+from bench_common import add_model_args, build_model, destroy_engine, machine, versions  # noqa: E402
 
 ROWS = ("full", "naive", "lisa")
 CATEGORIES = ("weights", "grads", "fp32_master", "optimizer_state")
@@ -172,10 +172,7 @@ class Row:
         self.step_seconds.append(time.perf_counter() - start)
 
     def close(self) -> None:
-        self.engine.destroy()
-        self.engine.optimizer = None
-        if hasattr(self.engine, "lisa"):
-            self.engine.lisa = None
+        destroy_engine(self.engine)
         del self.engine
 
 
