@@ -200,7 +200,7 @@ def test_dry_run_llama2_70b_zero3_32_ranks():
     assert full == pytest.approx(model_state_floor("zero3", psi, psi, 32)["total"] / gib, abs=0.01)  # 32.12
     assert lisa == pytest.approx(model_state_floor("zero3", psi, psi_a, 32)["total"] / gib, abs=0.01)  # 4.93
     assert lisa < 0.2 * full
-    assert "ZeRO-3           32.12     4.93  <- this run" in out
+    assert "ZeRO-3           32.12     4.93     4.06  <- this run" in out
     sampler = LayerSampler(80, LisaConfig(activated_layers=2, interval_steps=20, seed=0))
     for k in range(3):
         assert f"switch {k} at step {20 * k}: active layers {list(sampler.active_layers(k))}" in out
@@ -215,7 +215,7 @@ def test_dry_run_llama2_70b_fsdp2_32_ranks():
                 "--backend", "fsdp2", "--activated-layers", "2"],
                launch_env({"NNODES": "4", "NPROC_PER_NODE": "8"}), timeout=120)
     assert proc.returncode == 0, proc.stdout
-    assert "FSDP2            32.12     4.93  <- this run" in proc.stdout
+    assert "FSDP2            32.12     4.93     4.06  <- this run" in proc.stdout
     assert re.search(r"^LISA g=2\s+4\.01\s", proc.stdout, re.M), proc.stdout
     header = (ROOT / "launch" / "slurm" / "llama2_70b_fsdp2_a100_80g.sbatch").read_text()
     assert "LISA 4.93 GiB vs full fine-tuning 32.12 GiB (bf16 weights 4.01 GiB" in header
