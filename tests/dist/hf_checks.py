@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 tests/dist/hf_checks.py --backend zero2 --out /tmp/x
     torchrun --nproc_per_node 2 tests/dist/hf_checks.py --backend ddp --out /tmp/x
+    torchrun --nproc_per_node 2 tests/dist/hf_checks.py --backend fsdp2 --out /tmp/x
     python tests/dist/hf_checks.py --backend single --out /tmp/x
 
 Every scenario is a real Trainer run on a tiny Llama (fp32, CPU, `use_cpu=True` so accelerate sees
@@ -25,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
                           TrainingArguments, get_linear_schedule_with_warmup)
 
@@ -81,8 +83,43 @@ def ds_config(stage: int) -> dict:
                                   "stage3_gather_16bit_weights_on_model_save": True}}
 
 
+def fsdp2_args() -> dict:
+    """accelerate's FSDP plugin at version 2, as a user writes it in TrainingArguments; a full state
+    dict so that save_model writes a folder from_pretrained loads."""
+    return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def backend_args(backend: str) -> dict:
+    if backend.startswith("zero"):
+        return {"deepspeed": ds_config(int(backend[-1]))}
+    return fsdp2_args() if backend == "fsdp2" else {}
+
+
+def let_accelerate_shard_on_cpu() -> None:
+    """accelerate 1.15 turns an FSDP plugin on only for accelerator devices (accelerate/state.py:986-1016:
+    the FSDP branch is inside `distributed_type in [MULTI_GPU, MULTI_NPU, ...]`); a CPU gloo world
+    silently gets DDP instead. Nothing after that choice depends on the device (FSDP2 runs on gloo,
+    tests/test_fsdp2.py), so on this CPU-only machine the FSDP2 checks make the real AcceleratorState
+    take the plugin as it would on GPUs. Everything else (Trainer, accelerate, torch) is unchanged."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
 def training_args(out: Path, backend: str, max_steps: int, **kw) -> TrainingArguments:
-    extra = {"deepspeed": ds_config(int(backend[-1]))} if backend.startswith("zero") else {}
+    extra = backend_args(backend)
     base = dict(output_dir=str(out), per_device_train_batch_size=MB, gradient_accumulation_steps=GAS,
                 max_steps=max_steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="linear", warmup_steps=0,
                 max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
@@ -93,8 +130,12 @@ def training_args(out: Path, backend: str, max_steps: int, **kw) -> TrainingArgu
 
 
 def layer_tensors(model, layer) -> List[torch.Tensor]:
-    """This rank's copy of a layer's weights (its ZeRO-3 partition, else the full tensors)."""
-    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in layer.parameters()]
+    """This rank's copy of a layer's weights (its ZeRO-3 partition or FSDP2 shard, else the full tensors)."""
+    return [(p.ds_tensor if hasattr(p, "ds_tensor") else local(p)).detach().clone() for p in layer.parameters()]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Probe(TrainerCallback):
@@ -175,7 +216,9 @@ class Probe(TrainerCallback):
 
 
 def flat(model) -> torch.Tensor:
-    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    """Every parameter, whole (FSDP2 shards are gathered: a collective)."""
+    return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().double().flatten()
+                      for p in model.parameters()])
 
 
 def full_weights(trainer) -> torch.Tensor:
@@ -247,8 +290,9 @@ def optimizer_bytes(cb) -> Dict:
     split = (cb.engine.lisa.split if cb.engine is not None else cb.optimizer.split)
     counts = count_params(split)
     psi_a = counts.active(cb.active_layers)
-    stage = f"zero{cb.engine.zero_optimization_stage()}" if cb.engine is not None else "single"
-    n = world() if cb.engine is not None else 1
+    stage = (f"zero{cb.engine.zero_optimization_stage()}" if cb.engine is not None
+             else "fsdp2" if cb.backend == "fsdp2" else "single")
+    n = world() if cb.engine is not None or cb.backend == "fsdp2" else 1
     floor = model_state_floor(stage, counts.total, psi_a, n, weight_bytes=2)
     full = model_state_floor(stage, counts.total, counts.total, n, weight_bytes=2)
     # The floor's master + Adam bytes (12 per active parameter / N, DESIGN.md section 8): ZeRO keeps
@@ -259,8 +303,8 @@ def optimizer_bytes(cb) -> Dict:
         b = lds.model_state_bytes(cb.engine)
         got = b["fp32_master"] + b["optimizer_state"]
     else:
-        b = cb.optimizer.state_bytes()
-        # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param) remain.
+        b = cb.optimizer.state_bytes()  # this rank's DTensor shards under FSDP2
+        # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param / N) remain.
         got = b["master"] + b["optimizer_state"]
         want = floor["optimizer_state"]
         full = {"master": 0, "optimizer_state": full["optimizer_state"]}
@@ -359,7 +403,7 @@ def sft(backend: str, out: Path) -> Dict:
     model = LlamaForCausalLM(cfg)
     rows = [json.loads(line) for line in TEXT_DATA.read_text().splitlines()[:64]]
     ds = Dataset.from_list([{"text": r["text"]} for r in rows])
-    extra = {"deepspeed": ds_config(int(backend[-1]))} if backend.startswith("zero") else {}
+    extra = backend_args(backend)
     args = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
                      max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                      disable_tqdm=True, max_length=32, optim="adamw_torch", bf16=False, **extra)
@@ -418,7 +462,13 @@ def hand_loop(backend: str, out: Path) -> Dict:
                    train_batch_size=MB * world(), gradient_clipping=0.0)
         plugin = DeepSpeedPlugin(hf_ds_config=cfg)
     # cpu=True would switch DeepSpeed off; without a GPU DeepSpeed runs on the CPU anyway.
-    acc = Accelerator(deepspeed_plugin=plugin) if plugin is not None else Accelerator(cpu=True)
+    if plugin is not None:
+        acc = Accelerator(deepspeed_plugin=plugin)
+    elif backend == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    else:
+        acc = Accelerator(cpu=True)
     loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
@@ -485,13 +535,15 @@ def main() -> None:
     import signal
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero2", "zero3"])
+    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero2", "zero3", "fsdp2"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="")
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("gloo")
+    if args.backend == "fsdp2":
+        let_accelerate_shard_on_cpu()
     names = [n for n in args.only.split(",") if n] or [
         n for n in SCENARIOS if args.backend.startswith("zero") or n not in DEEPSPEED_ONLY]
     results = {}
