@@ -86,7 +86,7 @@ def ds_config(stage: int) -> dict:
 def fsdp2_args() -> dict:
     """accelerate's FSDP plugin at version 2, as a user writes it in TrainingArguments; a full state
     dict so that save_model writes a folder from_pretrained loads."""
-    return {"fsdp": "full_shard", "fsdp_config": {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}}
+    return {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}}
 
 
 def backend_args(backend: str) -> dict:
@@ -304,10 +304,11 @@ def optimizer_bytes(cb) -> Dict:
         got = b["fp32_master"] + b["optimizer_state"]
     else:
         b = cb.optimizer.state_bytes()  # this rank's DTensor shards under FSDP2
-        # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param / N) remain.
         got = b["master"] + b["optimizer_state"]
-        want = floor["optimizer_state"]
-        full = {"master": 0, "optimizer_state": full["optimizer_state"]}
+        if split.always_params[0].dtype == torch.float32:
+            # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param / N) remain.
+            want = floor["optimizer_state"]
+            full = {"master": 0, "optimizer_state": full["optimizer_state"]}
     return {"got": got, "floor": want, "full_finetune": full["master"] + full["optimizer_state"],
             "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total}
 
@@ -341,6 +342,8 @@ def main_run(backend: str, out: Path) -> Dict:
     # Trainer's linear schedule, every group, every step, across switches.
     want = [LR * (1 - s / steps) for s in range(1, steps + 1)]
     assert all(abs(g[0] - w) <= 1e-12 for g, w in zip(probe.lrs, want)), (probe.lrs, want)
+    if cb.backend == "fsdp2":
+        result["fsdp2"] = check_fsdp2_layout(trainer.model, trainer.optimizer, cb.active_layers)
     if cb.backend == "ddp":
         # DDP handles the always-active parameters only; each step all-reduced exactly its active layers.
         layer_names = {n for n, _ in start.named_parameters() if n.startswith("model.layers.")}
@@ -387,6 +390,74 @@ def main_run(backend: str, out: Path) -> Dict:
         del t2, cb2, probe2
     result["resume"] = resumed
     return result
+
+
+def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
+    """The model Trainer trains is sharded the lisa_dist.fsdp way (a unit per decoder layer, the
+    root for the rest, not accelerate's wrap policy), its optimizer is an FSDPLisaOptimizer, frozen
+    layers hold no gradient, and every active unit reduce-scatters in fp32 after the switches."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from lisa_dist.fsdp import FSDPLisaOptimizer
+    from lisa_dist.fsdp._compat import unit_reduce_dtype
+    from lisa_dist.hf_compat import unwrap_optimizer
+
+    layers = list(model.model.layers)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    out = {"layer_units": all(isinstance(layer, FSDPModule) for layer in layers),
+           "units": len(units), "root_is_unit": isinstance(model, FSDPModule),
+           "optimizer": type(unwrap_optimizer(optimizer)).__name__,
+           "active_reduce_dtypes": sorted({str(unit_reduce_dtype(layers[i])) for i in active_layers}),
+           "frozen_grads": sum(p.grad is not None for i, layer in enumerate(layers) if i not in active_layers
+                               for p in layer.parameters())}
+    assert out["layer_units"] and out["root_is_unit"] and out["units"] == len(layers) + 1, out
+    assert isinstance(unwrap_optimizer(optimizer), FSDPLisaOptimizer), out
+    assert out["active_reduce_dtypes"] == ["torch.float32"] and out["frozen_grads"] == 0, out
+    return out
+
+
+def bf16_weights(backend: str, out: Path) -> Dict:
+    """FSDP2 under mixed_precision bf16: weights are sharded as bf16 (frozen layers cost 2 bytes per
+    parameter / N) and only the active set has fp32 masters and moments, at the DESIGN.md floor."""
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=5)
+    trainer, cb, probe, _ = make_trainer(out / "bf16", backend, lisa, 3, bf16=True)
+    trainer.train()
+    dtypes = sorted({str(local(p).dtype) for p in trainer.model.parameters()})
+    result = {"weight_dtypes": dtypes, "bytes": check_bytes(probe), "frozen_checks": probe.frozen_checks,
+              "moved_checks": probe.moved_checks, "layout": check_fsdp2_layout(trainer.model, trainer.optimizer, cb.active_layers)}
+    assert dtypes == ["torch.bfloat16"], dtypes
+    assert probe.frozen_checks == 3 * 4 and probe.moved_checks == 3 * 2, result
+    del trainer, cb, probe
+    return result
+
+
+def fsdp_refusals(backend: str, out: Path) -> Dict:
+    """FSDP plugin settings LISA does not implement stop train() with an error naming the fix, before
+    accelerate wraps the model."""
+    from accelerate.state import AcceleratorState
+
+    # (FSDP1's plugin cannot be built without an accelerator device: accelerate/utils/dataclasses.py:2014.)
+    cases = {"activation_checkpointing": ({"fsdp_version": 2, "activation_checkpointing": True}, ValueError,
+                                          "gradient_checkpointing=True"),
+             "cpu_ram_efficient_loading": ({"fsdp_version": 2, "cpu_ram_efficient_loading": True}, ValueError,
+                                           "set it to false")}
+    messages = {}
+    for name, (config, error, fix) in cases.items():
+        AcceleratorState._reset_state(reset_partial_state=True)  # each Trainer's own plugin
+        model = build_model()
+        cb = LisaCallback(LisaConfig(activated_layers=1, interval_steps=1))
+        trainer = Trainer(model=model, args=training_args(out / name, backend, 2, fsdp=True, fsdp_config=config),
+                          train_dataset=Tokens(), callbacks=[cb])
+        try:
+            trainer.train()
+        except error as e:
+            messages[name] = str(e)
+        else:
+            raise AssertionError(f"{name}: LISA trained under an FSDP setting it does not support")
+        assert fix in messages[name] and cb.backend is None, (name, messages[name])
+        del trainer, cb, model
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"messages": messages}
 
 
 def sft(backend: str, out: Path) -> Dict:
@@ -486,7 +557,8 @@ def hand_loop(backend: str, out: Path) -> Dict:
         # accelerate steps a scheduler once per process per optimizer step (the batch is N times larger)
         assert all(abs(lr - LR * lam(acc.num_processes * (step + 1))) <= 1e-12 for lr in lrs[-1]), (step, lrs[-1])
     assert state.switch_index == 3 and decays == {WD, 0.0}, (state.switch_index, decays)
-    result = {"backend": state.backend, "lrs": lrs, "switch_index": state.switch_index,
+    layout = check_fsdp2_layout(engine, opt, state.active_layers) if backend == "fsdp2" else None
+    result = {"layout": layout, "backend": state.backend, "lrs": lrs, "switch_index": state.switch_index,
               "ranks_identical": ranks_equal(flat(model) if plugin is None or backend == "zero2"
                                              else torch.zeros(1))}
     assert result["ranks_identical"]
@@ -526,8 +598,9 @@ def ds_sections(backend: str, out: Path) -> Dict:
             "moved_checks": probe.moved_checks, "steps_with_lr": stepped}
 
 
-SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections}
-DEEPSPEED_ONLY = ("ds_sections",)
+SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections,
+             "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals}
+ONLY_FOR = {"ds_sections": ("zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",)}
 
 
 def main() -> None:
@@ -545,7 +618,7 @@ def main() -> None:
     if args.backend == "fsdp2":
         let_accelerate_shard_on_cpu()
     names = [n for n in args.only.split(",") if n] or [
-        n for n in SCENARIOS if args.backend.startswith("zero") or n not in DEEPSPEED_ONLY]
+        n for n in SCENARIOS if args.backend in ONLY_FOR.get(n, (args.backend,))]
     results = {}
     import time
     for name in names:
