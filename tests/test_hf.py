@@ -190,3 +190,21 @@ def test_fsdp2_bf16_weights_at_the_floor(ranks):
         assert b["weight_dtypes"] == ["torch.bfloat16"], b
         assert 0.99 <= b["bytes"]["ratio_to_floor"] <= 1.05 and b["bytes"]["got"] < 0.5 * b["bytes"]["full_finetune"], b
         assert b["frozen_checks"] == 3 * 4 and b["moved_checks"] == 3 * 2, b
+
+
+def test_fsdp2_accelerate_save_state_resumes_bit_identically(ranks):
+    backend, results = ranks
+    if backend != "fsdp2":
+        pytest.skip("FSDP2 only")
+    for r in results:
+        a = r["accelerate_resume"]
+        assert set(a["resume"]) == {"3", "4"} and all(x["bit_identical"] for x in a["resume"].values()), a
+        assert "optimizer_0" in a["optimizer_dirs"], a
+
+
+def test_fsdp2_unsupported_plugin_settings_are_refused(ranks):
+    backend, results = ranks
+    if backend != "fsdp2":
+        pytest.skip("FSDP2 only")
+    messages = results[0]["fsdp_refusals"]["messages"]
+    assert set(messages) == {"activation_checkpointing", "cpu_ram_efficient_loading"}, messages

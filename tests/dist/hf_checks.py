@@ -565,6 +565,54 @@ def hand_loop(backend: str, out: Path) -> Dict:
     return result
 
 
+def hand_loop_resume(backend: str, out: Path) -> Dict:
+    """accelerator.save_state / load_state around lisa_dist.accelerate.prepare under FSDP2 (the
+    optimizer goes through lisa_dist's routed save_fsdp_optimizer): resuming mid-interval (step 3,
+    K=2) and right after a switch (step 4) ends bit for bit where the straight run ends."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from lisa_dist.accelerate import prepare
+
+    lisa, steps = LisaConfig(activated_layers=2, interval_steps=2, seed=9), 6
+
+    def build():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        model = build_model()
+        names = decay_parameter_names(model)
+        opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n in names],
+                                  "weight_decay": WD},
+                                 {"params": [p for n, p in model.named_parameters() if n not in names],
+                                  "weight_decay": 0.0}], lr=LR)
+        acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
+        return (acc, *prepare(acc, model, opt, loader, sched, lisa=lisa))
+
+    def train(acc, model, opt, loader, sched, start: int, save_at=()):
+        for step, batch in zip(range(start, steps), acc.skip_first_batches(loader, start) if start else loader):
+            acc.backward(model(**batch).loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if step + 1 in save_at:
+                acc.save_state(str(out / "acc_state" / f"step{step + 1}"))
+        return flat(model)
+
+    final = train(*build(), start=0, save_at=(3, 4))
+    resumed = {}
+    for at in (3, 4):
+        acc, model, opt, loader, sched = build()
+        acc.load_state(str(out / "acc_state" / f"step{at}"))
+        w = train(acc, model, opt, loader, sched, start=at)
+        resumed[str(at)] = {"bit_identical": bool(torch.equal(w, final)), "max_abs_diff": (w - final).abs().max().item()}
+        assert resumed[str(at)]["bit_identical"], (at, resumed[str(at)])
+        del acc, model, opt, loader, sched
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"resume": resumed, "optimizer_dirs": sorted(p.name for p in (out / "acc_state" / "step3").iterdir())}
+
+
 def ds_sections(backend: str, out: Path) -> Dict:
     """The optimizer and a WarmupLR scheduler in the DeepSpeed config (accelerate's DummyOptim /
     DummyScheduler): one hyper-parameter set, DeepSpeed steps the schedule, LISA keeps it."""
@@ -599,8 +647,9 @@ def ds_sections(backend: str, out: Path) -> Dict:
 
 
 SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections,
-             "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals}
-ONLY_FOR = {"ds_sections": ("zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",)}
+             "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals, "accelerate_resume": hand_loop_resume}
+ONLY_FOR = {"ds_sections": ("zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",),
+            "accelerate_resume": ("fsdp2",)}
 
 
 def main() -> None:
