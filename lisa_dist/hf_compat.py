@@ -17,10 +17,11 @@ wrappers do nothing unless the model being prepared was registered by a LisaCall
   the `_models` list `_prepare_fsdp2` appends to at accelerator.py:1729). Trainer saves and loads
   the optimizer with the module globals `transformers.trainer.save_fsdp_optimizer` /
   `load_fsdp_optimizer` (trainer.py:3567, 3979), accelerate's `save_state` / `load_state` with
-  `accelerate.accelerator`'s (accelerator.py:3720, 3883); both go through torch's `get_optimizer_state_dict`, which maps
-  `param_groups` tensors to model FQNs and cannot name a master that is not a model parameter
-  (torch/distributed/checkpoint/state_dict.py:950-975). `install` routes those four names: a LISA
-  optimizer is written with torch.distributed.checkpoint in LISA's own layout, others go to accelerate.
+  `accelerate.accelerator`'s (accelerator.py:3720, 3883); both go through torch's
+  `get_optimizer_state_dict`, which maps `param_groups` tensors to model FQNs and cannot name a
+  master that is not a model parameter (torch/distributed/checkpoint/state_dict.py:939-966). `route_fsdp_optimizer_checkpoints`
+  routes those four names: a LISA optimizer is written with torch.distributed.checkpoint in LISA's own
+  layout, any other goes to accelerate.
 
 Widen SUPPORTED only after tests/test_hf.py passes on the new releases.
 """

@@ -442,6 +442,7 @@ def fsdp_refusals(backend: str, out: Path) -> Dict:
              "cpu_ram_efficient_loading": ({"fsdp_version": 2, "cpu_ram_efficient_loading": True}, ValueError,
                                            "set it to false")}
     messages = {}
+    environ = dict(os.environ)  # TrainingArguments exports fsdp_config as FSDP_* variables plugins read later
     for name, (config, error, fix) in cases.items():
         AcceleratorState._reset_state(reset_partial_state=True)  # each Trainer's own plugin
         model = build_model()
@@ -456,6 +457,8 @@ def fsdp_refusals(backend: str, out: Path) -> Dict:
             raise AssertionError(f"{name}: LISA trained under an FSDP setting it does not support")
         assert fix in messages[name] and cb.backend is None, (name, messages[name])
         del trainer, cb, model
+    os.environ.clear()
+    os.environ.update(environ)
     AcceleratorState._reset_state(reset_partial_state=True)
     return {"messages": messages}
 
