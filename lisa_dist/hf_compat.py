@@ -19,9 +19,9 @@ wrappers do nothing unless the model being prepared was registered by a LisaCall
   `load_fsdp_optimizer` (trainer.py:3567, 3979), accelerate's `save_state` / `load_state` with
   `accelerate.accelerator`'s (accelerator.py:3720, 3883); both go through torch's
   `get_optimizer_state_dict`, which maps `param_groups` tensors to model FQNs and cannot name a
-  master that is not a model parameter (torch/distributed/checkpoint/state_dict.py:939-966). `route_fsdp_optimizer_checkpoints`
-  routes those four names: a LISA optimizer is written with torch.distributed.checkpoint in LISA's own
-  layout, any other goes to accelerate.
+  master that is not a model parameter (torch/distributed/checkpoint/state_dict.py:939-966).
+  `route_fsdp_optimizer_checkpoints` routes those four names: a LISA optimizer is written with
+  torch.distributed.checkpoint in LISA's own layout, any other goes to accelerate.
 
 Widen SUPPORTED only after tests/test_hf.py passes on the new releases.
 """

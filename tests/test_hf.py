@@ -180,14 +180,14 @@ def test_fsdp2_shards_per_layer_with_a_lisa_optimizer(ranks):
             assert layout["active_reduce_dtypes"] == ["torch.float32"], layout
 
 
-def test_fsdp2_bf16_weights_at_the_floor(ranks):
+def test_fsdp2_bf16_weights_at_the_floor_with_gradient_checkpointing(ranks):
     backend, results = ranks
     if backend != "fsdp2":
         pytest.skip("FSDP2 only")
     for r in results:
         b = r["bf16"]
         # bf16 shards for every weight; fp32 master + Adam (12 bytes per active parameter / N) only for the active set
-        assert b["weight_dtypes"] == ["torch.bfloat16"], b
+        assert b["weight_dtypes"] == ["torch.bfloat16"] and b["gradient_checkpointing"], b
         assert 0.99 <= b["bytes"]["ratio_to_floor"] <= 1.05 and b["bytes"]["got"] < 0.5 * b["bytes"]["full_finetune"], b
         assert b["frozen_checks"] == 3 * 4 and b["moved_checks"] == 3 * 2, b
 

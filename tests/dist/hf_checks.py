@@ -417,15 +417,18 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
 
 
 def bf16_weights(backend: str, out: Path) -> Dict:
-    """FSDP2 under mixed_precision bf16: weights are sharded as bf16 (frozen layers cost 2 bytes per
-    parameter / N) and only the active set has fp32 masters and moments, at the DESIGN.md floor."""
+    """FSDP2 under mixed_precision bf16, with Trainer's gradient checkpointing: weights are sharded as
+    bf16 (frozen layers cost 2 bytes per parameter / N) and only the active set has fp32 masters and
+    moments, at the DESIGN.md floor."""
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=5)
-    trainer, cb, probe, _ = make_trainer(out / "bf16", backend, lisa, 3, bf16=True)
+    trainer, cb, probe, _ = make_trainer(out / "bf16", backend, lisa, 3, bf16=True, gradient_checkpointing=True)
     trainer.train()
     dtypes = sorted({str(local(p).dtype) for p in trainer.model.parameters()})
     result = {"weight_dtypes": dtypes, "bytes": check_bytes(probe), "frozen_checks": probe.frozen_checks,
-              "moved_checks": probe.moved_checks, "layout": check_fsdp2_layout(trainer.model, trainer.optimizer, cb.active_layers)}
-    assert dtypes == ["torch.bfloat16"], dtypes
+              "moved_checks": probe.moved_checks,
+              "layout": check_fsdp2_layout(trainer.model, trainer.optimizer, cb.active_layers),
+              "gradient_checkpointing": trainer.model.is_gradient_checkpointing}
+    assert dtypes == ["torch.bfloat16"] and result["gradient_checkpointing"], result
     assert probe.frozen_checks == 3 * 4 and probe.moved_checks == 3 * 2, result
     del trainer, cb, probe
     return result
@@ -609,7 +612,8 @@ def hand_loop_resume(backend: str, out: Path) -> Dict:
         acc, model, opt, loader, sched = build()
         acc.load_state(str(out / "acc_state" / f"step{at}"))
         w = train(acc, model, opt, loader, sched, start=at)
-        resumed[str(at)] = {"bit_identical": bool(torch.equal(w, final)), "max_abs_diff": (w - final).abs().max().item()}
+        resumed[str(at)] = {"bit_identical": bool(torch.equal(w, final)),
+                            "max_abs_diff": (w - final).abs().max().item()}
         assert resumed[str(at)]["bit_identical"], (at, resumed[str(at)])
         del acc, model, opt, loader, sched
     AcceleratorState._reset_state(reset_partial_state=True)
