@@ -83,6 +83,18 @@ def ds_config(stage: int) -> dict:
                                   "stage3_gather_16bit_weights_on_model_save": True}}
 
 
+# True under `accelerate launch --use_deepspeed --deepspeed_config_file F`: accelerate's plugin, built
+# from the launcher's config file, configures DeepSpeed, and TrainingArguments name none.
+DS_FROM_LAUNCHER = False
+
+
+def deepspeed_arg(backend: str) -> dict:
+    """TrainingArguments' deepspeed= for this backend, unless the launcher supplies the config."""
+    if not backend.startswith("zero") or DS_FROM_LAUNCHER:
+        return {}
+    return {"deepspeed": ds_config(int(backend[-1]))}
+
+
 def fsdp2_args() -> dict:
     """accelerate's FSDP plugin at version 2, as a user writes it in TrainingArguments; a full state
     dict so that save_model writes a folder from_pretrained loads."""
@@ -90,9 +102,8 @@ def fsdp2_args() -> dict:
 
 
 def backend_args(backend: str) -> dict:
-    if backend.startswith("zero"):
-        return {"deepspeed": ds_config(int(backend[-1]))}
-    return fsdp2_args() if backend == "fsdp2" else {}
+    """TrainingArguments' deepspeed= or fsdp= for this backend."""
+    return fsdp2_args() if backend == "fsdp2" else deepspeed_arg(backend)
 
 
 def let_accelerate_shard_on_cpu() -> None:
@@ -310,7 +321,7 @@ def optimizer_bytes(cb) -> Dict:
             want = floor["optimizer_state"]
             full = {"master": 0, "optimizer_state": full["optimizer_state"]}
     return {"got": got, "floor": want, "full_finetune": full["master"] + full["optimizer_state"],
-            "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total}
+            "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total, "stage": stage}
 
 
 def check_bytes(probe) -> Dict:
@@ -655,7 +666,7 @@ def ds_sections(backend: str, out: Path) -> Dict:
 
 SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections,
              "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals, "accelerate_resume": hand_loop_resume}
-ONLY_FOR = {"ds_sections": ("zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",),
+ONLY_FOR = {"ds_sections": ("zero1", "zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",),
             "accelerate_resume": ("fsdp2",)}
 
 
@@ -664,13 +675,17 @@ def main() -> None:
     import signal
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero2", "zero3", "fsdp2"])
+    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero1", "zero2", "zero3", "fsdp2"])
+    parser.add_argument("--ds-config-from-launcher", action="store_true",
+                        help="accelerate launch --use_deepspeed supplies the DeepSpeed config")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="")
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    global DS_FROM_LAUNCHER
+    DS_FROM_LAUNCHER = args.ds_config_from_launcher
+    # No init_process_group here: Trainer's accelerate state (or DeepSpeed's init_distributed under
+    # it) sets the process group up from the launcher's environment, as in a user's script.
     if args.backend == "fsdp2":
         let_accelerate_shard_on_cpu()
     names = [n for n in args.only.split(",") if n] or [
