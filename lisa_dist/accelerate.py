@@ -126,7 +126,6 @@ class LisaPrepared:
         self.optimizer = optimizer
         return out
 
-
     def _run_fsdp2(self, model, original_prepare, accelerator, args, kwargs):
         # accelerate's own FSDP2 prepare shards by its wrap policy and re-points the optimizer at the
         # sharded params by data_ptr, which LISA's fp32 masters do not have (hf_compat docstring):

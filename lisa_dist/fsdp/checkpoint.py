@@ -69,7 +69,7 @@ def read_sidecar(directory: Path) -> Dict:
     path = directory / SIDECAR
     if not path.is_file():
         raise ValueError(f"{directory} is not a lisa_dist FSDP2 checkpoint (no {SIDECAR}); pass the directory "
-                         "written by FSDPRunner.save_checkpoint (or a Trainer checkpoint-N written with LisaCallback)")
+                         "written by FSDPRunner.save_checkpoint, or a Trainer checkpoint-N written with LisaCallback")
     return json.loads(path.read_text())
 
 
