@@ -2,7 +2,7 @@
 # The torch matrix of the FSDP2 backend: for each torch release its gate admits besides the one CI
 # installs (lisa_dist/fsdp/_compat.py TESTED_TORCH), a venv with that torch and every FSDP2 test of
 # the suite run in it (parity, reduce dtypes after switches, memory, offload, resume, loading, golden
-# losses, importance sampling, gradient traffic).
+# losses, importance sampling, gradient traffic, FSDP2 through the HF Trainer).
 #
 #   .ci/torch_matrix.sh                       # every release below
 #   TORCH_MATRIX="2.14.1" .ci/torch_matrix.sh # one
@@ -19,7 +19,7 @@ CACHE=${TORCH_MATRIX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lisa_torch_matrix}
 PYTHON=${PYTHON:-python}
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore OMP_NUM_THREADS=1
 TESTS=(tests/test_fsdp2.py tests/test_devices.py tests/test_loading.py tests/test_golden_losses.py
-       tests/test_importance.py tests/test_grad_traffic.py tests/test_torch_gate.py)
+       tests/test_importance.py tests/test_grad_traffic.py tests/test_torch_gate.py tests/test_hf.py)
 
 venv_for() {
   local version=$1 venv=$CACHE/$1
