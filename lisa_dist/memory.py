@@ -130,11 +130,10 @@ def large_host_blocks_mapped(threshold: int = 1024 ** 2) -> Iterator[None]:
     By default glibc raises its mmap threshold to the size of each mapped block freed, up to 32 MiB,
     and serves smaller blocks from its heap, which keeps their pages once freed. A loader allocating
     and freeing tensor after tensor of a few MiB (a layer's weights, whole or sliced) then peaks well
-    above what it holds, by an amount that depends on the order of allocation: 137 MiB more on one
-    rank than the other at 2 ranks building a 537 MiB model under zero.Init
-    (benchmarks/load_memory.py, README "Loading large models"). Disabling the adaptation cannot be
-    undone, so on exit the threshold stays at glibc's adaptive ceiling, where a long-running process
-    usually ends anyway, with the trim threshold the adaptation would pair with it."""
+    above what it holds, by an amount that depends on the order of allocation, so differently on
+    each rank (building under zero.Init: benchmarks/results/zero3_load_stages.md). Disabling the
+    adaptation cannot be undone, so on exit the threshold stays at glibc's adaptive ceiling, where a
+    long-running process usually ends anyway, with the trim threshold the adaptation pairs with it."""
     import ctypes
 
     try:

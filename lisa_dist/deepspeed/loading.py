@@ -12,10 +12,15 @@ the module is constructed) when a `HfDeepSpeedConfig` object is alive:
 - from_pretrained: rank 0 reads the checkpoint and copies each module's tensors into the gathered
   parameters, which are re-partitioned module by module. Measured with transformers 5.24 at 2 ranks
   (benchmarks/load_memory.py), that still peaked above the checkpoint's size on every rank, so for
-  safetensors checkpoints `load_partitioned` builds from the config instead and fills the
-  partitions itself (`checkpoint_files`): rank 0 reads one file at a time, each parameter is
-  gathered, written on rank 0 and re-partitioned.
-transformers holds that object only through a weak reference, so it is kept on the model for as
+  safetensors checkpoints `load_partitioned` builds from the config instead, without transformers'
+  random init (the files overwrite every parameter), and fills the partitions itself
+  (`checkpoint_files`): each rank reads, one file at a time, only the rows of each tensor that
+  cover its partition, a contiguous range of the flattened tensor.
+While it builds and fills, glibc maps every large host block on its own
+(`memory.large_host_blocks_mapped`): zero.Init allocates each parameter whole before partitioning
+it, and glibc's heap kept some of those pages after they were freed, a different amount on each
+rank (benchmarks/results/zero3_load_stages.md).
+transformers holds the HfDeepSpeedConfig only through a weak reference, so it is kept on the model for as
 long as the model lives (resizing embeddings, generation and saving consult it too).
 """
 from __future__ import annotations
@@ -130,13 +135,16 @@ def _write_partition(param: nn.Parameter, stored) -> None:
     from . import _compat
 
     local, start, count = _compat.zero3_local_weight(param)
-    shape = tuple(param.ds_shape)
     if count:
-        if not shape:  # a scalar has no rows to slice
-            flat, offset = stored[:].reshape(-1), start
-        else:
-            row = math.prod(shape[1:])
-            first, stop = start // row, -(-(start + count) // row)
-            flat, offset = stored[first:stop].reshape(-1), start - first * row
-        local.narrow(0, 0, count).copy_(flat.narrow(0, offset, count))
+        local.narrow(0, 0, count).copy_(read_flat_range(stored, tuple(param.ds_shape), start, count))
     local.narrow(0, count, local.numel() - count).zero_()
+
+
+def read_flat_range(stored, shape: Tuple[int, ...], start: int, count: int) -> torch.Tensor:
+    """Elements [start, start + count) of the flattened tensor `stored` (a safetensors slice of
+    `shape`), reading only the rows that hold them."""
+    if not shape:  # a scalar has no rows to slice
+        return stored[...].reshape(-1).narrow(0, start, count)
+    row = math.prod(shape[1:])
+    first, stop = start // row, -(-(start + count) // row)
+    return stored[first:stop].reshape(-1).narrow(0, start - first * row, count)
