@@ -20,8 +20,8 @@ While it builds and fills, glibc maps every large host block on its own
 (`memory.large_host_blocks_mapped`): zero.Init allocates each parameter whole before partitioning
 it, and glibc's heap kept some of those pages after they were freed, a different amount on each
 rank (benchmarks/results/zero3_load_stages.md).
-transformers holds the HfDeepSpeedConfig only through a weak reference, so it is kept on the model for as
-long as the model lives (resizing embeddings, generation and saving consult it too).
+transformers holds the HfDeepSpeedConfig only through a weak reference, so it is kept on the model
+for as long as the model lives (resizing embeddings, generation and saving consult it too).
 """
 from __future__ import annotations
 
