@@ -233,8 +233,8 @@ def markdown(r: Dict) -> str:
               "transformers maps an fp32 checkpoint without copying: its pages become resident when first "
               "touched (the first forward), as page cache shared by a node's ranks, so the row undercounts. "
               "ZeRO-3's figure is nearly all there once `load` returns (`delta_after_load_per_rank` in the "
-              "JSON), before deepspeed.initialize: building under zero.Init and filling the partitions, "
-              "above the goal and uneven across ranks; not yet explained.", ""]
+              "JSON), before deepspeed.initialize: this rank's partitions plus one file's transient "
+              "(benchmarks/results/zero3_load_stages.md breaks it down by stage).", ""]
     return "\n".join(lines)
 
 

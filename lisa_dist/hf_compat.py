@@ -23,6 +23,9 @@ wrappers do nothing unless the model being prepared was registered by a LisaCall
   `route_fsdp_optimizer_checkpoints` routes those four names: a LISA optimizer is written with
   torch.distributed.checkpoint in LISA's own layout, any other goes to accelerate.
 
+`zero3_weight_init_skipped` (used by lisa_dist.modeling for ZeRO-3 checkpoint loading) swaps one
+transformers function for the duration of a model build.
+
 Widen SUPPORTED only after tests/test_hf.py passes on the new releases.
 """
 from __future__ import annotations
@@ -228,3 +231,27 @@ def ddp_ignore_parameters(model, names: Sequence[str]) -> None:
 def ddp_syncs_this_backward(ddp_model) -> bool:
     """False inside DDP's no_sync() (a gradient-accumulation micro-step that does not reduce)."""
     return bool(ddp_model.require_backward_grad_sync)
+
+
+@contextmanager
+def zero3_weight_init_skipped():
+    """While active, a model transformers builds under ZeRO-3 (from_config with a live
+    HfDeepSpeedConfig) keeps whatever its partitions hold instead of being randomly initialised.
+    transformers 5.24 initialises such a model module by module: every rank gathers the module's
+    parameters whole, rank 0 initialises them and broadcasts, and each is re-partitioned
+    (integrations/deepspeed.py:298, modeling_utils.py:1459). A caller that then overwrites every
+    parameter from a checkpoint pays that pass over the whole model for nothing. Construction itself
+    already runs under transformers' no_init_weights."""
+    import transformers
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    low, high = _RANGES["transformers"]
+    if not low <= Version(Version(transformers.__version__).base_version) < high:
+        yield  # untested release: let it initialise (slower; the files overwrite the result all the same)
+        return
+    original = hf_deepspeed.initialize_weights_zero3
+    hf_deepspeed.initialize_weights_zero3 = lambda model: None
+    try:
+        yield
+    finally:
+        hf_deepspeed.initialize_weights_zero3 = original

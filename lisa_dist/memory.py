@@ -7,8 +7,9 @@ framework workspaces are not counted. Psi is every parameter, Psi_a the active o
 from __future__ import annotations
 
 import gc
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Iterator, Sequence
 
 import torch
 
@@ -115,6 +116,39 @@ def host_rss_bytes(field: str = "VmRSS") -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"/proc/self/status has no {field} (not Linux?)")
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+_GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 ** 2  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+
+
+@contextmanager
+def large_host_blocks_mapped(threshold: int = 1024 ** 2) -> Iterator[None]:
+    """While active, glibc gives every host allocation of `threshold` bytes or more its own mapping,
+    so freeing it hands its pages straight back to the OS (a no-op without glibc).
+
+    By default glibc raises its mmap threshold to the size of each mapped block freed, up to 32 MiB,
+    and serves smaller blocks from its heap, which keeps their pages once freed. A loader allocating
+    and freeing tensor after tensor of a few MiB (a layer's weights, whole or sliced) then peaks well
+    above what it holds, by an amount that depends on the order of allocation, so differently on
+    each rank (building under zero.Init: benchmarks/results/zero3_load_stages.md). Disabling the
+    adaptation cannot be undone, so on exit the threshold stays at glibc's adaptive ceiling, where a
+    long-running process usually ends anyway, with the trim threshold the adaptation pairs with it."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl has neither)
+    except (OSError, AttributeError):
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+        libc.malloc_trim(0)
 
 
 def reset_peak_host_rss() -> None:

@@ -98,12 +98,16 @@ def checkpoint_files(model: str) -> Optional[List[Path]]:
 
 def build_from_config_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer: Optional[str] = None,
                                     trust_remote_code: bool = False) -> Tuple[torch.nn.Module, Any]:
-    """A checkpoint's architecture, randomly initialised (ZeRO-3 then fills it from the files)."""
+    """A checkpoint's architecture, its parameters not initialised: built under ZeRO-3 (the caller's
+    HfDeepSpeedConfig alive), whose loader then fills every partition from the files."""
     import transformers
 
+    from .hf_compat import zero3_weight_init_skipped
+
     tok = _tokenizer(model, tokenizer, trust_remote_code)
-    built = transformers.AutoModelForCausalLM.from_config(_config(model, tok, trust_remote_code), dtype=dtype,
-                                                          trust_remote_code=trust_remote_code)
+    with zero3_weight_init_skipped():
+        built = transformers.AutoModelForCausalLM.from_config(_config(model, tok, trust_remote_code), dtype=dtype,
+                                                              trust_remote_code=trust_remote_code)
     return built, tok
 
 

@@ -509,3 +509,16 @@ def zero3_local_weight(param: torch.nn.Parameter):
     size = local.ds_numel if hasattr(local, "ds_numel") else local.numel()
     start = dist.get_rank() * size
     return local, start, max(0, min(size, param.ds_numel - start))
+
+
+def zero3_partition_writable(param: torch.nn.Parameter) -> bool:
+    """Whether writing `zero3_local_weight`'s tensor is all a ZeRO-3 parameter's value needs: its
+    partition lives in `ds_tensor` (not on NVMe, not quantized) across the whole world, with no
+    hpZ secondary copy to keep in step (partition_parameters.py:1279-1308, 1778-1900)."""
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.offload_config import OffloadDeviceEnum
+
+    local = param.ds_tensor
+    return (getattr(param, "ds_secondary_tensor", None) is None and not hasattr(local, "ds_quant_scale")
+            and getattr(local, "final_location", None) != OffloadDeviceEnum.nvme
+            and dist.get_world_size(group=param.ds_process_group) == dist.get_world_size())

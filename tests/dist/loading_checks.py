@@ -1,12 +1,14 @@
-"""lisa-train's FSDP2 loading on 2 ranks, run by tests/test_loading.py under the real torchrun:
+"""lisa-train's FSDP2 and ZeRO-3 loading on 2 ranks, run by tests/test_loading.py under the real torchrun:
 
     torchrun --nproc_per_node 2 tests/dist/loading_checks.py --workdir DIR
 
 DIR holds the checkpoints the test wrote (`big`: sharded fp32 safetensors; `tied`: tied embeddings).
 Each check goes through `BACKENDS["fsdp2"]` (meta build, fully_shard, fill) as lisa-train does and
-compares the gathered weights with from_pretrained / the single-process preset build, bit for bit.
-`rss` is measured around the load and the runner's construction, after the same load of the small
-checkpoint (so imports and set-up are not counted). Every
+compares the gathered weights with from_pretrained / the single-process preset build, bit for bit;
+`zero3` does the same through `BACKENDS["deepspeed"].load` with a ZeRO-3 config (built partitioned,
+each rank writing its partitions from the files). `rss` / `zero3` are measured around the load
+(and, for FSDP2, the runner's construction), after the same load of the small checkpoint (so
+imports and set-up are not counted). Every
 rank writes DIR/rank<r>.json; a failed check raises, so the rank exits non-zero.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from lisa_dist.deepspeed import process_group  # noqa: E402
 from lisa_dist.memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 from lisa_dist.modeling import build_model_and_tokenizer  # noqa: E402
 from lisa_dist.run_config import RunConfig  # noqa: E402
@@ -96,13 +99,68 @@ def check_preset(seed: int) -> Dict:
     return out
 
 
+def load_zero3(model: str, dtype: torch.dtype, config: Path):
+    run = RunConfig(model=model, backend="deepspeed", deepspeed=str(config), batch_size=1,
+                    dtype="bf16" if dtype == torch.bfloat16 else "fp32", steps=1, warmup_steps=0)
+    built, _ = BACKENDS["deepspeed"].load(run, dtype)
+    return built
+
+
+def zero3_mismatches(partitioned, reference) -> Dict[str, List[str]]:
+    """As `mismatches`, for a ZeRO-3 model: each parameter gathered on its own (collective)."""
+    import deepspeed
+
+    ref = dict(reference.named_parameters())
+    bad = []
+    for name, p in partitioned.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if not torch.equal(p.detach(), ref[name].detach()):
+                bad.append(name)
+    ref_buffers = dict(reference.named_buffers())
+    bad_buffers = [n for n, b in partitioned.named_buffers() if not torch.equal(b, ref_buffers[n])]
+    return {"params": bad, "buffers": bad_buffers, "checked": len(ref)}
+
+
+def check_zero3(workdir: Path) -> Dict:
+    """Peak RSS of lisa-train's ZeRO-3 load of `big`, and its weights and those of `tied` in bf16
+    against from_pretrained. The references are built first: while a partitioned model lives,
+    transformers builds every model under zero.Init."""
+    config = workdir / "zero3.json"
+    if dist.get_rank() == 0:
+        config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1}))
+    dist.barrier()
+    big, tied = workdir / "big", workdir / "tied"
+    ref_big = transformers.AutoModelForCausalLM.from_pretrained(big, dtype=torch.float32)
+    ref_tied = transformers.AutoModelForCausalLM.from_pretrained(tied, dtype=torch.bfloat16)
+    small = load_zero3(str(tied), torch.float32, config)  # the warm-up load, as check_rss_and_bits does
+    del small
+    gc.collect()
+    before = host_rss_bytes()
+    reset_peak_host_rss()
+    model = load_zero3(str(big), torch.float32, config)
+    peak = host_rss_bytes("VmHWM") - before
+    out = {"peak_rss_delta": peak, "checkpoint_bytes": sum(p.stat().st_size for p in big.glob("*.safetensors")),
+           "partition_bytes": sum(p.ds_tensor.numel() * p.ds_tensor.element_size() for p in model.parameters()),
+           "all_partitioned": all(p.numel() == 0 for p in model.parameters()),
+           "fp32": zero3_mismatches(model, ref_big)}
+    del model
+    gc.collect()
+    model = load_zero3(str(tied), torch.bfloat16, config)
+    out["tied_bf16"] = {"bf16": zero3_mismatches(model, ref_tied),
+                        "tied": model.lm_head.weight is model.model.embed_tokens.weight,
+                        "dtype": str(next(model.parameters()).dtype)}
+    del model, ref_big, ref_tied
+    gc.collect()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
-    dist.init_process_group("gloo")
+    process_group.ensure_initialized()  # DeepSpeed's start (gloo here), shared with FSDP2's checks
     results = {"rss": check_rss_and_bits(args.workdir), "tied_bf16": check_tied_bf16(args.workdir),
-               "preset": check_preset(seed=3)}
+               "preset": check_preset(seed=3), "zero3": check_zero3(args.workdir)}
     (args.workdir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()
