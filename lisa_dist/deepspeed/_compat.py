@@ -16,13 +16,13 @@ import torch
 from packaging.version import Version
 
 # Per minor release, the first patch release the distributed checks passed on: later patches of a
-# minor release keep its internals, earlier ones may not. ZeRO-1/2 pass the 2-rank checks of
-# .ci/ds_matrix.sh on 0.18.9 (torch 2.13); ZeRO-3 only on 0.19.8 (on 0.18.9 the fp32 run with the
-# config's AdamW ends with non-finite weights, with or without offload; cause open), so ZeRO-3 keeps
-# its own, narrower list. 0.16.9 and 0.17.6 are adapted below but refused: 0.17.6's ZeRO-2 misses
-# bf16 parity on 2 ranks, 0.16.9 was not run on 2 ranks.
+# minor release keep its internals, earlier ones may not. ZeRO-1/2 and ZeRO-3 pass every 2-rank
+# check of .ci/ds_matrix.sh on 0.18.9 and 0.19.8 (torch 2.13); ZeRO-3 keeps its own list, since a
+# release may pass one and not the other. 0.18.9's ZeRO-3 needs install_zero3_gather_fix (without
+# it, gathered weights are sometimes garbage on CPU). 0.16.9 and 0.17.6 are adapted below but
+# refused: 0.17.6's ZeRO-2 misses bf16 parity on 2 ranks, 0.16.9 was not run on 2 ranks.
 _TESTED = ("0.18.9", "0.19.8")
-_ZERO3_TESTED = ("0.19.8",)
+_ZERO3_TESTED = ("0.18.9", "0.19.8")
 
 
 def _ranges(releases):
@@ -86,6 +86,66 @@ def zero12_build_fixes():
         yield
     finally:
         cls.flatten_dense_tensors_aligned = original
+
+
+class _GatherRecorder:
+    """deepspeed.comm as partition_parameters sees it, keeping every asynchronous all-gather's handle."""
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.handles = []
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def _record(self, name, *args, **kwargs):
+        handle = getattr(self._comm, name)(*args, **kwargs)
+        if kwargs.get("async_op") and handle is not None:
+            self.handles.append(handle)
+        return handle
+
+    def all_gather_into_tensor(self, *args, **kwargs):
+        return self._record("all_gather_into_tensor", *args, **kwargs)
+
+    def all_gather(self, *args, **kwargs):
+        return self._record("all_gather", *args, **kwargs)
+
+
+def install_zero3_gather_fix() -> None:
+    """Process-wide and idempotent: before 0.19, make ZeRO-3's blocking gather of several params wait
+    for every one of them.
+
+    Init._allgather_params_coalesced (partition_parameters.py; what GatheredParameters, the 16-bit
+    consolidated save and zero_to_fp32-free exports run) launches one asynchronous all-gather per
+    param and waits on the last handle only, counting on a CUDA stream to order them. gloo handles
+    are independent and the CPU synchronize() after it is a no-op, so on CPU the caller reads the
+    gathered buffers (torch.empty) while earlier all-gathers are still filling them: whole weights
+    come back as garbage now and then (1.7e38, 3.7e19 in a plain DeepSpeed 0.18.9 ZeRO-3 run without
+    LISA; never on 0.19.8, which waits on every handle). This waits on every handle the original
+    launched, after it returns and before anyone reads the params."""
+    import deepspeed
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        return
+    from deepspeed.runtime.zero import partition_parameters
+    cls = partition_parameters.Init
+    original = cls.__dict__["_allgather_params_coalesced"]
+    if getattr(original, "_lisa_waits_on_every_gather", False):
+        return
+
+    def waits_on_every_gather(self, *args, **kwargs):
+        comm = partition_parameters.dist
+        recorder = partition_parameters.dist = _GatherRecorder(comm)
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            partition_parameters.dist = comm
+        for handle in recorder.handles:
+            handle.wait()
+        return result
+
+    waits_on_every_gather._lisa_waits_on_every_gather = True
+    waits_on_every_gather.__wrapped__ = original
+    cls._allgather_params_coalesced = waits_on_every_gather
 
 
 # --- engine ---------------------------------------------------------------------------------------
