@@ -60,6 +60,19 @@ def test_parity_with_single_process_reference(ranks):
 
 
 @distributed
+def test_lisa_train_fp16_runs_deepspeeds_loss_scaler(ranks):
+    """`lisa-train --dtype fp16` on the shipped ZeRO-2 config (tests/test_dtype_fp16.py: the flag)."""
+    if "lisa_train_fp16" not in ranks[0]:
+        pytest.skip("ZeRO-2 launch only")
+    for rank in ranks:
+        r = rank["lisa_train_fp16"]
+        assert r["fp16_enabled"] and not r["bf16_enabled"] and r["weights_dtype"] == "torch.float16", r
+        assert r["dynamic_loss_scale"] and r["loss_scaler"] == "DynamicLossScaler", r
+        assert r["switches"] == [0, 1, 2] and len(r["losses"]) == 4, r
+    assert ranks[0]["lisa_train_fp16"]["losses"] == ranks[1]["lisa_train_fp16"]["losses"]
+
+
+@distributed
 def test_schedule_is_the_sampler_schedule(ranks):
     for rank in ranks:
         for name in PARITY:
@@ -219,15 +232,22 @@ def _tiny():
 @pytest.mark.unit
 def test_version_pin():
     from lisa_dist.deepspeed._compat import SUPPORTED, ZERO3_SUPPORTED, check_deepspeed_version
-    for good in ("0.18.9", "0.18.12", "0.19.8", "0.19.12+abc123"):
+    for good in ("0.17.6", "0.17.9", "0.18.9", "0.18.12", "0.19.8", "0.19.12+abc123"):
         check_deepspeed_version(good)
-    assert SUPPORTED == ">=0.18.9,<0.19 or >=0.19.8,<0.20"
+    assert SUPPORTED == ">=0.17.6,<0.18 or >=0.18.9,<0.19 or >=0.19.8,<0.20"
     assert ZERO3_SUPPORTED == ">=0.18.9,<0.19 or >=0.19.8,<0.20"
-    for bad in ("0.15.4", "0.16.9", "0.17.6", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
+    for bad in ("0.15.4", "0.16.9", "0.17.5", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
         with pytest.raises(RuntimeError, match=rf"tested with deepspeed .*<0\.20 but deepspeed {bad} is installed"):
             check_deepspeed_version(bad)
-    check_deepspeed_version("0.18.9", zero_stage=3)
-    check_deepspeed_version("0.19.8", zero_stage=3)
+    for zero3 in ("0.18.9", "0.19.8"):
+        check_deepspeed_version(zero3, zero_stage=3)
+    # 0.17's ZeRO-3 fails the 2-rank checks (.ci/ds_matrix.sh): refused there, ZeRO-1/2 not
+    for zero12_only in ("0.17.6", "0.17.7"):
+        check_deepspeed_version(zero12_only, zero_stage=2)
+        with pytest.raises(RuntimeError, match=rf"ZeRO-3 hook is tested with deepspeed >=0\.18\.9,<0\.19 or "
+                                               rf">=0\.19\.8,<0\.20 but deepspeed {zero12_only} is installed .*"
+                                               rf"use ZeRO stage 2"):
+            check_deepspeed_version(zero12_only, zero_stage=3)
 
 
 @pytest.mark.unit

@@ -16,12 +16,13 @@ import torch
 from packaging.version import Version
 
 # Per minor release, the first patch release the distributed checks passed on: later patches of a
-# minor release keep its internals, earlier ones may not. ZeRO-1/2 and ZeRO-3 pass every 2-rank
-# check of .ci/ds_matrix.sh on 0.18.9 and 0.19.8 (torch 2.13); ZeRO-3 keeps its own list, since a
-# release may pass one and not the other. 0.18.9's ZeRO-3 needs install_zero3_gather_fix (without
-# it, gathered weights are sometimes garbage on CPU). 0.16.9 and 0.17.6 are adapted below but
-# refused: 0.17.6's ZeRO-2 misses bf16 parity on 2 ranks, 0.16.9 was not run on 2 ranks.
-_TESTED = ("0.18.9", "0.19.8")
+# minor release keep its internals, earlier ones may not. Every 2-rank check of .ci/ds_matrix.sh
+# (torch 2.13) passes on 0.17.6 (ZeRO-1/2), 0.18.9 and 0.19.8 (ZeRO-1/2/3); ZeRO-3 keeps its own
+# list, since a release may pass one and not the other. Before 0.19 that takes the fixes below:
+# zero12_build_fixes (2+ ranks fail without it), install_zero2_accumulation_fix (0.17's ZeRO-2
+# applies the last micro-batch's gradient only), install_zero3_gather_fix (ZeRO-3 gathers are
+# sometimes read before they arrive). 0.16.9 is adapted but refused: it was not run on 2 ranks.
+_TESTED = ("0.17.6", "0.18.9", "0.19.8")
 _ZERO3_TESTED = ("0.18.9", "0.19.8")
 
 
@@ -146,6 +147,48 @@ def install_zero3_gather_fix() -> None:
     waits_on_every_gather._lisa_waits_on_every_gather = True
     waits_on_every_gather.__wrapped__ = original
     cls._allgather_params_coalesced = waits_on_every_gather
+
+
+def install_zero2_accumulation_fix() -> None:
+    """Process-wide and idempotent: on 0.17, make ZeRO-2 accumulate gradients over micro-batches.
+
+    DeepSpeed 0.17's independent_gradient_partition_epilogue (stage_1_and_2.py), which ZeRO-2 runs
+    after every micro-batch's backward, keeps the running sum in `all_grad_tensors` but decides
+    between starting and adding to it by looking at `averaged_gradients`, which it only fills at the
+    accumulation boundary. Every micro-batch therefore starts the sum afresh, and the step applies
+    the last micro-batch's gradient only (a plain DeepSpeed 0.17.6 ZeRO-2 engine with
+    gradient_accumulation_steps=2 and no LISA lands within 4e-7 of AdamW on the last micro-batches,
+    1.5e-3 away from AdamW on all of them). 0.16 fills both per micro-batch; 0.18 tests
+    `all_grad_tensors`, which is what this does: a group with a running sum is marked in
+    `averaged_gradients` for the duration of the call, and unmarked after it unless the boundary
+    replaced the mark with the real partition."""
+    import deepspeed
+    release = Version(Version(deepspeed.__version__).base_version)
+    if not Version("0.17") <= release < Version("0.18"):
+        return
+    cls = zero12_optimizer_class()
+    original = cls.__dict__["independent_gradient_partition_epilogue"]
+    if getattr(original, "_lisa_accumulates", False):
+        return
+
+    def accumulating_epilogue(self):
+        marks = {i: grads for i, grads in self.all_grad_tensors.items()
+                 if grads is not None and self.averaged_gradients.get(i) is None}
+        had_key = {i: (i in self.averaged_gradients) for i in marks}
+        self.averaged_gradients.update(marks)
+        try:
+            return original(self)
+        finally:
+            for i, grads in marks.items():
+                if self.averaged_gradients.get(i) is grads:
+                    if had_key[i]:
+                        self.averaged_gradients[i] = None
+                    else:
+                        del self.averaged_gradients[i]
+
+    accumulating_epilogue._lisa_accumulates = True
+    accumulating_epilogue.__wrapped__ = original
+    cls.independent_gradient_partition_epilogue = accumulating_epilogue
 
 
 # --- engine ---------------------------------------------------------------------------------------

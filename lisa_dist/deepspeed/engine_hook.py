@@ -251,6 +251,8 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     _compat.check_deepspeed_version(zero_stage=zero_stage)
     if zero_stage == 3:
         _compat.install_zero3_gather_fix()
+    else:
+        _compat.install_zero2_accumulation_fix()
     if optimizer is None and "optimizer" not in ds_config:
         raise ValueError("LISA trains through the optimizer: add an \"optimizer\" section to the DeepSpeed "
                          "config or pass optimizer=")
