@@ -51,6 +51,20 @@ def output_tail(proc: subprocess.CompletedProcess, chars: int = 6000) -> str:
     return (proc.stdout + proc.stderr)[-chars:]
 
 
+def accelerate_launch(script: Path, args: Sequence[str], nproc: int = 2, launcher_args: Sequence[str] = (),
+                      env: Optional[Dict[str, str]] = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`accelerate launch --num_processes N [launcher_args] script args...` on this host. With
+    `--use_deepspeed` and a config file in launcher_args, accelerate's own DeepSpeed plugin (not
+    TrainingArguments(deepspeed=...)) configures the engine."""
+    cmd = [_tool("accelerate"), "launch", f"--num_processes={nproc}", "--num_machines=1",
+           "--main_process_ip=127.0.0.1", f"--main_process_port={free_port()}", "--mixed_precision=no",
+           "--dynamo_backend=no", *launcher_args, str(script), *args]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(env), capture_output=True, text=True, timeout=timeout)
+    proc.seconds = time.perf_counter() - start
+    return proc
+
+
 def torchrun_launch(script: Path, args: Sequence[str], nproc: int = 2, env: Optional[Dict[str, str]] = None,
                     timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node N script args...` on this host (a free port, not --standalone)."""

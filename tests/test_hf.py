@@ -1,8 +1,10 @@
 """lisa_dist.hf.LisaCallback inside real Trainer and SFTTrainer runs on a tiny Llama (fp32, CPU).
 
-One launch per backend runs every scenario of tests/dist/hf_checks.py: DeepSpeed ZeRO-2 and ZeRO-3
-through `deepspeed --num_gpus 2` (TrainingArguments(deepspeed=...)), DDP through `torchrun
---nproc_per_node 2`, and one process. The ranks assert each check as it happens (frozen layers
+One launch per backend runs every scenario of tests/dist/hf_checks.py, each DeepSpeed stage under a
+different launcher: ZeRO-1 through `accelerate launch --use_deepspeed --deepspeed_config_file`
+(accelerate's plugin, no deepspeed= in TrainingArguments), ZeRO-2 through `torchrun
+--nproc_per_node 2` and ZeRO-3 through `deepspeed --num_gpus 2` (both TrainingArguments(deepspeed=...)),
+DDP through torchrun, and one process. The ranks assert each check as it happens (frozen layers
 bit-identical through every step, active layers moved, weight decay per group) and write what they
 measured; the tests below assert on those records.
 """
@@ -14,13 +16,24 @@ import sys
 
 import pytest
 
-from launch_util import ROOT, deepspeed_launch, launch_env, output_tail, torchrun_launch
+from launch_util import ROOT, accelerate_launch, deepspeed_launch, launch_env, output_tail, torchrun_launch
 from lisa_dist import LisaConfig
 from lisa_dist.sampling import LayerSampler
 
 SCRIPT = ROOT / "tests" / "dist" / "hf_checks.py"
 WORLD = 2
-BACKENDS = ["zero2", "zero3", "ddp", "single"]
+BACKENDS = ["zero1", "zero2", "zero3", "ddp", "single"]
+
+
+def launcher_config(out) -> list:
+    """accelerate launch's DeepSpeed arguments: hf_checks' ZeRO-1 config, written to a file."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("hf_checks", SCRIPT)
+    checks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(checks)
+    path = out / "ds_zero1.json"
+    path.write_text(json.dumps(checks.ds_config(1)))
+    return ["--use_deepspeed", f"--deepspeed_config_file={path}"]
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -28,9 +41,12 @@ def ranks(request, tmp_path_factory):
     backend = request.param
     out = tmp_path_factory.mktemp(backend)
     args = ["--backend", backend, "--out", str(out)]
-    if backend.startswith("zero"):
+    if backend == "zero1":
+        proc = accelerate_launch(SCRIPT, [*args, "--ds-config-from-launcher"], nproc=WORLD,
+                                 launcher_args=launcher_config(out))
+    elif backend == "zero3":
         proc = deepspeed_launch(SCRIPT, args, nproc=WORLD)
-    elif backend == "ddp":
+    elif backend in ("zero2", "ddp"):
         proc = torchrun_launch(SCRIPT, args, nproc=WORLD)
     else:
         proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=launch_env(),
@@ -51,6 +67,8 @@ def test_engine_is_lisa_from_birth(ranks):
     want = "deepspeed" if backend.startswith("zero") else backend
     for r in results:
         assert r["main"]["backend"] == want
+        if backend.startswith("zero"):  # the launcher's or TrainingArguments' config took effect
+            assert r["main"]["bytes"]["stage"] == backend
 
 
 def test_optimizer_bytes_at_the_floor(ranks):

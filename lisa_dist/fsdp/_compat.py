@@ -3,8 +3,10 @@
 FSDP2 fixes each unit's reduce dtype at its first forward (`FSDPParamGroup._init_mp_dtypes`, run
 from lazy init) from the parameters that require grad *then*. A decoder layer that LISA freezes at
 that moment and activates later would reduce-scatter its gradients in bf16 instead of the requested
-fp32, silently. No public API re-runs that init, so this module does, and only for the torch range
-it was tested against (2.13.0+cpu, gloo; see tests/test_fsdp2.py). Elsewhere it refuses to run.
+fp32, silently. No public API re-runs that init, so this module does (torch 2.14 derives a frozen unit's dtype
+from its frozen parameters, so there the re-run is a no-op safeguard), and only for the torch range
+it was tested against (2.13.0+cpu and 2.14.1 on CPU, gloo: every FSDP2 test of the suite). Elsewhere
+it refuses to run.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-TESTED_TORCH = ((2, 13), (2, 14))  # [min, max) of (major, minor)
+TESTED_TORCH = ((2, 13), (2, 15))  # [min, max) of (major, minor)
 _OVERRIDE_ENV = "LISA_DIST_UNTESTED_TORCH"
 
 
@@ -33,7 +35,7 @@ def check_torch_version(version: Optional[str] = None) -> None:
     raise RuntimeError(
         f"lisa_dist's FSDP2 backend re-runs FSDP2's private mixed-precision init after each LISA switch "
         f"(torch.distributed.fsdp._fully_shard: FSDPState._fsdp_param_groups, FSDPParamGroup._init_mp_dtypes) "
-        f"and is tested with torch {lo[0]}.{lo[1]}.x only; this is torch {version}. Install torch "
+        f"and is tested with torch {lo[0]}.{lo[1]}.x-{hi[0]}.{hi[1] - 1}.x only; this is torch {version}. Install torch "
         f">={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}, or set {_OVERRIDE_ENV}=1 to run anyway and check with "
         f"`pytest -m distributed tests/test_fsdp2.py` that layers activated after the first forward "
         f"still reduce in fp32")
@@ -67,6 +69,10 @@ def refresh_mp_dtypes(model: nn.Module) -> None:
 
 def unit_reduce_dtype(unit: FSDPModule) -> Optional[torch.dtype]:
     """The dtype the unit will reduce-scatter in (None: no trainable params, or the grad dtype)."""
+    if not any(p.requires_grad for p in unit.parameters()):
+        # A frozen unit reduce-scatters nothing. torch 2.13 leaves its private field None, 2.14 fills
+        # it from the frozen parameters; neither is sent.
+        return None
     dtypes = {group._reduce_dtype for group in _param_groups(unit)}
     assert len(dtypes) == 1, dtypes
     return dtypes.pop()

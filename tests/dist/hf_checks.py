@@ -81,8 +81,20 @@ def ds_config(stage: int) -> dict:
                                   "stage3_gather_16bit_weights_on_model_save": True}}
 
 
+# True under `accelerate launch --use_deepspeed --deepspeed_config_file F`: accelerate's plugin, built
+# from the launcher's config file, configures DeepSpeed, and TrainingArguments name none.
+DS_FROM_LAUNCHER = False
+
+
+def deepspeed_arg(backend: str) -> dict:
+    """TrainingArguments' deepspeed= for this backend, unless the launcher supplies the config."""
+    if not backend.startswith("zero") or DS_FROM_LAUNCHER:
+        return {}
+    return {"deepspeed": ds_config(int(backend[-1]))}
+
+
 def training_args(out: Path, backend: str, max_steps: int, **kw) -> TrainingArguments:
-    extra = {"deepspeed": ds_config(int(backend[-1]))} if backend.startswith("zero") else {}
+    extra = deepspeed_arg(backend)
     base = dict(output_dir=str(out), per_device_train_batch_size=MB, gradient_accumulation_steps=GAS,
                 max_steps=max_steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="linear", warmup_steps=0,
                 max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
@@ -265,7 +277,7 @@ def optimizer_bytes(cb) -> Dict:
         want = floor["optimizer_state"]
         full = {"master": 0, "optimizer_state": full["optimizer_state"]}
     return {"got": got, "floor": want, "full_finetune": full["master"] + full["optimizer_state"],
-            "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total}
+            "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total, "stage": stage}
 
 
 def check_bytes(probe) -> Dict:
@@ -359,7 +371,7 @@ def sft(backend: str, out: Path) -> Dict:
     model = LlamaForCausalLM(cfg)
     rows = [json.loads(line) for line in TEXT_DATA.read_text().splitlines()[:64]]
     ds = Dataset.from_list([{"text": r["text"]} for r in rows])
-    extra = {"deepspeed": ds_config(int(backend[-1]))} if backend.startswith("zero") else {}
+    extra = deepspeed_arg(backend)
     args = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
                      max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                      disable_tqdm=True, max_length=32, optim="adamw_torch", bf16=False, **extra)
@@ -485,13 +497,17 @@ def main() -> None:
     import signal
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero2", "zero3"])
+    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero1", "zero2", "zero3"])
+    parser.add_argument("--ds-config-from-launcher", action="store_true",
+                        help="accelerate launch --use_deepspeed supplies the DeepSpeed config")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--only", default="")
     parser.add_argument("--local_rank", type=int, default=None)  # the deepspeed launcher passes it
     args = parser.parse_args()
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("gloo")
+    global DS_FROM_LAUNCHER
+    DS_FROM_LAUNCHER = args.ds_config_from_launcher
+    # No init_process_group here: Trainer's accelerate state (or DeepSpeed's init_distributed under
+    # it) sets the process group up from the launcher's environment, as in a user's script.
     names = [n for n in args.only.split(",") if n] or [
         n for n in SCENARIOS if args.backend.startswith("zero") or n not in DEEPSPEED_ONLY]
     results = {}
