@@ -116,8 +116,8 @@ def install_zero3_gather_fix() -> None:
     """Process-wide and idempotent: before 0.19, make ZeRO-3's blocking gather of several params wait
     for every one of them.
 
-    Init._allgather_params_coalesced (partition_parameters.py; what GatheredParameters, the 16-bit
-    consolidated save and zero_to_fp32-free exports run) launches one asynchronous all-gather per
+    Init._allgather_params_coalesced (partition_parameters.py; what GatheredParameters and the 16-bit
+    consolidated save behind the runner's save_pretrained run) launches one asynchronous all-gather per
     param and waits on the last handle only, counting on a CUDA stream to order them. gloo handles
     are independent and the CPU synchronize() after it is a no-op, so on CPU the caller reads the
     gathered buffers (torch.empty) while earlier all-gathers are still filling them: whole weights
@@ -157,8 +157,8 @@ def install_zero2_accumulation_fix() -> None:
     between starting and adding to it by looking at `averaged_gradients`, which it only fills at the
     accumulation boundary. Every micro-batch therefore starts the sum afresh, and the step applies
     the last micro-batch's gradient only (a plain DeepSpeed 0.17.6 ZeRO-2 engine with
-    gradient_accumulation_steps=2 and no LISA lands within 4e-7 of AdamW on the last micro-batches,
-    1.5e-3 away from AdamW on all of them). 0.16 fills both per micro-batch; 0.18 tests
+    gradient_accumulation_steps=2 and no LISA ends a mean 4e-7 from AdamW on the last micro-batches
+    and 1.5e-3 from AdamW on all of them; benchmarks/ds_release_fixes.py). 0.16 fills both per micro-batch; 0.18 tests
     `all_grad_tensors`, which is what this does: a group with a running sum is marked in
     `averaged_gradients` for the duration of the call, and unmarked after it unless the boundary
     replaced the mark with the real partition."""
