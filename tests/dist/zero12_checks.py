@@ -458,7 +458,7 @@ def lisa_train_fp16(stage: int, out_dir: Path) -> Dict:
             "--backend", "deepspeed", "--deepspeed", str(Path(__file__).resolve().parents[2] / "ds_configs" /
                                                          f"zero{stage}.json"),
             "--dtype", "fp16", "--steps", "4", "--interval-steps", "2", "--batch-size", "2", "--max-length", "32",
-            "--warmup-steps", "0", "--output-dir", str(out_dir / "fp16_run"), "--no-save", "--no-plots"]))
+            "--warmup-steps", "1", "--output-dir", str(out_dir / "fp16_run"), "--no-save", "--no-plots"]))
     finally:
         backend.runner = real_runner
     assert seen["fp16_enabled"] and not seen["bf16_enabled"] and seen["dynamic_loss_scale"], seen
