@@ -8,13 +8,18 @@ is built by `lisa_dist.deepspeed.initialize` (the optimizer's hyper-parameter gr
 torch LR scheduler built over it follows every switch); on one device or under DDP the optimizer
 becomes a `LisaOptimizer` of the same class, defaults and groups, and a torch LR scheduler passed
 along is re-bound to it (DDP then reduces only the always-active parameters and `lisa_dist.ddp`
-the active layers). `LisaPrepared` (what
-`prepared_state(model)` returns) tells the active layers, switch index and optimizer bytes.
-FSDP plugins are refused (use lisa_dist.fsdp).
+the active layers). Under an FSDP plugin with `fsdp_version: 2` the model is sharded the
+lisa_dist.fsdp way (one `fully_shard` unit per decoder layer, then the root; bf16 weights with fp32
+reduction under mixed_precision bf16) instead of by accelerate's wrap policy, the optimizer becomes
+an `FSDPLisaOptimizer` (fp32 DTensor masters and moments for the active set only) with the same
+class, defaults and groups, and schedulers are re-bound to it; FSDP1 is refused. `LisaPrepared`
+(what `prepared_state(model)` returns) tells the active layers, switch index and optimizer bytes.
 """
 from __future__ import annotations
 
+import inspect
 import weakref
+from types import SimpleNamespace
 from typing import Any, Dict, Optional, Sequence
 
 import torch
@@ -29,8 +34,8 @@ _prepared: "weakref.WeakKeyDictionary[nn.Module, LisaPrepared]" = weakref.WeakKe
 
 
 class LisaPrepared:
-    """What LISA built for one model: `.backend` ("deepspeed", "ddp", "single"), `.engine` (DeepSpeed)
-    or `.optimizer` (LisaOptimizer), and the schedule."""
+    """What LISA built for one model: `.backend` ("deepspeed", "fsdp2", "ddp", "single"), `.engine`
+    (DeepSpeed) or `.optimizer` (LisaOptimizer; an FSDPLisaOptimizer under FSDP2), and the schedule."""
 
     def __init__(self, lisa: LisaConfig):
         if not isinstance(lisa, LisaConfig):
@@ -71,11 +76,9 @@ class LisaPrepared:
                                "re-prepares only with auto_find_batch_size, which LISA does not support)")
         backend = hf_compat.backend_of(accelerator)
         if backend == "fsdp":
-            raise NotImplementedError(
-                "lisa_dist does not support accelerate's FSDP plugin yet; use DeepSpeed ZeRO-3 "
-                "(a DeepSpeed plugin, or TrainingArguments(deepspeed=...)) or lisa_dist.fsdp.FSDPRunner / "
-                "lisa-train --backend fsdp2")
-        if backend == "deepspeed":
+            out = self._run_fsdp2(model, original_prepare, accelerator, args, kwargs)
+            backend = "fsdp2"
+        elif backend == "deepspeed":
             out = self._run_deepspeed(original_prepare, accelerator, args, kwargs)
         else:
             out = self._run_plain(backend, model, original_prepare, accelerator, args, kwargs)
@@ -122,6 +125,69 @@ class LisaPrepared:
             self.reducer = ActiveLayerGradReducer(optimizer.split, lambda: hf_compat.ddp_syncs_this_backward(wrapped))
         self.optimizer = optimizer
         return out
+
+    def _run_fsdp2(self, model, original_prepare, accelerator, args, kwargs):
+        # accelerate's own FSDP2 prepare shards by its wrap policy and re-points the optimizer at the
+        # sharded params by data_ptr, which LISA's fp32 masters do not have (hf_compat docstring):
+        # shard here, hand accelerate only what it can prepare as usual (loaders, schedulers).
+        from .fsdp import FSDPLisaOptimizer, shard_model
+        options = hf_compat.fsdp2_options(accelerator)
+        index = next((i for i, a in enumerate(args) if isinstance(a, torch.optim.Optimizer)), None)
+        if index is None:
+            raise ValueError("LISA needs the model's torch optimizer in the same prepare call as the model "
+                             "(prepare(model, optimizer, ...)): it becomes an FSDPLisaOptimizer")
+        user_optimizer = args[index]
+        if any(len(st) for st in user_optimizer.state.values()):
+            raise ValueError("prepare needs an optimizer that has not stepped yet; its state would be lost "
+                             "(LISA keeps state for the active layers only)")
+        groups = _groups_by_name(model, user_optimizer)  # the tensors are replaced by sharding
+        accepted = inspect.signature(type(user_optimizer).__init__).parameters
+        defaults = {k: v for k, v in user_optimizer.defaults.items() if k in accepted}
+        weight_dtype = next(model.parameters()).dtype
+        shard_model(model, mp_bf16=options["bf16"] or weight_dtype == torch.bfloat16, reduce_fp32=True,
+                    cpu_offload=options["cpu_offload"], layers_path=self.lisa.layers_path)
+        optimizer = FSDPLisaOptimizer(model, self.lisa, type(user_optimizer), groups=groups, **defaults)
+        for scheduler in (a for a in args if isinstance(a, torch.optim.lr_scheduler.LRScheduler)):
+            optimizer.adopt_scheduler(scheduler, user_optimizer)
+        hf_compat.route_fsdp_optimizer_checkpoints(_optimizer_io)
+        hf_compat.register_fsdp2_model(accelerator, model)
+        prepared_optimizer = accelerator.prepare_optimizer(optimizer)
+        # The rest after the optimizer: accelerate binds a scheduler to the prepared optimizer it wraps.
+        rest = [i for i, a in enumerate(args) if a is not model and i != index]
+        out = list(args)
+        out[index] = prepared_optimizer
+        if rest:
+            placement = kwargs.get("device_placement")
+            rest_kwargs = {} if placement is None else {"device_placement": [placement[i] for i in rest]}
+            prepared = original_prepare(accelerator, *[args[i] for i in rest], **rest_kwargs)
+            for i, obj in zip(rest, prepared if len(rest) > 1 else (prepared,)):
+                out[i] = obj
+        self.optimizer = optimizer
+        return tuple(out) if len(out) > 1 else out[0]
+
+
+def _optimizer_io(optimizer):
+    """lisa_dist.fsdp.checkpoint for an FSDPLisaOptimizer (torch's optimizer state-dict API cannot name
+    its masters), None for any other optimizer."""
+    from .fsdp import FSDPLisaOptimizer
+    if not isinstance(optimizer, FSDPLisaOptimizer):
+        return None
+    from .fsdp import checkpoint
+    return SimpleNamespace(save=checkpoint.save_optimizer, load=checkpoint.load_optimizer)
+
+
+def _groups_by_name(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """`optimizer`'s param groups with parameter names for tensors, which survive sharding."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        unknown = [p for p in group["params"] if id(p) not in names]
+        if unknown:
+            raise ValueError("the optimizer holds tensors that are not parameters of the model being prepared; build "
+                             "it over model.parameters() before prepare")
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": [names[id(p)] for p in group["params"]]})
+    return groups
 
 
 def prepare(accelerator, *objects, lisa: LisaConfig, device_placement=None):

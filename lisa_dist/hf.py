@@ -15,13 +15,20 @@ optimizer (`accelerator.prepare`, inside `train()`), so the engine is a LISA eng
 - DDP (torchrun, no ZeRO): the same, and DDP handles only the always-active parameters while
   `lisa_dist.ddp.ActiveLayerGradReducer` averages the active layers' gradients, so frozen layers
   cross no wire and DDP never waits for a gradient that does not come.
+- FSDP2 (`TrainingArguments(fsdp="full_shard", fsdp_config={"fsdp_version": 2})` or an accelerate
+  config with `fsdp_version: 2`): LISA shards the model the lisa_dist.fsdp way (a `fully_shard` unit
+  per decoder layer, then the root; bf16 weights with fp32 reduction under `bf16=True`) and Trainer's
+  optimizer becomes an `FSDPLisaOptimizer` with its class, defaults and groups; Trainer's scheduler is
+  built over it. FSDP1 and fsdp_config's activation_checkpointing / cpu_ram_efficient_loading are
+  refused with an error (use gradient_checkpointing=True).
 
 Trainer's checkpoints (`save_steps`, `resume_from_checkpoint`) carry the LISA schedule (the engine's
-save/load_checkpoint, or LisaOptimizer's state dict in optimizer.pt), and every Trainer log gets
-`lisa/active_layers`, `lisa/switch_index`, `lisa/switch_seconds` and `lisa/optimizer_bytes`
-(this rank's fp32 master + optimizer state + gradient partitions, rank 0's in the reports).
-FSDP through Trainer is refused with a clear error (use `lisa_dist.fsdp.FSDPRunner`). The preparing itself
-is `lisa_dist.accelerate.LisaPrepared`, shared with hand-written accelerate loops.
+save/load_checkpoint, LisaOptimizer's state dict in optimizer.pt, or under FSDP2 a
+torch.distributed.checkpoint directory `optimizer_0/` with a `lisa_checkpoint.json` sidecar), and
+every Trainer log gets `lisa/active_layers`, `lisa/switch_index`, `lisa/switch_seconds` and
+`lisa/optimizer_bytes` (this rank's fp32 master + optimizer state + gradient partitions, rank 0's
+in the reports). The preparing itself is `lisa_dist.accelerate.LisaPrepared`, shared with
+hand-written accelerate loops.
 """
 from __future__ import annotations
 
@@ -108,12 +115,19 @@ class LisaCallback(TrainerCallback):
 def _route_prepare(accelerator, args: Sequence[Any]):
     models = [a for a in args if isinstance(a, nn.Module)]
     has_optimizer = any(isinstance(a, torch.optim.Optimizer) or hf_compat.is_dummy_optimizer(a) for a in args)
-    if not models or not has_optimizer:
-        return None
     for model in models:
         callback = _by_model.get(model)
-        if callback is not None:
+        if callback is None:
+            continue
+        if has_optimizer:
             return functools.partial(_prepare, callback, model)
+        if hf_compat.backend_of(accelerator) == "fsdp":
+            # Trainer prepares the model alone under FSDP1 (optimizer built after wrapping): refuse it
+            # here, before accelerate wraps anything.
+            hf_compat.fsdp2_options(accelerator)
+        return None
+    if not models or not has_optimizer:
+        return None
     if len(_unattached):
         raise ValueError("a LisaCallback exists but is not attached to the model being prepared (it was added with "
                          "trainer.add_callback after the Trainer was built): pass it in Trainer(callbacks=[...]) or "

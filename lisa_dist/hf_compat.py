@@ -11,12 +11,24 @@ wrappers do nothing unless the model being prepared was registered by a LisaCall
   duration of the call; otherwise the optimizer argument is replaced before accelerate wraps it.
 - `transformers.Trainer.log`: the LISA metrics join the logs before any callback (TensorBoard,
   W&B) sees them, whatever the callback order.
+- FSDP2 (`fsdp_version: 2`): accelerate's `_prepare_fsdp2` (accelerator.py:1674-1768) shards with its
+  own wrap policy and then re-points the optimizer's params by `data_ptr`, which has no entry for
+  LISA's fp32 masters; so LISA shards the model itself and registers it (`register_fsdp2_model`,
+  the `_models` list `_prepare_fsdp2` appends to at accelerator.py:1729). Trainer saves and loads
+  the optimizer with the module globals `transformers.trainer.save_fsdp_optimizer` /
+  `load_fsdp_optimizer` (trainer.py:3567, 3979), accelerate's `save_state` / `load_state` with
+  `accelerate.accelerator`'s (accelerator.py:3720, 3883); both go through torch's
+  `get_optimizer_state_dict`, which maps `param_groups` tensors to model FQNs and cannot name a
+  master that is not a model parameter (torch/distributed/checkpoint/state_dict.py:939-966).
+  `route_fsdp_optimizer_checkpoints` routes those four names: a LISA optimizer is written with
+  torch.distributed.checkpoint in LISA's own layout, any other goes to accelerate.
 
 Widen SUPPORTED only after tests/test_hf.py passes on the new releases.
 """
 from __future__ import annotations
 
 import functools
+import os
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -79,6 +91,82 @@ def install(route_prepare: Callable[[Any, Sequence[Any]], Optional[PrepareRoute]
 
         log._lisa_dist = True
         Trainer.log = log
+
+
+def route_fsdp_optimizer_checkpoints(optimizer_io: Callable[[Any], Optional[Any]]) -> None:
+    """Route Trainer's and accelerate's FSDP optimizer save/load (idempotent): `optimizer_io(optimizer)`
+    (the unwrapped optimizer) returns an object with `save(optimizer, directory)` and
+    `load(optimizer, directory)` when LISA writes that optimizer itself, else None (accelerate's)."""
+    import accelerate.accelerator
+    import transformers.trainer
+
+    for module in (transformers.trainer, accelerate.accelerator):
+        save, load = module.save_fsdp_optimizer, module.load_fsdp_optimizer
+        if getattr(save, "_lisa_dist", False):
+            continue
+
+        def routed_save(fsdp_plugin, accelerator, optimizer, model, output_dir, optimizer_index=0, *args,
+                        _original=save, **kwargs):
+            inner = unwrap_optimizer(optimizer)
+            io = optimizer_io(inner)
+            if io is None:
+                return _original(fsdp_plugin, accelerator, optimizer, model, output_dir, optimizer_index, *args,
+                                 **kwargs)
+            io.save(inner, os.path.join(output_dir, f"optimizer_{optimizer_index}"))
+
+        def routed_load(fsdp_plugin, accelerator, optimizer, model, input_dir, optimizer_index=0, *args,
+                        _original=load, **kwargs):
+            inner = unwrap_optimizer(optimizer)
+            io = optimizer_io(inner)
+            if io is None:
+                return _original(fsdp_plugin, accelerator, optimizer, model, input_dir, optimizer_index, *args,
+                                 **kwargs)
+            directory = input_dir if os.path.basename(os.path.normpath(input_dir)) == f"optimizer_{optimizer_index}" \
+                else os.path.join(input_dir, f"optimizer_{optimizer_index}")
+            io.load(inner, directory)
+
+        routed_save._lisa_dist = routed_load._lisa_dist = True
+        module.save_fsdp_optimizer, module.load_fsdp_optimizer = routed_save, routed_load
+
+
+def unwrap_optimizer(optimizer):
+    """The torch optimizer inside accelerate's AcceleratedOptimizer wrapper(s)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    while isinstance(optimizer, AcceleratedOptimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def fsdp2_options(accelerator) -> Dict[str, Any]:
+    """What LISA's own sharding takes from accelerate's FSDP plugin: {"bf16", "cpu_offload"}.
+    Raises for FSDP1 and for the plugin options LISA's per-layer sharding does not implement."""
+    from torch.distributed.fsdp import CPUOffloadPolicy
+    plugin = accelerator.state.fsdp_plugin
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise NotImplementedError(
+            "lisa_dist supports accelerate's FSDP plugin with fsdp_version 2 only (FSDP1's flat parameters fix the "
+            "trainable set at wrap time); set fsdp_config={\"fsdp_version\": 2} (or fsdp_version: 2 in the "
+            "accelerate config)")
+    if plugin.activation_checkpointing:
+        raise ValueError("fsdp_config activation_checkpointing is not supported with LISA; use "
+                         "TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs="
+                         "{\"use_reentrant\": False}) instead")
+    if plugin.cpu_ram_efficient_loading:
+        raise ValueError("fsdp_config cpu_ram_efficient_loading is not supported with LISA (every rank must hold "
+                         "the weights it shards); set it to false, or use lisa-train --backend fsdp2, which loads "
+                         "each rank's shards only")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("LISA's FSDP2 path trains bf16 or fp32; use bf16=True (mixed_precision bf16) or neither")
+    return {"bf16": accelerator.mixed_precision == "bf16",
+            "cpu_offload": isinstance(plugin.cpu_offload, CPUOffloadPolicy)}
+
+
+def register_fsdp2_model(accelerator, model) -> None:
+    """Make an FSDP2 model LISA sharded one of the accelerator's models, as `_prepare_fsdp2` would
+    (save_state, clip_grad_norm_, get_state_dict and unwrap_model look it up there)."""
+    if model not in accelerator._models:
+        accelerator._models.append(model)
+    model._is_accelerate_prepared = True
 
 
 def original_prepare():

@@ -4,9 +4,10 @@ One launch per backend runs every scenario of tests/dist/hf_checks.py, each Deep
 different launcher: ZeRO-1 through `accelerate launch --use_deepspeed --deepspeed_config_file`
 (accelerate's plugin, no deepspeed= in TrainingArguments), ZeRO-2 through `torchrun
 --nproc_per_node 2` and ZeRO-3 through `deepspeed --num_gpus 2` (both TrainingArguments(deepspeed=...)),
-DDP through torchrun, and one process. The ranks assert each check as it happens (frozen layers
-bit-identical through every step, active layers moved, weight decay per group) and write what they
-measured; the tests below assert on those records.
+DDP and FSDP2 (TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2})) through torchrun, and
+one process. The ranks assert each check as it happens (frozen layers bit-identical through every
+step, active layers moved, weight decay per group) and write what they measured; the tests below
+assert on those records.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from lisa_dist.sampling import LayerSampler
 
 SCRIPT = ROOT / "tests" / "dist" / "hf_checks.py"
 WORLD = 2
-BACKENDS = ["zero1", "zero2", "zero3", "ddp", "single"]
+BACKENDS = ["zero1", "zero2", "zero3", "ddp", "fsdp2", "single"]
 
 
 def launcher_config(out) -> list:
@@ -46,7 +47,7 @@ def ranks(request, tmp_path_factory):
                                  launcher_args=launcher_config(out))
     elif backend == "zero3":
         proc = deepspeed_launch(SCRIPT, args, nproc=WORLD)
-    elif backend in ("zero2", "ddp"):
+    elif backend in ("zero2", "ddp", "fsdp2"):
         proc = torchrun_launch(SCRIPT, args, nproc=WORLD)
     else:
         proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=launch_env(),
@@ -183,3 +184,45 @@ def test_ddp_reduces_only_the_active_layers(ranks):
     for r in results:
         d = r["main"]["ddp"]
         assert d["ignored_is_layers"] and d["reduced_numel"] == d["expected_numel"] > 0, d
+
+
+def test_fsdp2_shards_per_layer_with_a_lisa_optimizer(ranks):
+    backend, results = ranks
+    if backend != "fsdp2":
+        pytest.skip("FSDP2 only")
+    for r in results:
+        for layout in (r["main"]["fsdp2"], r["bf16"]["layout"], r["accelerate"]["layout"]):
+            # 6 decoder-layer units + the root; frozen layers hold no gradient; active units reduce in fp32
+            assert layout["layer_units"] and layout["root_is_unit"] and layout["units"] == 7, layout
+            assert layout["optimizer"] == "FSDPLisaOptimizer" and layout["frozen_grads"] == 0, layout
+            assert layout["active_reduce_dtypes"] == ["torch.float32"], layout
+
+
+def test_fsdp2_bf16_weights_at_the_floor_with_gradient_checkpointing(ranks):
+    backend, results = ranks
+    if backend != "fsdp2":
+        pytest.skip("FSDP2 only")
+    for r in results:
+        b = r["bf16"]
+        # bf16 shards for every weight; fp32 master + Adam (12 bytes per active parameter / N) only for the active set
+        assert b["weight_dtypes"] == ["torch.bfloat16"] and b["gradient_checkpointing"], b
+        assert 0.99 <= b["bytes"]["ratio_to_floor"] <= 1.05 and b["bytes"]["got"] < 0.5 * b["bytes"]["full_finetune"], b
+        assert b["frozen_checks"] == 3 * 4 and b["moved_checks"] == 3 * 2, b
+
+
+def test_fsdp2_accelerate_save_state_resumes_bit_identically(ranks):
+    backend, results = ranks
+    if backend != "fsdp2":
+        pytest.skip("FSDP2 only")
+    for r in results:
+        a = r["accelerate_resume"]
+        assert set(a["resume"]) == {"3", "4"} and all(x["bit_identical"] for x in a["resume"].values()), a
+        assert "optimizer_0" in a["optimizer_dirs"], a
+
+
+def test_fsdp2_unsupported_plugin_settings_are_refused(ranks):
+    backend, results = ranks
+    if backend != "fsdp2":
+        pytest.skip("FSDP2 only")
+    messages = results[0]["fsdp_refusals"]["messages"]
+    assert set(messages) == {"activation_checkpointing", "cpu_ram_efficient_loading"}, messages

@@ -100,3 +100,17 @@ def test_callback_needs_a_lisa_config():
     from lisa_dist.hf import LisaCallback
     with pytest.raises(ValueError, match="LisaConfig"):
         LisaCallback({"activated_layers": 2})
+
+
+def test_fsdp2_prepare_keeps_groups_by_parameter_name():
+    # Sharding replaces every parameter tensor: the groups must survive as names.
+    from lisa_dist.accelerate import _groups_by_name
+    model = tiny()
+    opt = torch.optim.AdamW(decay_split(model, wd=0.1), lr=1e-3)
+    groups = _groups_by_name(model, opt)
+    names = dict(model.named_parameters())
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert [[names[n] for n in g["params"]] for g in groups] == [g["params"] for g in opt.param_groups]
+    foreign = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=1e-3)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        _groups_by_name(model, foreign)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,23 @@ def _offload_layout(optimizer: FSDPLisaOptimizer) -> Dict:
             for i, layer in optimizer._offloaded.items()}
 
 
+def _stateful(optim_state: Dict) -> List[int]:
+    """Inner-optimizer indices that have state: right after a switch the newly active layers have
+    none yet, and a resumed run must not give them any (their first step starts Adam afresh)."""
+    return sorted(int(k) for k, v in optim_state["inner"]["state"].items() if v)
+
+
+def _template(optimizer: FSDPLisaOptimizer, sidecar: Dict) -> Dict:
+    """The optimizer's state dict shaped like the checkpoint's, for DCP's in-place load."""
+    optimizer.prepare_for_load(tuple(sidecar["lisa"]["active_layers"]))
+    optimizer._offloaded = _offload_template(optimizer, sidecar["offloaded"])
+    template = optimizer.state_dict()
+    if "stateful" in sidecar:  # older sidecars: every active parameter had state
+        keep = set(sidecar["stateful"])
+        template["inner"]["state"] = {k: v for k, v in template["inner"]["state"].items() if int(k) in keep}
+    return template
+
+
 def save(model: nn.Module, optimizer: FSDPLisaOptimizer, scheduler, directory: Path, step: int) -> None:
     optim_state = optimizer.state_dict()
     state = {"model": get_model_state_dict(model), "optim": optim_state,
@@ -42,7 +59,8 @@ def save(model: nn.Module, optimizer: FSDPLisaOptimizer, scheduler, directory: P
     dcp.save(state, checkpoint_id=str(directory))
     if dist.get_rank() == 0:
         sidecar = {"format": _FORMAT, "step": step, "world_size": dist.get_world_size(),
-                   "lisa": optim_state["lisa"], "offloaded": _offload_layout(optimizer)}
+                   "lisa": optim_state["lisa"], "offloaded": _offload_layout(optimizer),
+                   "stateful": _stateful(optim_state)}
         (directory / SIDECAR).write_text(json.dumps(sidecar, indent=1))
     dist.barrier()
 
@@ -51,7 +69,7 @@ def read_sidecar(directory: Path) -> Dict:
     path = directory / SIDECAR
     if not path.is_file():
         raise ValueError(f"{directory} is not a lisa_dist FSDP2 checkpoint (no {SIDECAR}); pass the directory "
-                         "written by FSDPRunner.save_checkpoint")
+                         "written by FSDPRunner.save_checkpoint, or a Trainer checkpoint-N written with LisaCallback")
     return json.loads(path.read_text())
 
 
@@ -79,15 +97,37 @@ def load(model: nn.Module, optimizer: FSDPLisaOptimizer, scheduler, directory: P
     sidecar = read_sidecar(directory)
     lisa = sidecar["lisa"]
     optimizer.check_resumable(lisa, f"{directory}: LISA checkpoint")
-    optimizer.prepare_for_load(tuple(lisa["active_layers"]))
-    optimizer._offloaded = _offload_template(optimizer, sidecar["offloaded"])
-    state = {"model": get_model_state_dict(model), "optim": optimizer.state_dict(),
+    state = {"model": get_model_state_dict(model), "optim": _template(optimizer, sidecar),
              "scheduler": scheduler.state_dict(), "step": -1}
     dcp.load(state, checkpoint_id=str(directory))
     set_model_state_dict(model, state["model"])
     optimizer.load_state_dict(state["optim"])
     scheduler.load_state_dict(state["scheduler"])
     return int(state["step"])
+
+
+def save_optimizer(optimizer: FSDPLisaOptimizer, directory: Path) -> None:
+    """The optimizer alone (masters, moments, LISA schedule) as a DCP directory with the sidecar:
+    what Trainer and accelerate write beside their own model checkpoint under FSDP2."""
+    directory = Path(directory)
+    optim_state = optimizer.state_dict()
+    dcp.save({"optim": optim_state}, checkpoint_id=str(directory))
+    if dist.get_rank() == 0:
+        sidecar = {"format": _FORMAT, "world_size": dist.get_world_size(), "lisa": optim_state["lisa"],
+                   "offloaded": _offload_layout(optimizer), "stateful": _stateful(optim_state)}
+        (directory / SIDECAR).write_text(json.dumps(sidecar, indent=1))
+    dist.barrier()
+
+
+def load_optimizer(optimizer: FSDPLisaOptimizer, directory: Path) -> None:
+    """Restore a `save_optimizer` directory; the model weights must be loaded already."""
+    directory = Path(directory)
+    sidecar = read_sidecar(directory)
+    lisa = sidecar["lisa"]
+    optimizer.check_resumable(lisa, f"{directory}: LISA checkpoint")
+    state = {"optim": _template(optimizer, sidecar)}
+    dcp.load(state, checkpoint_id=str(directory))
+    optimizer.load_state_dict(state["optim"])
 
 
 def export_pretrained(model: nn.Module, out_dir: Path, tokenizer=None) -> None:

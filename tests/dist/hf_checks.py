@@ -2,6 +2,7 @@
 
     deepspeed --num_gpus 2 tests/dist/hf_checks.py --backend zero2 --out /tmp/x
     torchrun --nproc_per_node 2 tests/dist/hf_checks.py --backend ddp --out /tmp/x
+    torchrun --nproc_per_node 2 tests/dist/hf_checks.py --backend fsdp2 --out /tmp/x
     python tests/dist/hf_checks.py --backend single --out /tmp/x
 
 Every scenario is a real Trainer run on a tiny Llama (fp32, CPU, `use_cpu=True` so accelerate sees
@@ -25,6 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,  # noqa: E402
                           TrainingArguments, get_linear_schedule_with_warmup)
 
@@ -93,8 +95,42 @@ def deepspeed_arg(backend: str) -> dict:
     return {"deepspeed": ds_config(int(backend[-1]))}
 
 
+def fsdp2_args() -> dict:
+    """accelerate's FSDP plugin at version 2, as a user writes it in TrainingArguments; a full state
+    dict so that save_model writes a folder from_pretrained loads."""
+    return {"fsdp": True, "fsdp_config": {"fsdp_version": 2, "state_dict_type": "FULL_STATE_DICT"}}
+
+
+def backend_args(backend: str) -> dict:
+    """TrainingArguments' deepspeed= or fsdp= for this backend."""
+    return fsdp2_args() if backend == "fsdp2" else deepspeed_arg(backend)
+
+
+def let_accelerate_shard_on_cpu() -> None:
+    """accelerate 1.15 turns an FSDP plugin on only for accelerator devices (accelerate/state.py:986-1016:
+    the FSDP branch is inside `distributed_type in [MULTI_GPU, MULTI_NPU, ...]`); a CPU gloo world
+    silently gets DDP instead. Nothing after that choice depends on the device (FSDP2 runs on gloo,
+    tests/test_fsdp2.py), so on this CPU-only machine the FSDP2 checks make the real AcceleratorState
+    take the plugin as it would on GPUs. Everything else (Trainer, accelerate, torch) is unchanged."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no":
+                fsdp_plugin.set_mixed_precision(self._mixed_precision)
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = init
+
+
 def training_args(out: Path, backend: str, max_steps: int, **kw) -> TrainingArguments:
-    extra = deepspeed_arg(backend)
+    extra = backend_args(backend)
     base = dict(output_dir=str(out), per_device_train_batch_size=MB, gradient_accumulation_steps=GAS,
                 max_steps=max_steps, learning_rate=LR, weight_decay=WD, lr_scheduler_type="linear", warmup_steps=0,
                 max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0,
@@ -105,8 +141,12 @@ def training_args(out: Path, backend: str, max_steps: int, **kw) -> TrainingArgu
 
 
 def layer_tensors(model, layer) -> List[torch.Tensor]:
-    """This rank's copy of a layer's weights (its ZeRO-3 partition, else the full tensors)."""
-    return [(p.ds_tensor if hasattr(p, "ds_tensor") else p).detach().clone() for p in layer.parameters()]
+    """This rank's copy of a layer's weights (its ZeRO-3 partition or FSDP2 shard, else the full tensors)."""
+    return [(p.ds_tensor if hasattr(p, "ds_tensor") else local(p)).detach().clone() for p in layer.parameters()]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class Probe(TrainerCallback):
@@ -187,7 +227,9 @@ class Probe(TrainerCallback):
 
 
 def flat(model) -> torch.Tensor:
-    return torch.cat([p.detach().double().flatten() for p in model.parameters()])
+    """Every parameter, whole (FSDP2 shards are gathered: a collective)."""
+    return torch.cat([(p.full_tensor() if isinstance(p, DTensor) else p).detach().double().flatten()
+                      for p in model.parameters()])
 
 
 def full_weights(trainer) -> torch.Tensor:
@@ -259,8 +301,9 @@ def optimizer_bytes(cb) -> Dict:
     split = (cb.engine.lisa.split if cb.engine is not None else cb.optimizer.split)
     counts = count_params(split)
     psi_a = counts.active(cb.active_layers)
-    stage = f"zero{cb.engine.zero_optimization_stage()}" if cb.engine is not None else "single"
-    n = world() if cb.engine is not None else 1
+    stage = (f"zero{cb.engine.zero_optimization_stage()}" if cb.engine is not None
+             else "fsdp2" if cb.backend == "fsdp2" else "single")
+    n = world() if cb.engine is not None or cb.backend == "fsdp2" else 1
     floor = model_state_floor(stage, counts.total, psi_a, n, weight_bytes=2)
     full = model_state_floor(stage, counts.total, counts.total, n, weight_bytes=2)
     # The floor's master + Adam bytes (12 per active parameter / N, DESIGN.md section 8): ZeRO keeps
@@ -271,11 +314,12 @@ def optimizer_bytes(cb) -> Dict:
         b = lds.model_state_bytes(cb.engine)
         got = b["fp32_master"] + b["optimizer_state"]
     else:
-        b = cb.optimizer.state_bytes()
-        # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param) remain.
+        b = cb.optimizer.state_bytes()  # this rank's DTensor shards under FSDP2
         got = b["master"] + b["optimizer_state"]
-        want = floor["optimizer_state"]
-        full = {"master": 0, "optimizer_state": full["optimizer_state"]}
+        if split.always_params[0].dtype == torch.float32:
+            # fp32 weights are LisaOptimizer's masters: only the moments (8 bytes per active param / N) remain.
+            want = floor["optimizer_state"]
+            full = {"master": 0, "optimizer_state": full["optimizer_state"]}
     return {"got": got, "floor": want, "full_finetune": full["master"] + full["optimizer_state"],
             "ratio_to_floor": got / want, "psi_active": psi_a, "psi": counts.total, "stage": stage}
 
@@ -309,6 +353,8 @@ def main_run(backend: str, out: Path) -> Dict:
     # Trainer's linear schedule, every group, every step, across switches.
     want = [LR * (1 - s / steps) for s in range(1, steps + 1)]
     assert all(abs(g[0] - w) <= 1e-12 for g, w in zip(probe.lrs, want)), (probe.lrs, want)
+    if cb.backend == "fsdp2":
+        result["fsdp2"] = check_fsdp2_layout(trainer.model, trainer.optimizer, cb.active_layers)
     if cb.backend == "ddp":
         # DDP handles the always-active parameters only; each step all-reduced exactly its active layers.
         layer_names = {n for n, _ in start.named_parameters() if n.startswith("model.layers.")}
@@ -357,6 +403,80 @@ def main_run(backend: str, out: Path) -> Dict:
     return result
 
 
+def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
+    """The model Trainer trains is sharded the lisa_dist.fsdp way (a unit per decoder layer, the
+    root for the rest, not accelerate's wrap policy), its optimizer is an FSDPLisaOptimizer, frozen
+    layers hold no gradient, and every active unit reduce-scatters in fp32 after the switches."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from lisa_dist.fsdp import FSDPLisaOptimizer
+    from lisa_dist.fsdp._compat import unit_reduce_dtype
+    from lisa_dist.hf_compat import unwrap_optimizer
+
+    layers = list(model.model.layers)
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    out = {"layer_units": all(isinstance(layer, FSDPModule) for layer in layers),
+           "units": len(units), "root_is_unit": isinstance(model, FSDPModule),
+           "optimizer": type(unwrap_optimizer(optimizer)).__name__,
+           "active_reduce_dtypes": sorted({str(unit_reduce_dtype(layers[i])) for i in active_layers}),
+           "frozen_grads": sum(p.grad is not None for i, layer in enumerate(layers) if i not in active_layers
+                               for p in layer.parameters())}
+    assert out["layer_units"] and out["root_is_unit"] and out["units"] == len(layers) + 1, out
+    assert isinstance(unwrap_optimizer(optimizer), FSDPLisaOptimizer), out
+    assert out["active_reduce_dtypes"] == ["torch.float32"] and out["frozen_grads"] == 0, out
+    return out
+
+
+def bf16_weights(backend: str, out: Path) -> Dict:
+    """FSDP2 under mixed_precision bf16, with Trainer's gradient checkpointing: weights are sharded as
+    bf16 (frozen layers cost 2 bytes per parameter / N) and only the active set has fp32 masters and
+    moments, at the DESIGN.md floor."""
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=5)
+    trainer, cb, probe, _ = make_trainer(out / "bf16", backend, lisa, 3, bf16=True, gradient_checkpointing=True)
+    trainer.train()
+    dtypes = sorted({str(local(p).dtype) for p in trainer.model.parameters()})
+    result = {"weight_dtypes": dtypes, "bytes": check_bytes(probe), "frozen_checks": probe.frozen_checks,
+              "moved_checks": probe.moved_checks,
+              "layout": check_fsdp2_layout(trainer.model, trainer.optimizer, cb.active_layers),
+              "gradient_checkpointing": trainer.model.is_gradient_checkpointing}
+    assert dtypes == ["torch.bfloat16"] and result["gradient_checkpointing"], result
+    assert probe.frozen_checks == 3 * 4 and probe.moved_checks == 3 * 2, result
+    del trainer, cb, probe
+    return result
+
+
+def fsdp_refusals(backend: str, out: Path) -> Dict:
+    """FSDP plugin settings LISA does not implement stop train() with an error naming the fix, before
+    accelerate wraps the model."""
+    from accelerate.state import AcceleratorState
+
+    # (FSDP1's plugin cannot be built without an accelerator device: accelerate/utils/dataclasses.py:2014.)
+    cases = {"activation_checkpointing": ({"fsdp_version": 2, "activation_checkpointing": True}, ValueError,
+                                          "gradient_checkpointing=True"),
+             "cpu_ram_efficient_loading": ({"fsdp_version": 2, "cpu_ram_efficient_loading": True}, ValueError,
+                                           "set it to false")}
+    messages = {}
+    environ = dict(os.environ)  # TrainingArguments exports fsdp_config as FSDP_* variables plugins read later
+    for name, (config, error, fix) in cases.items():
+        AcceleratorState._reset_state(reset_partial_state=True)  # each Trainer's own plugin
+        model = build_model()
+        cb = LisaCallback(LisaConfig(activated_layers=1, interval_steps=1))
+        trainer = Trainer(model=model, args=training_args(out / name, backend, 2, fsdp=True, fsdp_config=config),
+                          train_dataset=Tokens(), callbacks=[cb])
+        try:
+            trainer.train()
+        except error as e:
+            messages[name] = str(e)
+        else:
+            raise AssertionError(f"{name}: LISA trained under an FSDP setting it does not support")
+        assert fix in messages[name] and cb.backend is None, (name, messages[name])
+        del trainer, cb, model
+    os.environ.clear()
+    os.environ.update(environ)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"messages": messages}
+
+
 def sft(backend: str, out: Path) -> Dict:
     """TRL's SFTTrainer with the same callback on a text dataset."""
     from datasets import Dataset
@@ -371,7 +491,7 @@ def sft(backend: str, out: Path) -> Dict:
     model = LlamaForCausalLM(cfg)
     rows = [json.loads(line) for line in TEXT_DATA.read_text().splitlines()[:64]]
     ds = Dataset.from_list([{"text": r["text"]} for r in rows])
-    extra = deepspeed_arg(backend)
+    extra = backend_args(backend)
     args = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
                      max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
                      disable_tqdm=True, max_length=32, optim="adamw_torch", bf16=False, **extra)
@@ -430,7 +550,13 @@ def hand_loop(backend: str, out: Path) -> Dict:
                    train_batch_size=MB * world(), gradient_clipping=0.0)
         plugin = DeepSpeedPlugin(hf_ds_config=cfg)
     # cpu=True would switch DeepSpeed off; without a GPU DeepSpeed runs on the CPU anyway.
-    acc = Accelerator(deepspeed_plugin=plugin) if plugin is not None else Accelerator(cpu=True)
+    if plugin is not None:
+        acc = Accelerator(deepspeed_plugin=plugin)
+    elif backend == "fsdp2":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+        acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+    else:
+        acc = Accelerator(cpu=True)
     loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=9)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lam)
@@ -448,11 +574,61 @@ def hand_loop(backend: str, out: Path) -> Dict:
         # accelerate steps a scheduler once per process per optimizer step (the batch is N times larger)
         assert all(abs(lr - LR * lam(acc.num_processes * (step + 1))) <= 1e-12 for lr in lrs[-1]), (step, lrs[-1])
     assert state.switch_index == 3 and decays == {WD, 0.0}, (state.switch_index, decays)
-    result = {"backend": state.backend, "lrs": lrs, "switch_index": state.switch_index,
+    layout = check_fsdp2_layout(engine, opt, state.active_layers) if backend == "fsdp2" else None
+    result = {"layout": layout, "backend": state.backend, "lrs": lrs, "switch_index": state.switch_index,
               "ranks_identical": ranks_equal(flat(model) if plugin is None or backend == "zero2"
                                              else torch.zeros(1))}
     assert result["ranks_identical"]
     return result
+
+
+def hand_loop_resume(backend: str, out: Path) -> Dict:
+    """accelerator.save_state / load_state around lisa_dist.accelerate.prepare under FSDP2 (the
+    optimizer goes through lisa_dist's routed save_fsdp_optimizer): resuming mid-interval (step 3,
+    K=2) and right after a switch (step 4) ends bit for bit where the straight run ends."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from lisa_dist.accelerate import prepare
+
+    lisa, steps = LisaConfig(activated_layers=2, interval_steps=2, seed=9), 6
+
+    def build():
+        AcceleratorState._reset_state(reset_partial_state=True)
+        model = build_model()
+        names = decay_parameter_names(model)
+        opt = torch.optim.AdamW([{"params": [p for n, p in model.named_parameters() if n in names],
+                                  "weight_decay": WD},
+                                 {"params": [p for n, p in model.named_parameters() if n not in names],
+                                  "weight_decay": 0.0}], lr=LR)
+        acc = Accelerator(cpu=True, fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        loader = torch.utils.data.DataLoader(Tokens(), batch_size=MB)
+        return (acc, *prepare(acc, model, opt, loader, sched, lisa=lisa))
+
+    def train(acc, model, opt, loader, sched, start: int, save_at=()):
+        for step, batch in zip(range(start, steps), acc.skip_first_batches(loader, start) if start else loader):
+            acc.backward(model(**batch).loss)
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            if step + 1 in save_at:
+                acc.save_state(str(out / "acc_state" / f"step{step + 1}"))
+        return flat(model)
+
+    final = train(*build(), start=0, save_at=(3, 4))
+    resumed = {}
+    for at in (3, 4):
+        acc, model, opt, loader, sched = build()
+        acc.load_state(str(out / "acc_state" / f"step{at}"))
+        w = train(acc, model, opt, loader, sched, start=at)
+        resumed[str(at)] = {"bit_identical": bool(torch.equal(w, final)),
+                            "max_abs_diff": (w - final).abs().max().item()}
+        assert resumed[str(at)]["bit_identical"], (at, resumed[str(at)])
+        del acc, model, opt, loader, sched
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return {"resume": resumed, "optimizer_dirs": sorted(p.name for p in (out / "acc_state" / "step3").iterdir())}
 
 
 def ds_sections(backend: str, out: Path) -> Dict:
@@ -488,8 +664,10 @@ def ds_sections(backend: str, out: Path) -> Dict:
             "moved_checks": probe.moved_checks, "steps_with_lr": stepped}
 
 
-SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections}
-DEEPSPEED_ONLY = ("ds_sections",)
+SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections,
+             "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals, "accelerate_resume": hand_loop_resume}
+ONLY_FOR = {"ds_sections": ("zero1", "zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",),
+            "accelerate_resume": ("fsdp2",)}
 
 
 def main() -> None:
@@ -497,7 +675,7 @@ def main() -> None:
     import signal
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 <pid>` prints where a hung rank is
     parser = argparse.ArgumentParser()
-    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero1", "zero2", "zero3"])
+    parser.add_argument("--backend", required=True, choices=["single", "ddp", "zero1", "zero2", "zero3", "fsdp2"])
     parser.add_argument("--ds-config-from-launcher", action="store_true",
                         help="accelerate launch --use_deepspeed supplies the DeepSpeed config")
     parser.add_argument("--out", type=Path, required=True)
@@ -508,8 +686,10 @@ def main() -> None:
     DS_FROM_LAUNCHER = args.ds_config_from_launcher
     # No init_process_group here: Trainer's accelerate state (or DeepSpeed's init_distributed under
     # it) sets the process group up from the launcher's environment, as in a user's script.
+    if args.backend == "fsdp2":
+        let_accelerate_shard_on_cpu()
     names = [n for n in args.only.split(",") if n] or [
-        n for n in SCENARIOS if args.backend.startswith("zero") or n not in DEEPSPEED_ONLY]
+        n for n in SCENARIOS if args.backend in ONLY_FOR.get(n, (args.backend,))]
     results = {}
     import time
     for name in names:
