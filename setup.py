@@ -14,8 +14,9 @@ setup(
         # The ZeRO engine hook uses DeepSpeed internals (lisa_dist/deepspeed/_compat.py); these are
         # the releases it is tested against (_compat._TESTED) and the adapter refuses others with a
         # clear error.
-        # 0.18.9+ and 0.19.8+ of each minor release (ZeRO-3: 0.19.8+ only, refused at run time).
-        "deepspeed>=0.18.9,<0.20,"
+        # 0.17.6+, 0.18.9+ and 0.19.8+ of each minor release.
+        "deepspeed>=0.17.6,<0.20,"
+        "!=0.18.0,!=0.18.1,!=0.18.2,!=0.18.3,!=0.18.4,!=0.18.5,!=0.18.6,!=0.18.7,!=0.18.8,"
         "!=0.19.0,!=0.19.1,!=0.19.2,!=0.19.3,!=0.19.4,!=0.19.5,!=0.19.6,!=0.19.7",
         "transformers>=4.56",
         "accelerate>=1.0",

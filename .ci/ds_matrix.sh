@@ -15,11 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Releases the hook supports besides the global one (_compat._TESTED less 0.19.8): 0.18.9, for
-# ZeRO-1/2 (tests/test_deepspeed_zero3.py skips itself there; test_deepspeed_zero12.py checks that
-# ZeRO-3 is refused). 0.16.9 and 0.17.6 are adapted but refused (README "Supported DeepSpeed
-# matrix"); run them with DS_MATRIX="0.17.6" .ci/ds_matrix.sh.
-RELEASES=${DS_MATRIX:-"0.18.9"}
+# Releases the hook supports besides the global one (_compat._TESTED less 0.19.8), ZeRO-1/2/3 on
+# each: 0.17.6 and 0.18.9. 0.16.9 is adapted but refused (README "Supported DeepSpeed matrix");
+# run it with DS_MATRIX="0.16.9" .ci/ds_matrix.sh.
+RELEASES=${DS_MATRIX:-"0.17.6 0.18.9"}
 if [ -z "$RELEASES" ]; then
   echo "ds_matrix: no DeepSpeed release besides the installed one is supported yet; nothing to run"
   exit 0

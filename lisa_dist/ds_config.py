@@ -26,7 +26,13 @@ def resolve_ds_config(run: RunConfig, dtype: torch.dtype) -> Dict:
     cfg.pop("train_batch_size", None)  # DeepSpeed derives it; a stale value would contradict the flags
     cfg["gradient_clipping"] = run.max_grad_norm
     cfg.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
-    cfg.pop("fp16", None)
+    if dtype == torch.float16:
+        # The file may tune the scaler (initial_scale_power, loss_scale_window, hysteresis,
+        # min_loss_scale); loss_scale 0 is DeepSpeed's dynamic scaling.
+        fp16 = cfg.get("fp16") or {}
+        cfg["fp16"] = {**fp16, "enabled": True, "loss_scale": fp16.get("loss_scale", 0)}
+    else:
+        cfg.pop("fp16", None)
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=run.lr, weight_decay=run.weight_decay)
     sched = cfg.get("scheduler")

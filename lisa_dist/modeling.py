@@ -17,10 +17,10 @@ import torch
 
 
 def weights_dtype(choice: str) -> torch.dtype:
-    """--dtype: bf16 or fp32; auto is bf16 where CUDA exists (bf16 matmuls are emulated on CPUs)."""
+    """--dtype: bf16, fp32 or fp16; auto is bf16 where CUDA exists (bf16 matmuls are emulated on CPUs)."""
     if choice == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return torch.bfloat16 if choice == "bf16" else torch.float32
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[choice]
 
 
 def build_model_and_tokenizer(model: str, dtype: torch.dtype, *, seed: int = 0, tokenizer: Optional[str] = None,

@@ -126,6 +126,8 @@ def _weight_bytes(run: RunConfig) -> Tuple[int, str]:
     plans the GPU job even on a CPU login node (lisa-train sets DeepSpeed's bf16 from the same flag)."""
     if run.dtype == "fp32":
         return 4, "fp32 weights (--dtype fp32)"
+    if run.dtype == "fp16":
+        return 2, "fp16 weights (--dtype fp16)"
     return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if run.dtype == "auto" else "")
 
 

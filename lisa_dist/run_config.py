@@ -51,9 +51,10 @@ class RunConfig:
     max_length: int = _opt(128, "model and data")
     """tokens per example, longer ones are truncated"""
 
-    dtype: Literal["auto", "bf16", "fp32"] = _opt("auto", "model and data")
+    dtype: Literal["auto", "bf16", "fp32", "fp16"] = _opt("auto", "model and data")
     """weights dtype; masters are always fp32. auto: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are
-    emulated (measured 8x slower per step for the tiny preset here)"""
+    emulated (measured 8x slower per step for the tiny preset here). fp16 (GPUs without bf16, e.g. V100,
+    T4): --backend deepspeed only, with DeepSpeed's dynamic loss scaling"""
 
     # --- LISA --------------------------------------------------------------------------------
     activated_layers: int = _opt(2, "LISA")
@@ -177,6 +178,10 @@ class RunConfig:
             raise ValueError("--backend deepspeed needs --deepspeed CONFIG.json (see ds_configs/)")
         if self.deepspeed and self.backend != "deepspeed":
             raise ValueError("--deepspeed is only used with --backend deepspeed")
+        if self.dtype == "fp16" and self.backend != "deepspeed":
+            # fp16 gradients underflow without a loss scaler, and only DeepSpeed's is wired in.
+            raise ValueError(f"--dtype fp16 needs --backend deepspeed (its dynamic loss scaling); --backend "
+                             f"{self.backend} trains in bf16 or fp32: use --dtype bf16 or --dtype fp32")
         self.lisa = LisaConfig(activated_layers=self.activated_layers, interval_steps=self.interval_steps,
                                seed=self.seed, train_embeddings=not self.no_train_embeddings,
                                train_head=not self.no_train_head, layers_path=self.layers_path,

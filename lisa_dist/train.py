@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
 from .devices import rank_device
 from .ds_config import resolve_ds_config
 from .layers import find_decoder_layers
@@ -42,6 +44,10 @@ class _DeepSpeed:
     @staticmethod
     def load(run: RunConfig, dtype):
         from .deepspeed.loading import load_partitioned
+        from .deepspeed.process_group import fp16_supported
+        if dtype == torch.float16 and not fp16_supported():
+            raise ValueError("--dtype fp16: DeepSpeed's accelerator on this machine has no fp16 support (a CPU "
+                             "without oneDNN fp16 kernels, or a GPU without fp16); use --dtype bf16 or --dtype fp32")
         # ZeRO-3 builds the model partitioned, never whole on a rank (a safetensors checkpoint from
         # its config, then filled); other stages get None back and load onto the rank's device.
         files = checkpoint_files(run.model)

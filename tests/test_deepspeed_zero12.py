@@ -60,6 +60,19 @@ def test_parity_with_single_process_reference(ranks):
 
 
 @distributed
+def test_lisa_train_fp16_runs_deepspeeds_loss_scaler(ranks):
+    """`lisa-train --dtype fp16` on the shipped ZeRO-2 config (tests/test_dtype_fp16.py: the flag)."""
+    if "lisa_train_fp16" not in ranks[0]:
+        pytest.skip("ZeRO-2 launch only")
+    for rank in ranks:
+        r = rank["lisa_train_fp16"]
+        assert r["fp16_enabled"] and not r["bf16_enabled"] and r["weights_dtype"] == "torch.float16", r
+        assert r["dynamic_loss_scale"] and r["loss_scaler"] == "DynamicLossScaler", r
+        assert r["switches"] == [0, 1, 2] and len(r["losses"]) == 4, r
+    assert ranks[0]["lisa_train_fp16"]["losses"] == ranks[1]["lisa_train_fp16"]["losses"]
+
+
+@distributed
 def test_schedule_is_the_sampler_schedule(ranks):
     for rank in ranks:
         for name in PARITY:
@@ -219,20 +232,31 @@ def _tiny():
 @pytest.mark.unit
 def test_version_pin():
     from lisa_dist.deepspeed._compat import SUPPORTED, ZERO3_SUPPORTED, check_deepspeed_version
-    for good in ("0.18.9", "0.18.12", "0.19.8", "0.19.12+abc123"):
+    for good in ("0.17.6", "0.17.9", "0.18.9", "0.18.12", "0.19.8", "0.19.12+abc123"):
         check_deepspeed_version(good)
-    assert SUPPORTED == ">=0.18.9,<0.19 or >=0.19.8,<0.20"
-    assert ZERO3_SUPPORTED == ">=0.19.8,<0.20"
-    for bad in ("0.15.4", "0.16.9", "0.17.6", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
+    assert SUPPORTED == ">=0.17.6,<0.18 or >=0.18.9,<0.19 or >=0.19.8,<0.20"
+    assert ZERO3_SUPPORTED == SUPPORTED
+    for bad in ("0.15.4", "0.16.9", "0.17.5", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
         with pytest.raises(RuntimeError, match=rf"tested with deepspeed .*<0\.20 but deepspeed {bad} is installed"):
             check_deepspeed_version(bad)
-    # 0.18's ZeRO-3 fails the 2-rank checks (.ci/ds_matrix.sh): refused there, ZeRO-1/2 not
-    for zero12_only in ("0.18.9", "0.18.10"):
-        check_deepspeed_version(zero12_only, zero_stage=2)
-        with pytest.raises(RuntimeError, match=rf"ZeRO-3 hook is tested with deepspeed >=0\.19\.8,<0\.20 but "
-                                               rf"deepspeed {zero12_only} is installed .*use ZeRO stage 2"):
-            check_deepspeed_version(zero12_only, zero_stage=3)
-    check_deepspeed_version("0.19.8", zero_stage=3)
+    for zero3 in ("0.17.6", "0.18.9", "0.19.8"):
+        check_deepspeed_version(zero3, zero_stage=3)
+
+
+@pytest.mark.unit
+def test_zero3_refusal_names_the_fix():
+    """A release the ZeRO-1/2 checks pass on and the ZeRO-3 ones do not (none today; 0.18 was one
+    until its gather fix) gets stage 3 refused with the way out."""
+    from lisa_dist.deepspeed import _compat
+    saved = _compat._ZERO3_RANGES
+    _compat._ZERO3_RANGES = _compat._ranges(("0.19.8",))
+    try:
+        _compat.check_deepspeed_version("0.18.9", zero_stage=2)
+        with pytest.raises(RuntimeError, match=r"ZeRO-3 hook is tested with deepspeed .* but deepspeed 0\.18\.9 is "
+                                               r"installed .*use ZeRO stage 2"):
+            _compat.check_deepspeed_version("0.18.9", zero_stage=3)
+    finally:
+        _compat._ZERO3_RANGES = saved
 
 
 @pytest.mark.unit
@@ -278,7 +302,7 @@ def test_refuses_param_group_dicts():
 
 @pytest.mark.unit
 def test_zero3_refused_on_zero12_only_releases():
-    """On a release whose ZeRO-3 fails the matrix (0.18) initialize refuses stage 3 before any
+    """On a release whose ZeRO-3 fails the matrix (none of _compat._TESTED today) initialize refuses stage 3 before any
     process group exists; on the others the same config passes the gate (runs in .ci/ds_matrix.sh)."""
     import deepspeed
 

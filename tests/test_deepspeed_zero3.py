@@ -84,6 +84,13 @@ def test_parity_with_single_process_reference(ranks):
 
 
 @distributed
+def test_repeated_gathers_return_the_same_weights(ranks):
+    for rank in ranks:
+        r = rank["repeated_gathers"]
+        assert r["gathers"] == 200 and r["differing"] == 0, r
+
+
+@distributed
 def test_schedule_is_the_sampler_schedule(ranks):
     for rank in ranks:
         for name in PARITY:

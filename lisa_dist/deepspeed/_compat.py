@@ -16,13 +16,14 @@ import torch
 from packaging.version import Version
 
 # Per minor release, the first patch release the distributed checks passed on: later patches of a
-# minor release keep its internals, earlier ones may not. ZeRO-1/2 pass the 2-rank checks of
-# .ci/ds_matrix.sh on 0.18.9 (torch 2.13); ZeRO-3 only on 0.19.8 (on 0.18.9 the fp32 run with the
-# config's AdamW ends with non-finite weights, with or without offload; cause open), so ZeRO-3 keeps
-# its own, narrower list. 0.16.9 and 0.17.6 are adapted below but refused: 0.17.6's ZeRO-2 misses
-# bf16 parity on 2 ranks, 0.16.9 was not run on 2 ranks.
-_TESTED = ("0.18.9", "0.19.8")
-_ZERO3_TESTED = ("0.19.8",)
+# minor release keep its internals, earlier ones may not. Every 2-rank check of .ci/ds_matrix.sh
+# (torch 2.13) passes on 0.17.6 (ZeRO-1/2), 0.18.9 and 0.19.8 (ZeRO-1/2/3); ZeRO-3 keeps its own
+# list, since a release may pass one and not the other. Before 0.19 that takes the fixes below:
+# zero12_build_fixes (2+ ranks fail without it), install_zero2_accumulation_fix (0.17's ZeRO-2
+# applies the last micro-batch's gradient only), install_zero3_gather_fix (ZeRO-3 gathers are
+# sometimes read before they arrive). 0.16.9 is adapted but refused: it was not run on 2 ranks.
+_TESTED = ("0.17.6", "0.18.9", "0.19.8")
+_ZERO3_TESTED = ("0.17.6", "0.18.9", "0.19.8")
 
 
 def _ranges(releases):
@@ -86,6 +87,108 @@ def zero12_build_fixes():
         yield
     finally:
         cls.flatten_dense_tensors_aligned = original
+
+
+class _GatherRecorder:
+    """deepspeed.comm as partition_parameters sees it, keeping every asynchronous all-gather's handle."""
+
+    def __init__(self, comm):
+        self._comm = comm
+        self.handles = []
+
+    def __getattr__(self, name):
+        return getattr(self._comm, name)
+
+    def _record(self, name, *args, **kwargs):
+        handle = getattr(self._comm, name)(*args, **kwargs)
+        if kwargs.get("async_op") and handle is not None:
+            self.handles.append(handle)
+        return handle
+
+    def all_gather_into_tensor(self, *args, **kwargs):
+        return self._record("all_gather_into_tensor", *args, **kwargs)
+
+    def all_gather(self, *args, **kwargs):
+        return self._record("all_gather", *args, **kwargs)
+
+
+def install_zero3_gather_fix() -> None:
+    """Process-wide and idempotent: before 0.19, make ZeRO-3's blocking gather of several params wait
+    for every one of them.
+
+    Init._allgather_params_coalesced (partition_parameters.py; what GatheredParameters and the 16-bit
+    consolidated save behind the runner's save_pretrained run) launches one asynchronous all-gather per
+    param and waits on the last handle only, counting on a CUDA stream to order them. gloo handles
+    are independent and the CPU synchronize() after it is a no-op, so on CPU the caller reads the
+    gathered buffers (torch.empty) while earlier all-gathers are still filling them: whole weights
+    come back as garbage now and then (1.7e38, 3.7e19 in a plain DeepSpeed 0.18.9 ZeRO-3 run without
+    LISA; never on 0.19.8, which waits on every handle). This waits on every handle the original
+    launched, after it returns and before anyone reads the params."""
+    import deepspeed
+    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+        return
+    from deepspeed.runtime.zero import partition_parameters
+    cls = partition_parameters.Init
+    original = cls.__dict__["_allgather_params_coalesced"]
+    if getattr(original, "_lisa_waits_on_every_gather", False):
+        return
+
+    def waits_on_every_gather(self, *args, **kwargs):
+        comm = partition_parameters.dist
+        recorder = partition_parameters.dist = _GatherRecorder(comm)
+        try:
+            result = original(self, *args, **kwargs)
+        finally:
+            partition_parameters.dist = comm
+        for handle in recorder.handles:
+            handle.wait()
+        return result
+
+    waits_on_every_gather._lisa_waits_on_every_gather = True
+    waits_on_every_gather.__wrapped__ = original
+    cls._allgather_params_coalesced = waits_on_every_gather
+
+
+def install_zero2_accumulation_fix() -> None:
+    """Process-wide and idempotent: on 0.17, make ZeRO-2 accumulate gradients over micro-batches.
+
+    DeepSpeed 0.17's independent_gradient_partition_epilogue (stage_1_and_2.py), which ZeRO-2 runs
+    after every micro-batch's backward, keeps the running sum in `all_grad_tensors` but decides
+    between starting and adding to it by looking at `averaged_gradients`, which it only fills at the
+    accumulation boundary. Every micro-batch therefore starts the sum afresh, and the step applies
+    the last micro-batch's gradient only (a plain DeepSpeed 0.17.6 ZeRO-2 engine with
+    gradient_accumulation_steps=2 and no LISA ends a mean 4e-7 from AdamW on the last micro-batches
+    and 1.5e-3 from AdamW on all of them; benchmarks/ds_release_fixes.py). 0.16 fills both per micro-batch; 0.18 tests
+    `all_grad_tensors`, which is what this does: a group with a running sum is marked in
+    `averaged_gradients` for the duration of the call, and unmarked after it unless the boundary
+    replaced the mark with the real partition."""
+    import deepspeed
+    release = Version(Version(deepspeed.__version__).base_version)
+    if not Version("0.17") <= release < Version("0.18"):
+        return
+    cls = zero12_optimizer_class()
+    original = cls.__dict__["independent_gradient_partition_epilogue"]
+    if getattr(original, "_lisa_accumulates", False):
+        return
+
+    def accumulating_epilogue(self):
+        marks = {i: grads for i, grads in self.all_grad_tensors.items()
+                 if grads is not None and self.averaged_gradients.get(i) is None}
+        had_key = {i: (i in self.averaged_gradients) for i in marks}
+        self.averaged_gradients.update(marks)
+        try:
+            return original(self)
+        finally:
+            for i, grads in marks.items():
+                if self.averaged_gradients.get(i) is grads:
+                    if had_key[i]:
+                        self.averaged_gradients[i] = None
+                    else:
+                        del self.averaged_gradients[i]
+
+    accumulating_epilogue._lisa_accumulates = True
+    accumulating_epilogue.__wrapped__ = original
+    cls.independent_gradient_partition_epilogue = accumulating_epilogue
 
 
 # --- engine ---------------------------------------------------------------------------------------
@@ -324,8 +427,8 @@ def _defragment_in_place(tensors: List[torch.Tensor]) -> torch.Tensor:
 @contextmanager
 def zero3_rebuild_context(parameter_offload):
     """While active, a new stage-3 optimizer reuses `parameter_offload` and builds its flat bf16
-    buffer without DeepSpeed's defragmentation pass. Both are class/module attributes swapped for
-    the duration of one synchronous optimizer construction.
+    buffer without DeepSpeed's defragmentation pass or its memory reports. All are class/module
+    attributes swapped for the duration of one synchronous optimizer construction.
 
     - DeepSpeedZeroOptimizer_Stage3.__init__ calls initialize_ds_offload (603-641), which would
       build a second DeepSpeedZeRoOffload and register a second set of module hooks on top of the
@@ -333,20 +436,26 @@ def zero3_rebuild_context(parameter_offload):
     - defragment copies the trainable partitions to the host, runs gc.collect() and copies them
       back, to de-fragment a device filled by model init. At a switch only the active set's
       partitions move (2 Psi_a / N bytes) and the full collection alone took ~1 s per switch here
-      (it scales with the number of live Python objects, not with the model)."""
+      (it scales with the number of live Python objects, not with the model).
+    - see_memory_usage(force=True), which 0.17's constructor calls seven times, runs gc.collect() on
+      rank 0 before logging: measured 2.4 s per switch against 0.1 s per step on 2 ranks. The
+      report is dropped (a rebuild's logs are silenced anyway, quiet_logs)."""
     from deepspeed.runtime.zero import stage3
     cls = zero3_optimizer_class()
     # 0.19 imports defragment into stage3 from zero/utils; before, it is a staticmethod of the class.
     owner = stage3 if hasattr(stage3, "defragment") else cls
     original_offload = cls.__dict__["initialize_ds_offload"]
     original_defragment = owner.__dict__["defragment"]
+    original_report = stage3.see_memory_usage
     cls.initialize_ds_offload = lambda self, *args, **kwargs: parameter_offload
     setattr(owner, "defragment", _defragment_in_place if owner is stage3 else staticmethod(_defragment_in_place))
+    stage3.see_memory_usage = lambda *args, **kwargs: None
     try:
         yield
     finally:
         cls.initialize_ds_offload = original_offload
         setattr(owner, "defragment", original_defragment)
+        stage3.see_memory_usage = original_report
 
 
 def zero3_lp_buffers(zero_optimizer) -> List[torch.Tensor]:

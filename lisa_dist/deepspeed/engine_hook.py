@@ -247,7 +247,12 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
         raise ValueError("no DeepSpeed config: pass config= (dict or JSON path) or args.deepspeed_config")
     ds_config = _compat.load_ds_config(config)
     _check_ds_config(ds_config)
-    _compat.check_deepspeed_version(zero_stage=int((ds_config.get("zero_optimization") or {}).get("stage", 0)))
+    zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    _compat.check_deepspeed_version(zero_stage=zero_stage)
+    if zero_stage == 3:
+        _compat.install_zero3_gather_fix()
+    else:
+        _compat.install_zero2_accumulation_fix()
     if optimizer is None and "optimizer" not in ds_config:
         raise ValueError("LISA trains through the optimizer: add an \"optimizer\" section to the DeepSpeed "
                          "config or pass optimizer=")

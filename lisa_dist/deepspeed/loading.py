@@ -54,6 +54,7 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
     from . import _compat, process_group
 
     _compat.check_deepspeed_version(zero_stage=3)
+    _compat.install_zero3_gather_fix()
     process_group.ensure_initialized()
     import torch.distributed as dist
     initial = initial_state() if initial_state is not None and dist.get_rank() == 0 else None

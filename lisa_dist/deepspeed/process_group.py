@@ -80,3 +80,13 @@ def rank_device(accelerator=None) -> torch.device:
     index = local_rank()
     accelerator.set_device(index)
     return torch.device(accelerator.device_name(index))
+
+
+def fp16_supported(accelerator=None) -> bool:
+    """Whether DeepSpeed's accelerator accepts fp16 training: the engine refuses it otherwise
+    ("Type fp16 is not supported on your device"), after the model is built; its CPU accelerator
+    accepts it only with oneDNN fp16 kernels."""
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+        accelerator = get_accelerator()
+    return bool(accelerator.is_fp16_supported())

@@ -435,6 +435,37 @@ def loading(stage: int, out_dir: Path) -> Dict:
     return result
 
 
+def lisa_train_fp16(stage: int, out_dir: Path) -> Dict:
+    """`lisa-train --backend deepspeed --dtype fp16` with the shipped config, a few steps over two
+    switches: the recipe's runner gets a DeepSpeed engine in fp16 with the dynamic loss scaler."""
+    from lisa_dist.train import BACKENDS, parse_args
+    from lisa_dist.train import train as lisa_train
+    backend = BACKENDS["deepspeed"]
+    real_runner = backend.__dict__["runner"]
+    seen: Dict = {}
+
+    def recording_runner(run, model, calibration=None):
+        runner = real_runner.__func__(run, model, calibration)
+        zero = runner.engine.optimizer
+        seen.update(fp16_enabled=runner.engine.fp16_enabled(), bf16_enabled=runner.engine.bfloat16_enabled(),
+                    weights_dtype=str(next(runner.engine.module.parameters()).dtype),
+                    dynamic_loss_scale=bool(zero.dynamic_loss_scale), loss_scaler=type(zero.loss_scaler).__name__)
+        return runner
+
+    backend.runner = staticmethod(recording_runner)
+    try:
+        summary = lisa_train(parse_args([
+            "--backend", "deepspeed", "--deepspeed", str(Path(__file__).resolve().parents[2] / "ds_configs" /
+                                                         f"zero{stage}.json"),
+            "--dtype", "fp16", "--steps", "4", "--interval-steps", "2", "--batch-size", "2", "--max-length", "32",
+            "--warmup-steps", "1", "--output-dir", str(out_dir / "fp16_run"), "--no-save", "--no-plots"]))
+    finally:
+        backend.runner = real_runner
+    assert seen["fp16_enabled"] and not seen["bf16_enabled"] and seen["dynamic_loss_scale"], seen
+    assert all(math.isfinite(x) for x in summary["losses"]), summary["losses"]
+    return {**seen, "losses": summary["losses"], "switches": [e["switch_index"] for e in summary["schedule"]]}
+
+
 def skew(stage: int) -> Dict:
     """Run with LISA_DIST_TEST_SKEW_RANK set: must raise the disagreement error on every rank."""
     model = build_model()
@@ -480,6 +511,7 @@ def scenarios(stage: int, out_dir: Path) -> Dict[str, Callable[[], Dict]]:
                                                            torch_backward=True))]
     if stage == 2:  # the V100/T4 stack: fp16 with the optimizer on the host (DeepSpeedCPUAdam)
         s["fp16_loss_scale_optcpu"] = lambda: fp16_loss_scale(stage, offload={"device": "cpu"})
+        s["lisa_train_fp16"] = lambda: lisa_train_fp16(stage, out_dir)
     if stage == 1:
         for name, kw in variants:
             s[f"matrix_{name}"] = lambda n=name, kw=kw: matrix(stage, n, **kw)

@@ -423,6 +423,22 @@ def fp16_loss_scale() -> Dict:
                              lambda: ownership(engine, id(offload), hooks))
 
 
+def repeated_gathers(times: int) -> Dict:
+    """GatheredParameters over every parameter, `times` times between two steps: each gather must
+    return the same weights. DeepSpeed before 0.19 waited on the last of its per-param all-gathers
+    only, so on gloo some came back as garbage (_compat.install_zero3_gather_fix)."""
+    model = build_model()
+    cfg = ds3_config(False, optimizer={"type": "AdamW", "params": ADAMW})
+    engine, _, _, _ = lds.initialize(model=model, config=cfg,
+                                     lisa=LisaConfig(activated_layers=2, interval_steps=2, seed=5))
+    train(engine, 1, 1, check_frozen=False)
+    first = gathered_weights(engine.module)
+    differing = sum(not torch.equal(gathered_weights(engine.module), first) for _ in range(times))
+    assert differing == 0 and torch.isfinite(first).all(), f"{differing} of {times} gathers differ"
+    close(engine)
+    return {"gathers": times, "differing": differing}
+
+
 def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
     offload_run = dict(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config")
     return {
@@ -438,6 +454,7 @@ def scenarios(out_dir: Path) -> Dict[str, Callable[[], Dict]]:
         "offload_param": lambda: parity(**offload_run, baseline="no_offload", offload_param=True),
         "offload_both": lambda: parity(**offload_run, baseline="no_offload", offload_optimizer=True,
                                        offload_param=True),
+        "repeated_gathers": lambda: repeated_gathers(200),
         "lr_config_scheduler": lambda: lr_schedule("config"),
         "lr_torch_scheduler": lambda: lr_schedule("torch"),
         "fp16_loss_scale": fp16_loss_scale,
