@@ -71,9 +71,15 @@ def zero12_build_fixes():
     recorded by autograd (stage_1_and_2.py flatten_dense_tensors_aligned), and its partitions are
     split views of it; with torch 2.13 the gloo all-gather into those views after each step then
     fails ("Output 0 of Split is a view and is being modified inplace") on 2+ ranks, with or without
-    LISA. DeepSpeed 0.19 detaches the buffer; this does the same for older releases."""
+    LISA. DeepSpeed 0.19 detaches the buffer; this does the same for older releases.
+
+    0.17's constructor also calls see_memory_usage(force=True) three times, each a gc.collect() on
+    rank 0 before logging (0.18 and 0.19 call none): at every switch that made the 0.17 ZeRO-1/2
+    checks run four times longer. Those reports are dropped here."""
+    from deepspeed.runtime.zero import stage_1_and_2
     cls = zero12_optimizer_class()
     original = cls.__dict__["flatten_dense_tensors_aligned"]
+    original_report = stage_1_and_2.see_memory_usage
     import deepspeed
     if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
         yield
@@ -83,10 +89,12 @@ def zero12_build_fixes():
         return original(self, *args, **kwargs).detach()
 
     cls.flatten_dense_tensors_aligned = detached
+    stage_1_and_2.see_memory_usage = lambda *args, **kwargs: None
     try:
         yield
     finally:
         cls.flatten_dense_tensors_aligned = original
+        stage_1_and_2.see_memory_usage = original_report
 
 
 class _GatherRecorder:
