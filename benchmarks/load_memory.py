@@ -229,7 +229,7 @@ def markdown(r: Dict) -> str:
               "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.",
               "",
               "Reading the rows: ZeRO-1/2 figures include deepspeed.initialize's fp32 state for the active "
-              "layers, which the tiny run does not subtract. `from_pretrained fp32` is near 0 because "
+              "layers, which the tiny run does not subtract. `from_pretrained fp32` is far below the checkpoint because "
               "transformers maps an fp32 checkpoint without copying: its pages become resident when first "
               "touched (the first forward), as page cache shared by a node's ranks, so the row undercounts. "
               "ZeRO-3's figure is nearly all there once `load` returns (`delta_after_load_per_rank` in the "
