@@ -1,13 +1,14 @@
-"""Shared by the benchmark scripts: the benchmark model's shape flags and builder, and what every
-result records about where it ran (CPU/GPU, visible cores, versions)."""
+"""Shared by the benchmark scripts: the benchmark model's shape flags and builder, what every
+result records about where it ran (CPU/GPU, visible cores, versions), and how it is written."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 from importlib import metadata
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -82,3 +83,12 @@ def destroy_engine(engine) -> None:
     engine.optimizer = None
     if hasattr(engine, "lisa"):
         engine.lisa = None
+
+
+def write_report(out: Path, result: Dict, markdown: Callable[[Dict], str]) -> None:
+    """OUT.json (the result) and OUT.md (its Markdown), which is also printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    out.with_suffix(".md").write_text(text)
+    print(text, flush=True)

@@ -19,7 +19,6 @@ with the runners' steps interleaved, so load from other processes hits every row
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.fsdp import FSDPRunner, init_distributed  # noqa: E402
 from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
 from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
-from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
+from bench_common import add_model_args, build_model, machine, versions, write_report  # noqa: E402
 from lisa_dist.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
@@ -282,10 +281,7 @@ def main() -> int:
     owns = init_distributed()
     result = run(args)
     if dist.get_rank() == 0:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-        args.out.with_suffix(".md").write_text(markdown(result))
-        print(markdown(result), flush=True)
+        write_report(args.out, result, markdown)
     dist.barrier()
     if owns:
         dist.destroy_process_group()

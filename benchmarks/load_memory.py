@@ -157,7 +157,7 @@ def main(argv=None) -> int:
     if args.markdown_only:  # re-render the Markdown from a JSON written earlier
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return 0
-    from bench_common import machine, versions
+    from bench_common import machine, versions, write_report
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     big, tiny = args.workdir / f"llama_h{args.hidden}_l{args.layers}", args.workdir / "tiny"
@@ -189,10 +189,7 @@ def main(argv=None) -> int:
                              "bytes": sizes["big"], "files": len(list(big.glob("*.safetensors"))),
                              "tiny_bytes": sizes["tiny"]},
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, result, markdown)
     return 0
 
 

@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     if args.markdown_only:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return 0
-    from bench_common import machine, versions
+    from bench_common import machine, versions, write_report
     from load_memory import write_checkpoint
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -169,10 +169,7 @@ def main(argv=None) -> int:
               "checkpoint": {"hidden": args.hidden, "layers": args.layers, "shard_size": args.shard_size, "bytes": size,
                              "files": len(list(big.glob("*.safetensors")))},
               "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    args.out.with_suffix(".md").write_text(markdown(result))
-    print(markdown(result))
+    write_report(args.out, result, markdown)
     return 0
 
 
