@@ -14,9 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from lisa_dist.fsdp._compat import _torch_minor
+from lisa_dist.fsdp._compat import frozen_units_keep_reduce_dtype
 from plan_asserts import assert_dry_run_predicts
 
 pytestmark = pytest.mark.distributed
@@ -87,7 +86,7 @@ def test_reduce_scatter_fp32_and_only_for_active_units(runs):
         # Without the fix-up, layers first activated after the first forward reduce in bf16 on
         # torch 2.13; torch 2.14 keeps them in fp32 by itself (see check_dtype_fixup_needed).
         seen = rank["without_fixup_reduce_dtypes"]
-        if _torch_minor(torch.__version__) < (2, 14):
+        if not frozen_units_keep_reduce_dtype():
             assert any("torch.bfloat16" in d for d in seen.values()), seen
         else:
             assert all(d == ["torch.float32"] for d in seen.values()), seen

@@ -27,3 +27,9 @@ def test_other_releases_get_the_fix(version, monkeypatch):
 def test_override_runs_anyway(monkeypatch):
     monkeypatch.setenv("LISA_DIST_UNTESTED_TORCH", "1")
     _compat.check_torch_version("2.11.0+cu130")
+
+
+def test_frozen_unit_reduce_dtype_by_release():
+    # What check_dtype_fixup_needed asserts per release: 2.13 loses the dtype, 2.14 keeps it.
+    assert not _compat.frozen_units_keep_reduce_dtype("2.13.0+cpu")
+    assert _compat.frozen_units_keep_reduce_dtype("2.14.1+cu130")

@@ -41,6 +41,13 @@ def check_torch_version(version: Optional[str] = None) -> None:
         f"still reduce in fp32")
 
 
+def frozen_units_keep_reduce_dtype(version: Optional[str] = None) -> bool:
+    """True where FSDP2's lazy init gives a unit frozen at the first forward the requested reduce
+    dtype anyway (torch 2.14+: derived from its frozen parameters); on 2.13 it is lost, and a layer
+    activated later reduce-scatters in the parameter dtype unless refresh_mp_dtypes runs."""
+    return _torch_minor(version or torch.__version__) >= (2, 14)
+
+
 def _param_groups(module: FSDPModule) -> List[object]:
     state = module._get_fsdp_state()
     groups = getattr(state, "_fsdp_param_groups", None)

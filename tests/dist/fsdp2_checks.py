@@ -181,8 +181,8 @@ def check_dtype_fixup_needed(results: Dict) -> None:
     """Without the fix-up, on torch 2.13 a layer activated after the first forward reduce-scatters
     in bf16: this is what check_parity_dtype_and_comm would catch if the fix-up were removed. torch
     2.14 derives a frozen unit's reduce dtype from its frozen parameters, so there it stays fp32."""
-    from lisa_dist.fsdp._compat import _torch_minor
-    lazy_init_loses_reduce_dtype = _torch_minor(torch.__version__) < (2, 14)
+    from lisa_dist.fsdp._compat import frozen_units_keep_reduce_dtype
+    lazy_init_loses_reduce_dtype = not frozen_units_keep_reduce_dtype()
     lisa = LisaConfig(activated_layers=GAMMA, interval_steps=1, seed=0)
     runner = FSDPRunner(build_model(), lisa, lr=1e-3, max_grad_norm=0.0, fix_mp_dtypes=False)
     first = set(runner.active_layers)
