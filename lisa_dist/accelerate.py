@@ -102,8 +102,7 @@ class LisaPrepared:
         with hf_compat.deepspeed_initialize_routed_to(initialize):
             out = original_prepare(accelerator, *args, **kwargs)
         if self.engine is None:
-            raise RuntimeError("accelerate prepared a DeepSpeed model without calling deepspeed.initialize; this "
-                               f"accelerate release is not supported by lisa_dist (tested: {hf_compat.SUPPORTED})")
+            raise hf_compat.prepare_did_not_build_engine()
         return out
 
     def _run_plain(self, backend, model, original_prepare, accelerator, args, kwargs):
@@ -193,7 +192,7 @@ def _groups_by_name(model: nn.Module, optimizer: torch.optim.Optimizer):
 def prepare(accelerator, *objects, lisa: LisaConfig, device_placement=None):
     """`accelerator.prepare(*objects)` with LISA for the one model among `objects`; pass the model and
     its optimizer (and under DeepSpeed a scheduler built over that optimizer) in this one call."""
-    hf_compat.check_versions()
+    hf_compat.check()
     models = [o for o in objects if isinstance(o, nn.Module)]
     if len(models) != 1:
         raise ValueError(f"lisa_dist.accelerate.prepare needs exactly one model among the objects, got {len(models)}")

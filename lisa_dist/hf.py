@@ -61,7 +61,7 @@ class LisaCallback(TrainerCallback):
     def __init__(self, lisa: LisaConfig):
         if not isinstance(lisa, LisaConfig):
             raise ValueError(f"LisaCallback(lisa=...) takes a lisa_dist.LisaConfig, got {type(lisa).__name__}")
-        hf_compat.check_versions()
+        hf_compat.check()
         hf_compat.install(_route_prepare, _extra_logs)
         self.lisa = lisa
         self.prepared = LisaPrepared(lisa)

@@ -26,35 +26,72 @@ wrappers do nothing unless the model being prepared was registered by a LisaCall
 `zero3_weight_init_skipped` (used by lisa_dist.modeling for ZeRO-3 checkpoint loading) swaps one
 transformers function for the duration of a model build.
 
-Widen SUPPORTED only after tests/test_hf.py passes on the new releases.
+Outside the releases lisa_dist/versions.py lists, `check` warns once per library and goes on; it
+refuses only when a probe of what this module touches fails.
 """
 from __future__ import annotations
 
 import functools
 import os
+import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Dict, Optional, Sequence
 
-from packaging.version import Version
+from .versions import IncompatibleReleaseError, Probe, check_release, missing_message, require, require_attrs
 
-SUPPORTED: Dict[str, str] = {"transformers": ">=5.24,<5.25", "accelerate": ">=1.15,<1.16"}
-_RANGES = {"transformers": (Version("5.24"), Version("5.25")), "accelerate": (Version("1.15"), Version("1.16"))}
+def _probes():
+    import accelerate.accelerator
+    import transformers.trainer
+    from torch.nn.parallel import DistributedDataParallel
+
+    return {
+        "transformers": [
+            Probe("transformers.trainer.save_fsdp_optimizer / load_fsdp_optimizer (module globals Trainer calls)",
+                  lambda: callable(transformers.trainer.save_fsdp_optimizer)
+                  and callable(transformers.trainer.load_fsdp_optimizer)),
+        ],
+        "accelerate": [
+            Probe("accelerate.accelerator.save_fsdp_optimizer / load_fsdp_optimizer (module globals save_state calls)",
+                  lambda: callable(accelerate.accelerator.save_fsdp_optimizer)
+                  and callable(accelerate.accelerator.load_fsdp_optimizer)),
+            Probe("accelerate.optimizer.AcceleratedOptimizer", lambda: isinstance(_accelerated_optimizer(), type)),
+            Probe("accelerate.utils.DummyOptim", lambda: isinstance(__import__("accelerate.utils").utils.DummyOptim,
+                                                                    type)),
+        ],
+        "torch": [
+            Probe("torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model",
+                  lambda: callable(DistributedDataParallel._set_params_and_buffers_to_ignore_for_model)),
+        ],
+    }
 
 
-def check_versions(installed: Optional[Dict[str, str]] = None) -> None:
-    """Raise RuntimeError unless transformers and accelerate are in the tested ranges."""
-    if installed is None:
-        import accelerate
-        import transformers
-        installed = {"transformers": transformers.__version__, "accelerate": accelerate.__version__}
-    for name, version in installed.items():
-        low, high = _RANGES[name]
-        if not low <= Version(Version(version).base_version) < high:
-            raise RuntimeError(
-                f"lisa_dist.hf is tested with {name}{SUPPORTED[name]} but {name} {version} is installed; it hooks "
-                f"into Trainer/accelerate internals that change between releases. Install a supported version "
-                f"(pip install '{name}{SUPPORTED[name]}') or drive lisa_dist.deepspeed.initialize / "
-                "LisaOptimizer from your own loop")
+def check() -> None:
+    """At lisa_dist.hf's / lisa_dist.accelerate's first use: one warning per library outside the tested
+    releases (TRL too when it is loaded), and a refusal only where a probe of what they touch fails."""
+    import accelerate
+    import torch
+    import transformers
+
+    check_release("transformers", transformers.__version__)
+    check_release("accelerate", accelerate.__version__)
+    check_release("torch", torch.__version__)
+    if "trl" in sys.modules:
+        check_release("trl", getattr(sys.modules["trl"], "__version__", None))
+    for library, probes in _probes().items():
+        require(library, f"hf-{library}", probes)
+
+
+def _accelerated_optimizer():
+    from accelerate.optimizer import AcceleratedOptimizer
+    return AcceleratedOptimizer
+
+
+def prepare_did_not_build_engine() -> IncompatibleReleaseError:
+    """accelerate's DeepSpeed prepare finished without looking deepspeed.initialize up, which is how
+    LISA gets between Trainer's optimizer and the engine (a behaviour probe that can only run then)."""
+    return IncompatibleReleaseError(missing_message("accelerate", [(
+        "Accelerator.prepare building the DeepSpeed engine through deepspeed.initialize, looked up at call time "
+        "(accelerate.accelerator._prepare_deepspeed)", None)]))
 
 
 PrepareRoute = Callable[[Callable, Any, Sequence[Any], Dict[str, Any]], Any]
@@ -167,6 +204,7 @@ def fsdp2_options(accelerator) -> Dict[str, Any]:
 def register_fsdp2_model(accelerator, model) -> None:
     """Make an FSDP2 model LISA sharded one of the accelerator's models, as `_prepare_fsdp2` would
     (save_state, clip_grad_norm_, get_state_dict and unwrap_model look it up there)."""
+    require_attrs("accelerate", accelerator, "Accelerator", ("_models",))
     if model not in accelerator._models:
         accelerator._models.append(model)
     model._is_accelerate_prepared = True
@@ -230,26 +268,26 @@ def ddp_ignore_parameters(model, names: Sequence[str]) -> None:
 
 def ddp_syncs_this_backward(ddp_model) -> bool:
     """False inside DDP's no_sync() (a gradient-accumulation micro-step that does not reduce)."""
+    require_attrs("torch", ddp_model, "DistributedDataParallel", ("require_backward_grad_sync",))
     return bool(ddp_model.require_backward_grad_sync)
 
 
 @contextmanager
 def zero3_weight_init_skipped():
     """While active, a model transformers builds under ZeRO-3 (from_config with a live
-    HfDeepSpeedConfig) keeps whatever its partitions hold instead of being randomly initialised.
+    HfDeepSpeedConfig) keeps whatever its partitions hold instead of being randomly initialised
+    (a release without `initialize_weights_zero3` initialises it: slower, the same after the fill).
     transformers 5.24 initialises such a model module by module: every rank gathers the module's
     parameters whole, rank 0 initialises them and broadcasts, and each is re-partitioned
     (integrations/deepspeed.py:298, modeling_utils.py:1459). A caller that then overwrites every
     parameter from a checkpoint pays that pass over the whole model for nothing. Construction itself
     already runs under transformers' no_init_weights."""
-    import transformers
     from transformers.integrations import deepspeed as hf_deepspeed
 
-    low, high = _RANGES["transformers"]
-    if not low <= Version(Version(transformers.__version__).base_version) < high:
-        yield  # untested release: let it initialise (slower; the files overwrite the result all the same)
+    original = getattr(hf_deepspeed, "initialize_weights_zero3", None)
+    if original is None:
+        yield
         return
-    original = hf_deepspeed.initialize_weights_zero3
     hf_deepspeed.initialize_weights_zero3 = lambda model: None
     try:
         yield

@@ -230,33 +230,21 @@ def _tiny():
 
 
 @pytest.mark.unit
-def test_version_pin():
-    from lisa_dist.deepspeed._compat import SUPPORTED, ZERO3_SUPPORTED, check_deepspeed_version
-    for good in ("0.17.6", "0.17.9", "0.18.9", "0.18.12", "0.19.8", "0.19.12+abc123"):
-        check_deepspeed_version(good)
-    assert SUPPORTED == ">=0.17.6,<0.18 or >=0.18.9,<0.19 or >=0.19.8,<0.20"
-    assert ZERO3_SUPPORTED == SUPPORTED
-    for bad in ("0.15.4", "0.16.9", "0.17.5", "0.18.8", "0.19.7", "0.20.0", "1.0.0"):
-        with pytest.raises(RuntimeError, match=rf"tested with deepspeed .*<0\.20 but deepspeed {bad} is installed"):
-            check_deepspeed_version(bad)
-    for zero3 in ("0.17.6", "0.18.9", "0.19.8"):
-        check_deepspeed_version(zero3, zero_stage=3)
+def test_probes_pass_here_and_name_a_missing_private_api(monkeypatch):
+    """Every private DeepSpeed attribute the hook touches is probed at first use; one that a release
+    dropped stops it with an error naming the attribute and the newest release that had it."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-
-@pytest.mark.unit
-def test_zero3_refusal_names_the_fix():
-    """A release the ZeRO-1/2 checks pass on and the ZeRO-3 ones do not (none today; 0.18 was one
-    until its gather fix) gets stage 3 refused with the way out."""
+    from lisa_dist import versions
     from lisa_dist.deepspeed import _compat
-    saved = _compat._ZERO3_RANGES
-    _compat._ZERO3_RANGES = _compat._ranges(("0.19.8",))
-    try:
-        _compat.check_deepspeed_version("0.18.9", zero_stage=2)
-        with pytest.raises(RuntimeError, match=r"ZeRO-3 hook is tested with deepspeed .* but deepspeed 0\.18\.9 is "
-                                               r"installed .*use ZeRO stage 2"):
-            _compat.check_deepspeed_version("0.18.9", zero_stage=3)
-    finally:
-        _compat._ZERO3_RANGES = saved
+    versions.reset_for_tests()
+    _compat.check_deepspeed()
+    versions.reset_for_tests()
+    monkeypatch.delattr(DeepSpeedZeroOptimizer, "destroy")
+    with pytest.raises(versions.IncompatibleReleaseError,
+                       match=r"DeepSpeedZeroOptimizer\.destroy \(last seen in deepspeed 0\.19\.8\)"):
+        _compat.check_deepspeed()
+    versions.reset_for_tests()
 
 
 @pytest.mark.unit
@@ -298,22 +286,6 @@ def test_refuses_param_group_dicts():
                        config={"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}},
                        lisa=LisaConfig(activated_layers=1, interval_steps=2))
     assert torch.is_grad_enabled()
-
-
-@pytest.mark.unit
-def test_zero3_refused_on_zero12_only_releases():
-    """On a release whose ZeRO-3 fails the matrix (none of _compat._TESTED today) initialize refuses stage 3 before any
-    process group exists; on the others the same config passes the gate (runs in .ci/ds_matrix.sh)."""
-    import deepspeed
-
-    import lisa_dist.deepspeed as lds
-    from lisa_dist.deepspeed._compat import version_supported
-    if version_supported(deepspeed.__version__, 3):
-        pytest.skip(f"deepspeed {deepspeed.__version__} supports ZeRO-3 (tests/test_deepspeed_zero3.py)")
-    with pytest.raises(RuntimeError, match="ZeRO-3 hook is tested with deepspeed"):
-        lds.initialize(model=_tiny(), config={"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
-                                              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}},
-                       lisa=LisaConfig(activated_layers=1, interval_steps=2))
 
 
 @distributed

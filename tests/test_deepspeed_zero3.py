@@ -26,17 +26,6 @@ WORLD = 2
 distributed = pytest.mark.distributed
 
 
-def _zero3_supported() -> bool:
-    import deepspeed
-
-    from lisa_dist.deepspeed._compat import version_supported
-    return version_supported(deepspeed.__version__, 3)
-
-
-# The DeepSpeed matrix runs this file on ZeRO-1/2-only releases too: there, ZeRO-3 must be refused.
-pytestmark = pytest.mark.skipif(not _zero3_supported(), reason="this DeepSpeed release supports ZeRO-1/2 only")
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3")

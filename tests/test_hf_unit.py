@@ -1,5 +1,5 @@
-"""In-process checks of the integration layer: per-option-set groups in LisaOptimizer, the version
-gate of lisa_dist.hf_compat, and LisaCallback's input errors."""
+"""In-process checks of the integration layer: per-option-set groups in LisaOptimizer, the probes
+of lisa_dist.hf_compat, and LisaCallback's input errors."""
 from __future__ import annotations
 
 import copy
@@ -88,12 +88,17 @@ def test_groups_with_a_foreign_parameter_are_refused():
         LisaOptimizer(model, LisaConfig(activated_layers=1), groups=[{"params": [torch.nn.Parameter(torch.zeros(1))]}])
 
 
-def test_version_gate_names_the_tested_range():
-    hf_compat.check_versions({"transformers": "5.24.0", "accelerate": "1.15.0"})
-    with pytest.raises(RuntimeError, match=r"transformers>=5.24,<5.25"):
-        hf_compat.check_versions({"transformers": "5.30.0", "accelerate": "1.15.0"})
-    with pytest.raises(RuntimeError, match=r"accelerate>=1.15,<1.16"):
-        hf_compat.check_versions({"transformers": "5.24.1", "accelerate": "1.20.0"})
+def test_probes_pass_here_and_name_a_missing_private_api(monkeypatch):
+    import transformers.trainer
+
+    from lisa_dist import versions
+    versions.reset_for_tests()
+    hf_compat.check()
+    versions.reset_for_tests()
+    monkeypatch.delattr(transformers.trainer, "save_fsdp_optimizer")
+    with pytest.raises(versions.IncompatibleReleaseError, match=r"transformers\.trainer\.save_fsdp_optimizer"):
+        hf_compat.check()
+    versions.reset_for_tests()
 
 
 def test_callback_needs_a_lisa_config():

@@ -1,10 +1,14 @@
-"""Every private DeepSpeed access of the LISA engine hook, in one place, behind a version pin.
+"""Every private DeepSpeed access of the LISA engine hook, in one place, each behind a probe.
 
 The hook rebuilds DeepSpeed's ZeRO optimizer in place at each switch, which no public API offers.
-The attributes used here were read in DeepSpeed 0.19.8 (DESIGN.md section 5); a release outside
-the tested range may rename or restructure them, so the hook refuses it with a clear message rather
-than corrupting training silently. Widen SUPPORTED (and setup.py) only after the distributed tests
-pass on the new release.
+The attributes used here were read in DeepSpeed 0.19.8 (docs/design.md, "DeepSpeed internals") and
+are tested on the releases lisa_dist/versions.py lists. Outside them the hook warns once and goes
+on; it refuses only when a probe of an attribute, signature or behaviour it relies on fails
+(`check_deepspeed` at first use, `check_engine` on the first engine built), naming what is missing.
+
+Releases before 0.19 take the fixes below: zero12_build_fixes (2+ ranks fail without it),
+install_zero2_accumulation_fix (0.17's ZeRO-2 applies the last micro-batch's gradient only),
+install_zero3_gather_fix (ZeRO-3 gathers are sometimes read before they arrive).
 """
 from __future__ import annotations
 
@@ -15,52 +19,84 @@ from typing import Dict, List
 import torch
 from packaging.version import Version
 
-# Per minor release, the first patch release the distributed checks passed on: later patches of a
-# minor release keep its internals, earlier ones may not. Every 2-rank check of .ci/ds_matrix.sh
-# (torch 2.13) passes on 0.17.6 (ZeRO-1/2), 0.18.9 and 0.19.8 (ZeRO-1/2/3); ZeRO-3 keeps its own
-# list, since a release may pass one and not the other. Before 0.19 that takes the fixes below:
-# zero12_build_fixes (2+ ranks fail without it), install_zero2_accumulation_fix (0.17's ZeRO-2
-# applies the last micro-batch's gradient only), install_zero3_gather_fix (ZeRO-3 gathers are
-# sometimes read before they arrive). 0.16.9 is adapted but refused: it was not run on 2 ranks.
-_TESTED = ("0.17.6", "0.18.9", "0.19.8")
-_ZERO3_TESTED = ("0.17.6", "0.18.9", "0.19.8")
+from ...versions import Probe, check_release, has_signature, require, require_attrs
 
 
-def _ranges(releases):
-    return [(Version(v), Version(f"{Version(v).major}.{Version(v).minor + 1}")) for v in releases]
+def _release() -> Version:
+    import deepspeed
+    return Version(Version(deepspeed.__version__).base_version)
 
 
-_RANGES = _ranges(_TESTED)
-_ZERO3_RANGES = _ranges(_ZERO3_TESTED)
-SUPPORTED = " or ".join(f">={lo},<{hi}" for lo, hi in _RANGES)
-ZERO3_SUPPORTED = " or ".join(f">={lo},<{hi}" for lo, hi in _ZERO3_RANGES)
+def _module_probes() -> List[Probe]:
+    from deepspeed.runtime import engine, utils
+    from deepspeed.runtime.zero import partition_parameters, stage3, stage_1_and_2
+
+    zero12, zero3 = zero12_optimizer_class, zero3_optimizer_class
+    probes = [
+        Probe("deepspeed.runtime.engine.DeepSpeedEngine._configure_optimizer(client_optimizer, model_parameters)",
+              lambda: has_signature(engine.DeepSpeedEngine._configure_optimizer, "client_optimizer",
+                                    "model_parameters")),
+        Probe("deepspeed.runtime.engine.DeepSpeedEngine._zero3_consolidated_16bit_state_dict",
+              lambda: callable(engine.DeepSpeedEngine._zero3_consolidated_16bit_state_dict)),
+        Probe("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.destroy", lambda: callable(zero12().destroy)),
+        Probe("deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload",
+              lambda: "initialize_ds_offload" in zero3().__dict__),
+        Probe("deepspeed.runtime.zero.stage3.defragment (or DeepSpeedZeroOptimizer_Stage3.defragment)",
+              lambda: hasattr(stage3, "defragment") or "defragment" in zero3().__dict__),
+        Probe("deepspeed.runtime.zero.stage3.see_memory_usage", lambda: callable(stage3.see_memory_usage)),
+        Probe("deepspeed.runtime.utils.empty_cache", lambda: callable(utils.empty_cache)),
+        Probe("deepspeed.runtime.zero.stage_1_and_2.empty_cache", lambda: callable(stage_1_and_2.empty_cache)),
+        Probe("deepspeed.comm.comm.cdb", lambda: hasattr(__import__("deepspeed.comm.comm", fromlist=["cdb"]), "cdb")),
+        Probe("deepspeed.runtime.zero.partition_parameters.Init", lambda: isinstance(partition_parameters.Init, type)),
+        Probe("deepspeed checkpoint types (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)",
+              lambda: len(checkpoint_safe_globals()) == 4),
+    ]
+    if _release() < Version("0.19"):  # only the pre-0.19 fixes touch these
+        probes += [
+            Probe("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.flatten_dense_tensors_aligned",
+                  lambda: "flatten_dense_tensors_aligned" in zero12().__dict__, last_seen="0.18.9"),
+            Probe("deepspeed.runtime.zero.partition_parameters.Init._allgather_params_coalesced",
+                  lambda: "_allgather_params_coalesced" in partition_parameters.Init.__dict__, last_seen="0.18.9"),
+            Probe("deepspeed.runtime.zero.stage_1_and_2.see_memory_usage",
+                  lambda: callable(stage_1_and_2.see_memory_usage), last_seen="0.18.9"),
+        ]
+    if Version("0.17") <= _release() < Version("0.18"):
+        probes.append(Probe("DeepSpeedZeroOptimizer.independent_gradient_partition_epilogue",
+                            lambda: "independent_gradient_partition_epilogue" in zero12().__dict__, last_seen="0.17.6"))
+    return probes
 
 
-def version_supported(installed: str, zero_stage: int | None = None) -> bool:
-    # DeepSpeed source builds append "+<git hash>"; the release is what matters.
-    release = Version(Version(installed).base_version)
-    ranges = _ZERO3_RANGES if zero_stage == 3 else _RANGES
-    return any(lo <= release < hi for lo, hi in ranges)
+def check_deepspeed() -> None:
+    """At the hook's first use: one warning outside the tested DeepSpeed and torch releases; refuse
+    only when a probe of DeepSpeed's internals fails."""
+    import deepspeed
+    check_release("deepspeed", deepspeed.__version__)
+    check_release("torch", torch.__version__)
+    require("deepspeed", "deepspeed-modules", _module_probes())
 
 
-def check_deepspeed_version(installed: str | None = None, zero_stage: int | None = None) -> None:
-    """Raise RuntimeError unless the installed DeepSpeed is in a tested range (for `zero_stage` 3,
-    the ZeRO-3 one)."""
-    if installed is None:
-        import deepspeed
-        installed = deepspeed.__version__
-    if not version_supported(installed):
-        newest = _TESTED[-1]
-        raise RuntimeError(
-            f"lisa_dist's DeepSpeed hook is tested with deepspeed {SUPPORTED} but deepspeed {installed} is "
-            f"installed. It rebuilds ZeRO optimizer internals that change between releases; install a "
-            f"supported version (pip install 'deepspeed>={newest},<{_RANGES[-1][1]}') or use --backend fsdp2")
-    if zero_stage == 3 and not version_supported(installed, 3):
-        newest = _ZERO3_TESTED[-1]
-        raise RuntimeError(
-            f"lisa_dist's ZeRO-3 hook is tested with deepspeed {ZERO3_SUPPORTED} but deepspeed {installed} is "
-            f"installed (it supports ZeRO-1/2 only); install 'deepspeed>={newest},<{_ZERO3_RANGES[-1][1]}', "
-            f"use ZeRO stage 2, or use --backend fsdp2")
+_ZERO12_ATTRS = ("bit16_groups", "bit16_groups_flat", "single_partition_of_fp32_groups", "averaged_gradients")
+_ZERO3_ATTRS = ("fp32_partitioned_groups_flat", "fp16_groups", "fp16_partitioned_groups_flat", "sub_group_to_group_id",
+                "parameter_offload", "_grad_acc_hooks", "_leaf_module_hooks", "param_groups_fp16_flat_cpu_memory",
+                "averaged_gradients")
+
+
+def check_engine(engine) -> None:
+    """On the first engine built, once per ZeRO stage: the instance attributes the rebuild reads."""
+    stage = int(engine.zero_optimization_stage())
+    optimizer = engine.optimizer
+    label = "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else "DeepSpeedZeroOptimizer"
+    attrs = (_ZERO3_ATTRS if stage == 3 else _ZERO12_ATTRS) + _LOSS_SCALE_ATTRS
+    require_attrs("deepspeed", optimizer, label, attrs, key=f"deepspeed-{label}")
+    if stage == 3:
+        offload = optimizer.parameter_offload
+        require_attrs("deepspeed", offload, "DeepSpeedZeRoOffload", ("forward_hooks", "backward_hooks",
+                                                                     "get_param_coordinator"))
+        require_attrs("deepspeed", offload.get_param_coordinator(), "PartitionedParameterCoordinator",
+                      ("_invalidate_trace", "is_invalid_trace"))
+    if supports_torch_style_backward(engine):
+        require_attrs("deepspeed", engine, "DeepSpeedEngine", ("_backward_post_hook",),
+                      key="deepspeed-torch-style-backward")
 
 
 @contextmanager
@@ -80,8 +116,7 @@ def zero12_build_fixes():
     cls = zero12_optimizer_class()
     original = cls.__dict__["flatten_dense_tensors_aligned"]
     original_report = stage_1_and_2.see_memory_usage
-    import deepspeed
-    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+    if _release() >= Version("0.19"):
         yield
         return
 
@@ -132,8 +167,7 @@ def install_zero3_gather_fix() -> None:
     come back as garbage now and then (1.7e38, 3.7e19 in a plain DeepSpeed 0.18.9 ZeRO-3 run without
     LISA; never on 0.19.8, which waits on every handle). This waits on every handle the original
     launched, after it returns and before anyone reads the params."""
-    import deepspeed
-    if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
+    if _release() >= Version("0.19"):
         return
     from deepspeed.runtime.zero import partition_parameters
     cls = partition_parameters.Init
@@ -170,9 +204,7 @@ def install_zero2_accumulation_fix() -> None:
     `all_grad_tensors`, which is what this does: a group with a running sum is marked in
     `averaged_gradients` for the duration of the call, and unmarked after it unless the boundary
     replaced the mark with the real partition."""
-    import deepspeed
-    release = Version(Version(deepspeed.__version__).base_version)
-    if not Version("0.17") <= release < Version("0.18"):
+    if not Version("0.17") <= _release() < Version("0.18"):
         return
     cls = zero12_optimizer_class()
     original = cls.__dict__["independent_gradient_partition_epilogue"]

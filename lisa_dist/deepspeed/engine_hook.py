@@ -226,7 +226,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     `(rank, world_size) -> batches`, forwarded once through the new engine; the engine is built over
     a provisional set and rebuilt over the first outlier-weighted one.
     """
-    _compat.check_deepspeed_version()
+    _compat.check_deepspeed()
     import deepspeed
     from deepspeed import comm as ds_comm
     from deepspeed.accelerator import get_accelerator
@@ -248,7 +248,6 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     ds_config = _compat.load_ds_config(config)
     _check_ds_config(ds_config)
     zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    _compat.check_deepspeed_version(zero_stage=zero_stage)
     if zero_stage == 3:
         _compat.install_zero3_gather_fix()
     else:
@@ -290,6 +289,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
             args=args, model=model, optimizer=optimizer, model_parameters=param_groups,
             training_data=training_data, lr_scheduler=lr_scheduler, mpu=mpu, dist_init_required=dist_init_required,
             collate_fn=collate_fn, config=None if from_args else ds_config, mesh_param=mesh_param, **port_kwargs)
+    _compat.check_engine(engine)
     expected = _compat.zero3_optimizer_class() if int(engine.zero_optimization_stage()) == 3 \
         else _compat.zero12_optimizer_class()
     assert isinstance(engine.optimizer, expected), (

@@ -53,7 +53,7 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
     from ..memory import large_host_blocks_mapped
     from . import _compat, process_group
 
-    _compat.check_deepspeed_version(zero_stage=3)
+    _compat.check_deepspeed()
     _compat.install_zero3_gather_fix()
     process_group.ensure_initialized()
     import torch.distributed as dist

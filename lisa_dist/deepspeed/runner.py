@@ -27,7 +27,7 @@ class DeepSpeedRunner:
     def __init__(self, model: nn.Module, lisa_config: LisaConfig, ds_config: Union[dict, str], *,
                  calibration: Optional[Any] = None):
         """`calibration`: batches, or a callable (rank, world_size) -> batches, for sampling="outlier"."""
-        _compat.check_deepspeed_version()
+        _compat.check_deepspeed()
         # ZeRO-3 loading may have started the group on the runner's behalf.
         self._owned_process_group = not (dist.is_available() and dist.is_initialized()) or process_group.started_here()
         self.engine, _, _, self.scheduler = initialize(model=model, config=ds_config, lisa=lisa_config,

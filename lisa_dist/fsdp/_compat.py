@@ -1,60 +1,63 @@
-"""Every private torch access of the FSDP2 backend, behind one version gate.
+"""Every private torch access of the FSDP2 backend, each behind a probe.
 
 FSDP2 fixes each unit's reduce dtype at its first forward (`FSDPParamGroup._init_mp_dtypes`, run
 from lazy init) from the parameters that require grad *then*. A decoder layer that LISA freezes at
 that moment and activates later would reduce-scatter its gradients in bf16 instead of the requested
-fp32, silently. No public API re-runs that init, so this module does (torch 2.14 derives a frozen unit's dtype
-from its frozen parameters, so there the re-run is a no-op safeguard), and only for the torch range
-it was tested against (2.13.0+cpu and 2.14.1 on CPU, gloo: every FSDP2 test of the suite). Elsewhere
-it refuses to run.
+fp32, silently. No public API re-runs that init, so this module does (torch 2.14+ derives a frozen
+unit's dtype from its frozen parameters, so there the re-run is a no-op safeguard).
+
+Outside the tested torch releases (lisa_dist/versions.py) the backend warns once and goes on; it
+refuses only when a probe of what it touches fails (`check_torch`).
 """
 from __future__ import annotations
 
-import os
 from typing import Iterator, List, Optional
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-TESTED_TORCH = ((2, 13), (2, 15))  # [min, max) of (major, minor)
-_OVERRIDE_ENV = "LISA_DIST_UNTESTED_TORCH"
+from ..versions import IncompatibleReleaseError, Probe, check_release, missing_message, release_tuple, require
 
 
-def _torch_minor(version: str) -> tuple:
-    major, minor = version.split("+")[0].split(".")[:2]
-    return int(major), int(minor)
+def _param_group_class():
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+    return FSDPParamGroup
 
 
-def check_torch_version(version: Optional[str] = None) -> None:
-    """Raise unless torch is in the tested range (set LISA_DIST_UNTESTED_TORCH=1 to try another)."""
-    version = version or torch.__version__
-    lo, hi = TESTED_TORCH
-    if lo <= _torch_minor(version) < hi or os.environ.get(_OVERRIDE_ENV) == "1":
-        return
-    raise RuntimeError(
-        f"lisa_dist's FSDP2 backend re-runs FSDP2's private mixed-precision init after each LISA switch "
-        f"(torch.distributed.fsdp._fully_shard: FSDPState._fsdp_param_groups, FSDPParamGroup._init_mp_dtypes) "
-        f"and is tested with torch {lo[0]}.{lo[1]}.x-{hi[0]}.{hi[1] - 1}.x only; this is torch {version}. Install torch "
-        f">={lo[0]}.{lo[1]},<{hi[0]}.{hi[1]}, or set {_OVERRIDE_ENV}=1 to run anyway and check with "
-        f"`pytest -m distributed tests/test_fsdp2.py` that layers activated after the first forward "
-        f"still reduce in fp32")
+_PROBES = (
+    Probe("torch.distributed.fsdp.FSDPModule._get_fsdp_state", lambda: callable(FSDPModule._get_fsdp_state)),
+    Probe("torch.distributed.fsdp._fully_shard._fsdp_param_group.FSDPParamGroup._init_mp_dtypes",
+          lambda: callable(_param_group_class()._init_mp_dtypes)),
+)
+
+
+def check_torch() -> None:
+    """At the FSDP2 backend's first use: warn outside the tested torch releases, refuse only when a
+    probe of FSDP2's internals fails."""
+    check_release("torch", torch.__version__)
+    require("torch", "fsdp2", _PROBES)
 
 
 def frozen_units_keep_reduce_dtype(version: Optional[str] = None) -> bool:
     """True where FSDP2's lazy init gives a unit frozen at the first forward the requested reduce
-    dtype anyway (torch 2.14+: derived from its frozen parameters); on 2.13 it is lost, and a layer
-    activated later reduce-scatters in the parameter dtype unless refresh_mp_dtypes runs."""
-    return _torch_minor(version or torch.__version__) >= (2, 14)
+    dtype anyway (torch 2.14+: derived from its frozen parameters, PR #187376); before, it is lost,
+    and a layer activated later reduce-scatters in the parameter dtype unless refresh_mp_dtypes runs."""
+    return release_tuple(version or torch.__version__)[:2] >= (2, 14)
 
 
 def _param_groups(module: FSDPModule) -> List[object]:
-    state = module._get_fsdp_state()
-    groups = getattr(state, "_fsdp_param_groups", None)
-    if groups is None:
-        raise RuntimeError(f"torch {torch.__version__}: FSDPState has no _fsdp_param_groups; "
-                           "lisa_dist/fsdp/_compat.py needs updating for this release")
-    return list(groups)
+    # torch 2.12+ keeps a list of groups per state (PR #173509; `_fsdp_param_group` became a property
+    # that refuses several), 2.11 and before one optional group.
+    fields = vars(module._get_fsdp_state())
+    if "_fsdp_param_groups" in fields:
+        return list(fields["_fsdp_param_groups"])
+    if "_fsdp_param_group" in fields:
+        group = fields["_fsdp_param_group"]
+        return [group] if group is not None else []
+    raise IncompatibleReleaseError(missing_message("torch", [(
+        "torch.distributed.fsdp._fully_shard._fsdp_state.FSDPState._fsdp_param_groups (or _fsdp_param_group)",
+        None)]))
 
 
 def fsdp_units(model: nn.Module) -> Iterator[FSDPModule]:

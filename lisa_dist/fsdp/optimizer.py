@@ -20,7 +20,7 @@ from torch import nn
 from ..config import LisaConfig
 from ..optim import LisaOptimizer, _forward
 from ..outlier import outlier_ratios
-from ._compat import check_torch_version, refresh_mp_dtypes
+from ._compat import check_torch, refresh_mp_dtypes
 from .shard import default_device
 
 
@@ -35,7 +35,7 @@ class FSDPLisaOptimizer(LisaOptimizer):
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
                  fix_mp_dtypes: bool = True, calibration: Optional[Iterable[Dict[str, Any]]] = None,
                  **optimizer_kwargs):
-        check_torch_version()
+        check_torch()
         # Set before super().__init__(), which performs the first switch through _switch_to.
         self._model = model
         self._fix_mp_dtypes = fix_mp_dtypes

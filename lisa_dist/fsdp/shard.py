@@ -10,7 +10,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from ..devices import rank_device
 from ..layers import find_decoder_layers
-from ._compat import check_torch_version
+from ._compat import check_torch
 
 
 def default_device() -> torch.device:
@@ -29,7 +29,7 @@ def shard_model(model: nn.Module, mp_bf16: bool = True, reduce_fp32: bool = True
     (there is no fp32 copy of frozen layers anywhere; LisaOptimizer keeps fp32 masters for the
     active set only) and `reduce_fp32` reduce-scatters gradients in fp32.
     """
-    check_torch_version()
+    check_torch()
     if not torch.distributed.is_initialized():
         raise ValueError("shard_model needs an initialised process group: launch with torchrun and call "
                          "torch.distributed.init_process_group() first (FSDPRunner does both for you)")
