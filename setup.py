@@ -20,7 +20,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lisa_dist", "lisa_dist.*"]),
-    package_data={"lisa_dist": ["assets/*", "assets/*/*", "recipe/assets/*", "recipe/assets/*/*"]},
+    package_data={"lisa_dist": ["recipe/assets/*", "recipe/assets/*/*"]},
     python_requires=">=3.10",
     install_requires=[req("torch"), req("deepspeed"), req("transformers"), req("accelerate"), "safetensors",
                       "tokenizers", "tqdm", "pyyaml", "packaging"],
@@ -37,5 +37,5 @@ setup(
         # benchmarks/: plots, the LoRA rows, and the real checkpoints shipped as GGUF files.
         "bench": ["matplotlib", req("peft"), "gguf", "datasets"],
     },
-    entry_points={"console_scripts": ["lisa-train=lisa_dist.train:main", "lisa-export=lisa_dist.export:main"]},
+    entry_points={"console_scripts": ["lisa-train=lisa_dist.recipe.train:main", "lisa-export=lisa_dist.recipe.export:main"]},
 )

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from bench_common import machine, versions  # noqa: E402
-from lisa_dist.deepspeed import _compat  # noqa: E402
-from lisa_dist.deepspeed.process_group import release_shm_segments  # noqa: E402
+from lisa_dist.backends.deepspeed import _compat  # noqa: E402
+from lisa_dist.backends.deepspeed.process_group import release_shm_segments  # noqa: E402
 from zero12_checks import ADAMW, BETAS, EPS, LR, MB, WD, build_model, ds_config, flat_weights, global_batch, \
     rank_micro_batches  # noqa: E402
 from zero3_checks import ds3_config, gathered_weights  # noqa: E402

@@ -34,11 +34,11 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.fsdp import FSDPRunner, init_distributed  # noqa: E402
+from lisa_dist.backends.fsdp import FSDPRunner, init_distributed  # noqa: E402
 from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
-from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
+from lisa_dist.backends.fsdp.comm_count import count_collectives  # noqa: E402
 from bench_common import add_model_args, build_model, machine, versions, write_report  # noqa: E402
-from lisa_dist.fsdp.shard import default_device  # noqa: E402
+from lisa_dist.backends.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 

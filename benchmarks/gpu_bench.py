@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
 
-import lisa_dist.deepspeed as lds  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.deepspeed import process_group  # noqa: E402
+from lisa_dist.backends.deepspeed import process_group  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import device_memory  # noqa: E402
 

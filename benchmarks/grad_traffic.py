@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import lisa_dist.deepspeed as lds  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params  # noqa: E402
@@ -134,7 +134,7 @@ def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from lisa_dist.fsdp import FSDPRunner
+    from lisa_dist.backends.fsdp import FSDPRunner
 
     weight_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     if kind == "lisa":
@@ -147,7 +147,7 @@ def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
         # What an FSDP2 user writes for full fine-tuning: fp32 sharded params (the masters), bf16
         # compute, fp32 gradient reduction (benchmarks/fsdp2_memory.py's baseline).
         runner = None
-        from lisa_dist.fsdp.shard import default_device
+        from lisa_dist.backends.fsdp.shard import default_device
         device = default_device()
         model = build_model(args).to(torch.float32)
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -261,7 +261,7 @@ def main(argv=None) -> None:
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    from lisa_dist.deepspeed.process_group import release_shm_segments
+    from lisa_dist.backends.deepspeed.process_group import release_shm_segments
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     release_shm_segments()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

@@ -11,7 +11,7 @@ decay / no-decay groups, fp32 weights, one tiny Llama from bench_common):
   built (ms-swift's first version): DeepSpeed sees only those layers;
 - lisa_dist: `lisa_dist.hf.LisaCallback`.
 Every row uses the same schedule (lisa_dist's LayerSampler) and data. Per row: this rank's fp32
-master + Adam bytes (lisa_dist.deepspeed.model_state_bytes, mid-interval, the largest of all
+master + Adam bytes (lisa_dist.backends.deepspeed.model_state_bytes, mid-interval, the largest of all
 ranks), the largest change of a layer outside the active set during a step ("frozen" drift), and
 the layers that were sampled at some point but never moved.
 """
@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
 
 from lisa_dist import LayerSampler, LisaConfig  # noqa: E402
-from lisa_dist.hf import LisaCallback  # noqa: E402
+from lisa_dist.integrations.hf import LisaCallback  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 
 VARIANTS = ("full", "toggle", "freeze_first", "lisa_dist")
@@ -101,7 +101,7 @@ class Measure(TrainerCallback):
         self.before = [self.snap(i) for i in range(len(self.layers))]
 
     def on_step_end(self, args, state, control, **kw):
-        import lisa_dist.deepspeed as lds
+        import lisa_dist.backends.deepspeed as lds
         for i in range(len(self.layers)):
             if i not in self.active:
                 for a, b in zip(self.snap(i), self.before[i]):

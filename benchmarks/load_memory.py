@@ -67,7 +67,7 @@ def write_checkpoint(directory: Path, hidden: int, layers: int, shard_size: str)
     import torch
     import transformers
 
-    from lisa_dist import presets
+    from lisa_dist.recipe import presets
 
     if not (directory / "config.json").is_file():
         tok = presets.default_tokenizer()
@@ -83,9 +83,9 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from lisa_dist.memory import host_rss_bytes, reset_peak_host_rss
-    from lisa_dist.modeling import weights_dtype
-    from lisa_dist.run_config import RunConfig
-    from lisa_dist.train import BACKENDS
+    from lisa_dist.recipe.modeling import weights_dtype
+    from lisa_dist.recipe.run_config import RunConfig
+    from lisa_dist.recipe.train import BACKENDS
 
     model_dir, backend_name, ds_config, dtype = args.worker
     if backend_name == "from_pretrained":

@@ -224,7 +224,7 @@ class DeepSpeedRow:
         self.measure = False
 
     def step(self, b: Dict[str, torch.Tensor]) -> None:
-        import lisa_dist.deepspeed as lds
+        import lisa_dist.backends.deepspeed as lds
         b = {k: v.to(self.engine.device) for k, v in b.items()}
         self.engine.backward(self.engine(**b).loss)
         if self.measure:
@@ -244,7 +244,7 @@ class DeepSpeedRow:
 # --- building a method on an engine -------------------------------------------------------------
 
 def build_single(args, method: str):
-    from lisa_dist.single import SingleRunner
+    from lisa_dist.backends.single import SingleRunner
     model = build_model(args)
     if method.startswith("lisa"):
         return RunnerRow(SingleRunner(model, lisa_config(args, method), lr=LR, max_grad_norm=MAX_GRAD_NORM)), model
@@ -257,8 +257,8 @@ def build_single(args, method: str):
 
 
 def build_fsdp2(args, method: str):
-    from lisa_dist.fsdp import FSDPRunner
-    from lisa_dist.fsdp.shard import shard_model
+    from lisa_dist.backends.fsdp import FSDPRunner
+    from lisa_dist.backends.fsdp.shard import shard_model
     model = build_model(args)
     if method.startswith("lisa"):
         return RunnerRow(FSDPRunner(model, lisa_config(args, method), lr=LR, max_grad_norm=MAX_GRAD_NORM)), model
@@ -274,7 +274,7 @@ def build_fsdp2(args, method: str):
 
 def build_zero(args, method: str, stage: int):
     import deepspeed
-    import lisa_dist.deepspeed as lds
+    import lisa_dist.backends.deepspeed as lds
     from zero_memory import ds_config  # the ZeRO benchmark's config, so the two benchmarks compare
     config = ds_config(SimpleNamespace(batch=args.batch, dtype="fp32"), str(stage))
     config["gradient_clipping"] = MAX_GRAD_NORM
@@ -430,7 +430,7 @@ def worker(args) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
-    from lisa_dist.deepspeed.process_group import release_shm_segments
+    from lisa_dist.backends.deepspeed.process_group import release_shm_segments
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     release_shm_segments()
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -547,7 +547,7 @@ def markdown(report: Dict) -> str:
         "Model states: weights + gradients + fp32 masters + optimizer state of the largest rank, counted from "
         "the live tensors at the fullest moment of an extra untimed step (single/FSDP2: right after the "
         "optimizer step, before zero_grad; ZeRO: after backward, before engine.step(), with "
-        "lisa_dist.deepspeed.model_state_bytes). fp32 weights are their own masters under plain torch and "
+        "lisa_dist.backends.deepspeed.model_state_bytes). fp32 weights are their own masters under plain torch and "
         "FSDP2; DeepSpeed keeps a separate fp32 partition. Peak RSS: the process's host resident-set "
         "high-water mark (VmHWM, reset before building the method) over build, warm-up and steps; it "
         "includes the Python process, libraries and activations; + over start is that peak minus the RSS "

@@ -1,7 +1,7 @@
 """Fine-tuning quality at small scale on CPU: full fine-tuning, LoRA and LISA (uniform, outlier, gradient).
 
-1. Pretrain the tiny Llama preset (lisa_dist.presets, ~1.7M parameters, 8 decoder layers) from
-   random init on the shipped plain text (lisa_dist/assets/tiny_text.jsonl), full AdamW.
+1. Pretrain the tiny Llama preset (lisa_dist.recipe.presets, ~1.7M parameters, 8 decoder layers) from
+   random init on the shipped plain text (lisa_dist/recipe/assets/tiny_text.jsonl), full AdamW.
 2. From that checkpoint, fine-tune on the shipped instructions (tiny_alpaca.jsonl, every 10th
    example held out) with each method at the same steps, batches, peak LR and schedule (linear
    warm-up, then linear decay to 0): full fine-tuning (AdamW on everything), LoRA (peft, r=8,
@@ -29,7 +29,9 @@ from typing import Dict, List
 import torch
 import transformers
 
-from lisa_dist import LisaConfig, data, presets
+from lisa_dist import LisaConfig
+from lisa_dist.recipe import data
+from lisa_dist.recipe import presets
 from lisa_dist.optim import LisaOptimizer
 from bench_common import machine, optimizer_state_bytes, versions
 

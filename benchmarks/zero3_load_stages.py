@@ -3,7 +3,7 @@
     python benchmarks/zero3_load_stages.py   # CPU/gloo, 2 ranks; writes benchmarks/results/zero3_load_stages.{json,md}
 
 For each variant, one `torchrun --nproc_per_node 2` of this script's worker runs lisa-train's ZeRO-3
-load (`lisa_dist.deepspeed.loading.load_partitioned` with the recipe's build from the config and
+load (`lisa_dist.backends.deepspeed.loading.load_partitioned` with the recipe's build from the config and
 the checkpoint's files) on benchmarks/load_memory.py's big checkpoint, then on its tiny one, and
 records each rank's RSS and peak RSS (VmHWM, reset at each mark) after the process group starts,
 after the build under zero.Init and after the fill. The variants switch off the loader's three
@@ -72,11 +72,13 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from lisa_dist import hf_compat, memory
-    from lisa_dist.deepspeed import _compat, loading, process_group
-    from lisa_dist.ds_config import resolve_ds_config
-    from lisa_dist.modeling import build_from_config_and_tokenizer, checkpoint_files
-    from lisa_dist.run_config import RunConfig
+    from lisa_dist import memory
+
+    from lisa_dist.integrations import hf_compat
+    from lisa_dist.backends.deepspeed import _compat, loading, process_group
+    from lisa_dist.recipe.ds_config import resolve_ds_config
+    from lisa_dist.recipe.modeling import build_from_config_and_tokenizer, checkpoint_files
+    from lisa_dist.recipe.run_config import RunConfig
 
     model_dir, off = args.worker
     off = [] if off == "-" else off.split(",")

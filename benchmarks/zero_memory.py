@@ -12,7 +12,7 @@ offload_optimizer to the CPU):
   active layers] at each switch.
 
 Per row: model-state bytes per rank measured from the engine's live tensors (storages counted once;
-lisa_dist.deepspeed.model_state_bytes) at the fullest moment (gradients reduced, before the
+lisa_dist.backends.deepspeed.model_state_bytes) at the fullest moment (gradients reduced, before the
 optimizer step) and between steps, against lisa_dist.memory.model_state_floor; median step time
 with the rows' steps interleaved, so load from other processes hits every row alike; for lisa, the
 time of each switch and the peak extra resident memory of the process during it (VmHWM after the
@@ -38,7 +38,7 @@ import torch.distributed as dist  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import lisa_dist.deepspeed as lds  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402

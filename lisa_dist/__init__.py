@@ -1,8 +1,8 @@
 """lisa_dist: LISA fine-tuning on DeepSpeed ZeRO and FSDP2."""
-from .config import LisaConfig
-from .layers import DecoderLayers, ParamSplit, find_decoder_layers, split_parameters
-from .optim import LisaOptimizer
-from .sampling import LayerSampler, sample_layers, sample_weighted
+from lisa_dist.config import LisaConfig
+from lisa_dist.layers import DecoderLayers, ParamSplit, find_decoder_layers, split_parameters
+from lisa_dist.optim import LisaOptimizer
+from lisa_dist.sampling import LayerSampler, sample_layers, sample_weighted
 
 __version__ = "0.1.0"
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .config import LisaConfig, check_weights
-from .sampling import LayerSampler
+from lisa_dist.config import LisaConfig, check_weights
+from lisa_dist.sampling import LayerSampler
 
 _LN2 = 0.6931471805599453
 

@@ -12,7 +12,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
-from .config import LisaConfig
+from lisa_dist.config import LisaConfig
 
 __all__ = ["DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters"]
 

@@ -15,12 +15,12 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .config import LisaConfig
-from .importance import LayerImportance
-from .layers import ParamSplit, split_parameters
-from .memory import local_tensor_bytes
-from .outlier import outlier_ratios
-from .sampling import LayerSampler
+from lisa_dist.config import LisaConfig
+from lisa_dist.importance import LayerImportance
+from lisa_dist.layers import ParamSplit, split_parameters
+from lisa_dist.memory import local_tensor_bytes
+from lisa_dist.outlier import outlier_ratios
+from lisa_dist.sampling import LayerSampler
 
 _STATE_FORMAT = 1
 # Schedule fields added after format 1 was first written: a checkpoint without them used these.
@@ -250,7 +250,7 @@ class LisaOptimizer(torch.optim.Optimizer):
                               self.config.outlier_threshold)
 
     def split_layers(self, model: nn.Module) -> List[nn.Module]:
-        from .layers import find_decoder_layers
+        from lisa_dist.layers import find_decoder_layers
         return list(find_decoder_layers(model, self.split.layers_path).layers)
 
     def _sum_across_ranks(self, t: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from typing import Optional, Sequence, Tuple
 
-from .config import LisaConfig, check_weights
+from lisa_dist.config import LisaConfig, check_weights
 
 
 def _uniform_below(key: bytes, counter: int, bound: int) -> Tuple[int, int]:

@@ -58,15 +58,15 @@ class Library:
 
 LIBRARIES: Dict[str, Library] = {lib.name: lib for lib in (
     Library("torch", (("2.11", "2.16"),), newest="2.15.0",
-            used_for="every backend; FSDP2's private mixed-precision init (backends/fsdp/_compat.py)",
+            used_for="every backend; FSDP2's private mixed-precision init (backends/torch_compat.py)",
             floor=("2.6", "torch.distributed.fsdp.fully_shard and FSDPModule became public in 2.6")),
     Library("deepspeed", (("0.17.6", "0.18"), ("0.18.9", "0.19"), ("0.19.8", "0.20")), newest="0.19.8",
             used_for="the ZeRO-1/2/3 engine hook, which rebuilds DeepSpeed's ZeRO optimizer at each switch"),
     Library("transformers", (("5.17", "5.26"),), newest="5.25.0",
-            used_for="models and tokenizers; Trainer for lisa_dist.hf",
+            used_for="models and tokenizers; Trainer for lisa_dist.integrations.hf",
             floor=("4.56", "from_pretrained/from_config take dtype= from 4.56 (transformers PR #39782)")),
     Library("accelerate", (("1.15", "1.17"),), newest="1.16.0",
-            used_for="lisa_dist.hf and lisa_dist.accelerate (Accelerator.prepare)"),
+            used_for="lisa_dist.integrations.hf and lisa_dist.integrations.accelerate (Accelerator.prepare)"),
     Library("trl", (("1.16", "1.17"),), newest="1.16.0", used_for="SFTTrainer with LisaCallback (tests)"),
     Library("peft", (("0.17", "0.22"),), newest="0.21.2",
             used_for="the LoRA rows of the planner and the benchmarks (tests, benchmarks)"),

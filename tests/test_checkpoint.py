@@ -149,7 +149,7 @@ def test_zero_mismatch_is_a_clear_value_error(zero):
 def test_export_logits_match_engine(zero, stage, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from lisa_dist.export import main as export_main
+    from lisa_dist.recipe.export import main as export_main
 
     out, _ = zero
     # 100KB shards: the tiny model is split into several files, like a big one at 5GB.
@@ -192,7 +192,7 @@ def test_sigkill_of_one_rank_restarts_from_latest_checkpoint(tmp_path):
     assert_bit_identical(weights(tmp_path / "killed"), weights(tmp_path / "straight"))
 
     # The last lisa-train checkpoint exports to the same weights lisa-train saved at the end.
-    from lisa_dist.export import export
+    from lisa_dist.recipe.export import export
     export(tmp_path / "killed" / "checkpoints", tmp_path / "exported")
     exported = weights(tmp_path / "exported")
     final = weights(tmp_path / "killed")

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lisa_dist.data import (IGNORE_INDEX, BatchIterator, build_dataset, collate, detect_format,
+from lisa_dist.recipe.data import (IGNORE_INDEX, BatchIterator, build_dataset, collate, detect_format,
                             format_alpaca_prompt, load_jsonl, tokenize_example)
-from lisa_dist.presets import (ASSETS_DIR, CHAT_DATA, DEFAULT_DATA, PRESETS, TEXT_DATA,
+from lisa_dist.recipe.presets import (ASSETS_DIR, CHAT_DATA, DEFAULT_DATA, PRESETS, TEXT_DATA,
                                default_tokenizer, tiny_llama_config)
 
 pytestmark = pytest.mark.unit
@@ -370,7 +370,7 @@ def test_columnar_errors_name_the_file_and_row(tok, tmp_path, offline):
 def test_lisa_train_on_parquet_and_save_to_disk(tmp_path, offline):
     import datasets
 
-    from lisa_dist.train import main
+    from lisa_dist.recipe.train import main
 
     table = datasets.Dataset.from_list(alpaca_records(32))
     table.to_parquet(str(tmp_path / "d.parquet"))

@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-3 LISA hook (lisa_dist.deepspeed) on 2 CPU ranks (gloo), through the real
+"""DeepSpeed ZeRO-3 LISA hook (lisa_dist.backends.deepspeed) on 2 CPU ranks (gloo), through the real
 `deepspeed --num_gpus 2` launcher.
 
 One launch runs every scenario of tests/dist/zero3_checks.py (parity with the single-process
@@ -260,7 +260,7 @@ def test_importance_sampling_statistics_agree_across_ranks(ranks):
     ({"stage": 3, "offload_optimizer": {"device": "cpu", "super_offload": True}}, "SuperOffload"),
 ])
 def test_refused_offload_configurations(zero, match):
-    import lisa_dist.deepspeed as lds
+    import lisa_dist.backends.deepspeed as lds
     from transformers import LlamaConfig, LlamaForCausalLM
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
@@ -274,7 +274,7 @@ def test_refused_offload_configurations(zero, match):
 def test_invalidate_trace_tolerates_an_invalid_trace():
     """A rebuild before the first forward (a resume) finds the trace already invalid; DeepSpeed's
     _invalidate_trace raises on that (DESIGN.md section 7)."""
-    from lisa_dist.deepspeed import _compat
+    from lisa_dist.backends.deepspeed import _compat
 
     class Coordinator:
         calls = 0

@@ -46,7 +46,7 @@ def test_rank_device_sets_the_local_rank_device(monkeypatch):
 
 
 def test_deepspeed_rank_device_is_local_rank_not_current_device(monkeypatch):
-    from lisa_dist.deepspeed.process_group import rank_device
+    from lisa_dist.backends.deepspeed.process_group import rank_device
 
     class FakeCudaAccelerator:  # DeepSpeed's CUDA_Accelerator API, before anyone called set_device
         current = 0
@@ -70,14 +70,14 @@ def test_deepspeed_rank_device_is_local_rank_not_current_device(monkeypatch):
 
 
 def test_fsdp_process_group_covers_cpu_tensors_on_gpus():
-    from lisa_dist.fsdp.runner import process_group_backend
+    from lisa_dist.backends.fsdp.runner import process_group_backend
     assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
     assert process_group_backend(torch.device("cpu")) == "gloo"
 
 
 def test_fsdp_offload_resume_template_lives_on_the_host():
     """The meta device stands in for the GPU: the parked moments' template must be host memory."""
-    from lisa_dist.fsdp.checkpoint import _offload_template
+    from lisa_dist.backends.fsdp.dcp_checkpoint import _offload_template
 
     class Opt:
         _model = torch.nn.Linear(4, 4, device="meta")
@@ -93,7 +93,7 @@ def test_zero12_rebuild_keeps_peak_memory_statistics(monkeypatch):
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime.zero import stage_1_and_2
 
-    from lisa_dist.deepspeed import _compat
+    from lisa_dist.backends.deepspeed import _compat
 
     resets = []
     monkeypatch.setattr(get_accelerator(), "reset_peak_memory_stats", lambda *a: resets.append(a))
@@ -107,7 +107,7 @@ def test_zero12_rebuild_keeps_peak_memory_statistics(monkeypatch):
 def test_unbuildable_deepspeed_ops_get_a_clear_error():
     from deepspeed.ops.op_builder.builder import MissingCUDAException
 
-    from lisa_dist.deepspeed.op_errors import explained_op_build_failures
+    from lisa_dist.backends.deepspeed.op_errors import explained_op_build_failures
 
     cfg = {"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}
     with pytest.raises(RuntimeError, match='"torch_adam": true') as e:
@@ -124,7 +124,7 @@ def test_unbuildable_deepspeed_ops_get_a_clear_error():
 
 
 def test_lisa_log_reports_step_times_and_memory(tmp_path):
-    from lisa_dist.train import main
+    from lisa_dist.recipe.train import main
 
     out = tmp_path / "run"
     assert main(["--steps", "6", "--interval-steps", "2", "--batch-size", "2", "--max-length", "32", "--no-save",

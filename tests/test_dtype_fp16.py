@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from launch_util import ROOT
-from lisa_dist.ds_config import resolve_ds_config
-from lisa_dist.modeling import weights_dtype
-from lisa_dist.run_config import RunConfig, parse_args
+from lisa_dist.recipe.ds_config import resolve_ds_config
+from lisa_dist.recipe.modeling import weights_dtype
+from lisa_dist.recipe.run_config import RunConfig, parse_args
 
 pytestmark = pytest.mark.unit
 ZERO2 = str(ROOT / "ds_configs" / "zero2.json")
@@ -59,7 +59,7 @@ def test_fp16_refusal_exits_2_without_traceback():
 def test_fp16_on_an_accelerator_without_fp16_exits_2_before_building_the_model():
     """DeepSpeed's own refusal comes from deep inside deepspeed.initialize, after the model is built;
     lisa-train refuses first, naming the fix. Runs where the accelerator lacks fp16 (this CPU)."""
-    from lisa_dist.deepspeed.process_group import fp16_supported
+    from lisa_dist.backends.deepspeed.process_group import fp16_supported
     if fp16_supported():
         pytest.skip("DeepSpeed's accelerator here supports fp16")
     proc = subprocess.run([sys.executable, "-m", "lisa_dist.train", "--backend", "deepspeed", "--deepspeed", ZERO2,
@@ -71,5 +71,5 @@ def test_fp16_on_an_accelerator_without_fp16_exits_2_before_building_the_model()
 
 
 def test_dry_run_counts_fp16_weights_at_2_bytes():
-    from lisa_dist.plan import _weight_bytes
+    from lisa_dist.recipe.plan import _weight_bytes
     assert _weight_bytes(RunConfig(backend="deepspeed", deepspeed=ZERO2, dtype="fp16")) == (2, "fp16 weights (--dtype fp16)")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lisa_dist.fsdp._compat import frozen_units_keep_reduce_dtype
+from lisa_dist.backends.torch_compat import frozen_units_keep_reduce_dtype
 from plan_asserts import assert_dry_run_predicts
 
 pytestmark = pytest.mark.distributed

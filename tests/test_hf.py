@@ -1,4 +1,4 @@
-"""lisa_dist.hf.LisaCallback inside real Trainer and SFTTrainer runs on a tiny Llama (fp32, CPU).
+"""lisa_dist.integrations.hf.LisaCallback inside real Trainer and SFTTrainer runs on a tiny Llama (fp32, CPU).
 
 One launch per backend runs every scenario of tests/dist/hf_checks.py, each DeepSpeed stage under a
 different launcher: ZeRO-1 through `accelerate launch --use_deepspeed --deepspeed_config_file`

@@ -1,5 +1,5 @@
 """In-process checks of the integration layer: per-option-set groups in LisaOptimizer, the probes
-of lisa_dist.hf_compat, and LisaCallback's input errors."""
+of lisa_dist.integrations.hf_compat, and LisaCallback's input errors."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lisa_dist import LisaConfig, LisaOptimizer
-from lisa_dist import hf_compat
+from lisa_dist.integrations import hf_compat
 
 pytestmark = pytest.mark.unit
 
@@ -102,14 +102,14 @@ def test_probes_pass_here_and_name_a_missing_private_api(monkeypatch):
 
 
 def test_callback_needs_a_lisa_config():
-    from lisa_dist.hf import LisaCallback
+    from lisa_dist.integrations.hf import LisaCallback
     with pytest.raises(ValueError, match="LisaConfig"):
         LisaCallback({"activated_layers": 2})
 
 
 def test_fsdp2_prepare_keeps_groups_by_parameter_name():
     # Sharding replaces every parameter tensor: the groups must survive as names.
-    from lisa_dist.accelerate import _groups_by_name
+    from lisa_dist.integrations.accelerate import _groups_by_name
     model = tiny()
     opt = torch.optim.AdamW(decay_split(model, wd=0.1), lr=1e-3)
     groups = _groups_by_name(model, opt)

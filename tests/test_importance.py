@@ -217,8 +217,8 @@ def test_resume_refuses_another_sampling_mode():
 # --- dry run and lisa-train flags ------------------------------------------------------------------
 
 def test_dry_run_prints_the_known_switches_of_each_mode():
-    from lisa_dist.plan import build_plan, dry_run_report
-    from lisa_dist.train import parse_args
+    from lisa_dist.recipe.plan import build_plan, dry_run_report
+    from lisa_dist.recipe.train import parse_args
 
     weights = "1,0,2,3,0,1,1,5"
     args = parse_args(["--sampling", "weighted", "--layer-weights", weights, "--interval-steps", "5", "--steps", "50"])
@@ -248,7 +248,7 @@ def test_dry_run_prints_the_known_switches_of_each_mode():
     (["--sampling", "weighted", "--layer-weights", "1,-1,1,1,1,1,1,1"], "weights must be >= 0"),
 ])
 def test_cli_sampling_errors_exit_2(argv, message, capsys):
-    from lisa_dist.train import main
+    from lisa_dist.recipe.train import main
     try:
         code = main(["--dry-run", *argv])
     except SystemExit as e:  # argparse errors
@@ -259,7 +259,7 @@ def test_cli_sampling_errors_exit_2(argv, message, capsys):
 
 
 def test_lisa_train_gradient_and_outlier_modes(tmp_path, capsys):
-    from lisa_dist.train import main
+    from lisa_dist.recipe.train import main
     common = ["--steps", "6", "--interval-steps", "2", "--batch-size", "2", "--max-length", "32", "--no-save",
               "--log-every", "100"]
     assert main(common + ["--sampling", "gradient", "--output-dir", str(tmp_path / "g")]) == 0
@@ -275,7 +275,7 @@ def test_lisa_train_gradient_and_outlier_modes(tmp_path, capsys):
 def test_agreement_fingerprint_covers_the_probability_vector():
     import hashlib
 
-    from lisa_dist.deepspeed.agreement import _fingerprint
+    from lisa_dist.agreement import _fingerprint
     # uniform sampling: the fingerprint every earlier release gathered
     old = int.from_bytes(hashlib.sha256(b"3:1,4").digest()[:8], "little") >> 1
     assert _fingerprint(3, (1, 4)) == old == _fingerprint(3, (1, 4), None)

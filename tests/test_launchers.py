@@ -182,7 +182,7 @@ def test_dry_run_llama2_70b_zero3_32_ranks():
     far below the 128 GiB that bf16 weights of 70B parameters would need, and finishes quickly."""
     argv = ["--dry-run", "--model", "launch/configs/llama2-70b", "--backend", "deepspeed",
             "--deepspeed", "ds_configs/zero3.json", "--activated-layers", "2", "--interval-steps", "20"]
-    code = ("import resource, sys; from lisa_dist.train import main; rc = main(sys.argv[1:]); "
+    code = ("import resource, sys; from lisa_dist.recipe.train import main; rc = main(sys.argv[1:]); "
             "print('maxrss_kib', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
     start = time.perf_counter()
     proc = run([sys.executable, "-c", code, *argv], launch_env({"NNODES": "4", "NPROC_PER_NODE": "8"}), timeout=120)
@@ -315,7 +315,7 @@ def test_slurm_70b_a100_recipe_with_tiny_model(tmp_path, recipe, backend):
     import torch
     import transformers
 
-    from lisa_dist import presets
+    from lisa_dist.recipe import presets
 
     model_dir = tmp_path / "model"
     tokenizer = presets.default_tokenizer()

@@ -27,7 +27,7 @@ BIG = dict(num_layers=8, hidden_size=512)
 def write_checkpoint(directory, tied: bool, **shape) -> None:
     import transformers
 
-    from lisa_dist import presets
+    from lisa_dist.recipe import presets
 
     tok = presets.default_tokenizer()
     config = presets.tiny_llama_config(len(tok), **shape)
@@ -98,7 +98,7 @@ def test_zero3_loaded_weights_equal_from_pretrained_bit_for_bit(ranks):
 
 @pytest.mark.unit
 def test_meta_parameters_keeps_buffers_and_ties(tmp_path):
-    from lisa_dist.modeling import build_empty_model_and_tokenizer, build_model_and_tokenizer
+    from lisa_dist.recipe.modeling import build_empty_model_and_tokenizer, build_model_and_tokenizer
 
     write_checkpoint(tmp_path, tied=True, num_layers=2, hidden_size=64)
     empty, _ = build_empty_model_and_tokenizer(str(tmp_path), torch.float32)
@@ -111,7 +111,7 @@ def test_meta_parameters_keeps_buffers_and_ties(tmp_path):
 
 @pytest.mark.unit
 def test_a_checkpoint_without_safetensors_is_a_clear_error(tmp_path):
-    from lisa_dist.fsdp.loading import safetensors_files
+    from lisa_dist.loading import safetensors_files
 
     with pytest.raises(ValueError, match="safe_serialization=True"):
         safetensors_files(tmp_path)
@@ -125,7 +125,7 @@ def test_read_flat_range_reads_every_zero3_partition(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from lisa_dist.deepspeed.loading import read_flat_range
+    from lisa_dist.backends.deepspeed.loading import read_flat_range
 
     tensors = {"matrix": torch.arange(7 * 5, dtype=torch.float32).reshape(7, 5),
                "cube": torch.arange(3 * 4 * 5, dtype=torch.bfloat16).reshape(3, 4, 5),

@@ -381,7 +381,7 @@ def test_slurm_70b_a100_recipe_two_nodes_with_tiny_model(slurm, tmp_path):
     import torch
     import transformers
 
-    from lisa_dist import presets
+    from lisa_dist.recipe import presets
 
     model_dir = tmp_path / "model"
     tokenizer = presets.default_tokenizer()

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 
 from lisa_dist.memory import model_state_floor
-from lisa_dist.plan import build_plan, dry_run_report, resolve_world_size
+from lisa_dist.recipe.plan import build_plan, dry_run_report, resolve_world_size
 from lisa_dist.sampling import LayerSampler
-from lisa_dist.train import main, parse_args
+from lisa_dist.recipe.train import main, parse_args
 
 pytestmark = pytest.mark.unit
 
@@ -85,8 +85,8 @@ def test_lora_row_counts_what_peft_adds(tmp_path, rank):
     import torch
     import transformers
 
-    from lisa_dist import presets
-    from lisa_dist.plan import lora_adapter_params
+    from lisa_dist.recipe import presets
+    from lisa_dist.recipe.plan import lora_adapter_params
 
     config = presets.PRESETS["tiny-llama"](presets.default_tokenizer())
     model = transformers.AutoModelForCausalLM.from_config(config)
@@ -135,9 +135,11 @@ def test_dry_run_predicts_the_single_process_model_state():
     import torch
     import transformers
 
-    from lisa_dist import LisaConfig, presets
+    from lisa_dist import LisaConfig
+
+    from lisa_dist.recipe import presets
     from lisa_dist.memory import local_tensor_bytes
-    from lisa_dist.single import SingleRunner
+    from lisa_dist.backends.single import SingleRunner
 
     sys.path.insert(0, str(Path(__file__).parent / "dist"))
     from plan_prediction import dry_run_prediction

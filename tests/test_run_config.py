@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lisa_dist.run_config import RunConfig, build_parser, field_docs, parse_args
+from lisa_dist.recipe.run_config import RunConfig, build_parser, field_docs, parse_args
 
 pytestmark = pytest.mark.unit
 

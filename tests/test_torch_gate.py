@@ -7,7 +7,7 @@ import types
 import pytest
 
 from lisa_dist import versions
-from lisa_dist.fsdp import _compat
+from lisa_dist.backends import torch_compat as _compat
 
 pytestmark = pytest.mark.unit
 

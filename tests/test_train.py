@@ -8,8 +8,8 @@ import pytest
 import torch
 import transformers
 
-from lisa_dist import presets
-from lisa_dist.train import main
+from lisa_dist.recipe import presets
+from lisa_dist.recipe.train import main
 
 pytestmark = pytest.mark.unit
 

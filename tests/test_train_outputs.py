@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from lisa_dist.config import LisaConfig
-from lisa_dist.plots import MEMORY_PNG, SCHEDULE_PNG, memory_series, schedule_grid
+from lisa_dist.recipe.plots import MEMORY_PNG, SCHEDULE_PNG, memory_series, schedule_grid
 from lisa_dist.sampling import LayerSampler
-from lisa_dist.train import main
+from lisa_dist.recipe.train import main
 
 pytestmark = pytest.mark.unit
 

@@ -161,7 +161,7 @@ def test_a_newer_transformers_and_accelerate_warn_and_train(tmp_path):
             from datasets import Dataset
             from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
             from lisa_dist import LisaConfig
-            from lisa_dist.hf import LisaCallback
+            from lisa_dist.integrations.hf import LisaCallback
             callback = LisaCallback(LisaConfig(activated_layers=1, interval_steps=100, seed=3))
             LisaCallback(LisaConfig(activated_layers=1, interval_steps=100, seed=3))  # no second warning
         untested = sorted(str(w.message).split(" is ")[0] for w in caught if "UntestedRelease" in repr(w.category))

@@ -58,8 +58,8 @@ def naive_toggling_bytes(model, cfg: dict, lisa, gamma: int, micro_batches: Call
     then requires_grad toggled to the first `gamma` layers, after two steps."""
     import deepspeed
 
-    import lisa_dist.deepspeed as lds
-    from lisa_dist.deepspeed import _compat
+    import lisa_dist.backends.deepspeed as lds
+    from lisa_dist.backends.deepspeed import _compat
     from lisa_dist.layers import split_parameters
 
     # The build fix lets DeepSpeed < 0.19 itself run 2 ranks on torch 2.13 (see _compat); the

@@ -29,10 +29,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.fsdp import FSDPRunner  # noqa: E402
+from lisa_dist.backends.fsdp import FSDPRunner  # noqa: E402
 from lisa_dist.memory import live_tensor_bytes, local_tensor_bytes as local_bytes  # noqa: E402
-from lisa_dist.fsdp._compat import unit_reduce_dtype  # noqa: E402
-from lisa_dist.fsdp.comm_count import count_collectives  # noqa: E402
+from lisa_dist.backends.torch_compat import unit_reduce_dtype  # noqa: E402
+from lisa_dist.backends.fsdp.comm_count import count_collectives  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
@@ -181,7 +181,7 @@ def check_dtype_fixup_needed(results: Dict) -> None:
     """Without the fix-up, on torch 2.13 a layer activated after the first forward reduce-scatters
     in bf16: this is what check_parity_dtype_and_comm would catch if the fix-up were removed. torch
     2.14 derives a frozen unit's reduce dtype from its frozen parameters, so there it stays fp32."""
-    from lisa_dist.fsdp._compat import frozen_units_keep_reduce_dtype
+    from lisa_dist.backends.torch_compat import frozen_units_keep_reduce_dtype
     lazy_init_loses_reduce_dtype = not frozen_units_keep_reduce_dtype()
     lisa = LisaConfig(activated_layers=GAMMA, interval_steps=1, seed=0)
     runner = FSDPRunner(build_model(), lisa, lr=1e-3, max_grad_norm=0.0, fix_mp_dtypes=False)

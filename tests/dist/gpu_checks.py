@@ -2,7 +2,7 @@
 
     deepspeed --num_gpus N tests/dist/gpu_checks.py --out DIR [--only a,b] [--switches 1000]
 
-Every tensor lives on the rank's device (`lisa_dist.deepspeed.process_group.rank_device`: CUDA +
+Every tensor lives on the rank's device (`lisa_dist.backends.deepspeed.process_group.rank_device`: CUDA +
 NCCL on GPUs, CPU + gloo elsewhere, so the same script is smoke-tested on CPU). Scenarios: parity
 with the single-process reference on the same device (ZeRO-2 fp32 with overlap_comm, ZeRO-2 bf16,
 ZeRO-3), each rank's exact fp32 share of the active set, frozen layers bit-identical, flat
@@ -30,9 +30,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lisa_dist.deepspeed as lds  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.deepspeed import _compat, process_group  # noqa: E402
+from lisa_dist.backends.deepspeed import _compat, process_group  # noqa: E402
 from lisa_dist.memory import device_memory, live_tensor_bytes  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 from ds_common import close, run_scenarios  # noqa: E402
@@ -167,8 +167,8 @@ def flat_memory(switches: int, hidden: int, layers: int, vocab: int) -> Dict:
 
 
 def fsdp2() -> Dict:
-    from lisa_dist.fsdp import FSDPRunner
-    from lisa_dist.fsdp._compat import fsdp_units, unit_reduce_dtype
+    from lisa_dist.backends.fsdp import FSDPRunner
+    from lisa_dist.backends.torch_compat import fsdp_units, unit_reduce_dtype
 
     out = {}
     for offload in (False, True):

@@ -1,4 +1,4 @@
-"""Hugging Face Trainer / SFTTrainer with lisa_dist.hf.LisaCallback, run by tests/test_hf.py:
+"""Hugging Face Trainer / SFTTrainer with lisa_dist.integrations.hf.LisaCallback, run by tests/test_hf.py:
 
     deepspeed --num_gpus 2 tests/dist/hf_checks.py --backend zero2 --out /tmp/x
     torchrun --nproc_per_node 2 tests/dist/hf_checks.py --backend ddp --out /tmp/x
@@ -33,7 +33,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallbac
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from lisa_dist import LisaConfig, LayerSampler, LisaOptimizer  # noqa: E402
-from lisa_dist.hf import LisaCallback  # noqa: E402
+from lisa_dist.integrations.hf import LisaCallback  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 
 torch.set_num_threads(1)
@@ -310,7 +310,7 @@ def optimizer_bytes(cb) -> Dict:
     # an fp32 master partition even of fp32 weights.
     want = floor["master"] + floor["optimizer_state"]
     if cb.engine is not None:
-        import lisa_dist.deepspeed as lds
+        import lisa_dist.backends.deepspeed as lds
         b = lds.model_state_bytes(cb.engine)
         got = b["fp32_master"] + b["optimizer_state"]
     else:
@@ -404,14 +404,14 @@ def main_run(backend: str, out: Path) -> Dict:
 
 
 def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
-    """The model Trainer trains is sharded the lisa_dist.fsdp way (a unit per decoder layer, the
+    """The model Trainer trains is sharded the lisa_dist.backends.fsdp way (a unit per decoder layer, the
     root for the rest, not accelerate's wrap policy), its optimizer is an FSDPLisaOptimizer, frozen
     layers hold no gradient, and every active unit reduce-scatters in fp32 after the switches."""
     from torch.distributed.fsdp import FSDPModule
 
-    from lisa_dist.fsdp import FSDPLisaOptimizer
-    from lisa_dist.fsdp._compat import unit_reduce_dtype
-    from lisa_dist.hf_compat import unwrap_optimizer
+    from lisa_dist.backends.fsdp import FSDPLisaOptimizer
+    from lisa_dist.backends.torch_compat import unit_reduce_dtype
+    from lisa_dist.integrations.hf_compat import unwrap_optimizer
 
     layers = list(model.model.layers)
     units = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -482,7 +482,7 @@ def sft(backend: str, out: Path) -> Dict:
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from lisa_dist.presets import TEXT_DATA, default_tokenizer, tiny_llama_config
+    from lisa_dist.recipe.presets import TEXT_DATA, default_tokenizer, tiny_llama_config
 
     tok = default_tokenizer()
     torch.manual_seed(0)
@@ -527,14 +527,14 @@ def late_callback(backend: str, out: Path) -> Dict:
 
 
 def hand_loop(backend: str, out: Path) -> Dict:
-    """lisa_dist.accelerate.prepare in a hand-written accelerate loop, a torch LambdaLR built over the
+    """lisa_dist.integrations.accelerate.prepare in a hand-written accelerate loop, a torch LambdaLR built over the
     (decay / no-decay) optimizer before prepare: every group follows it across switches (DeepSpeed:
     the optimizer object is re-filled; one device / DDP: the scheduler moves to the LisaOptimizer)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import DeepSpeedPlugin
 
-    from lisa_dist.accelerate import prepare, prepared_state
+    from lisa_dist.integrations.accelerate import prepare, prepared_state
 
     AcceleratorState._reset_state(reset_partial_state=True)  # the Trainer runs above configured their own
     model = build_model()
@@ -583,14 +583,14 @@ def hand_loop(backend: str, out: Path) -> Dict:
 
 
 def hand_loop_resume(backend: str, out: Path) -> Dict:
-    """accelerator.save_state / load_state around lisa_dist.accelerate.prepare under FSDP2 (the
+    """accelerator.save_state / load_state around lisa_dist.integrations.accelerate.prepare under FSDP2 (the
     optimizer goes through lisa_dist's routed save_fsdp_optimizer): resuming mid-interval (step 3,
     K=2) and right after a switch (step 4) ends bit for bit where the straight run ends."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    from lisa_dist.accelerate import prepare
+    from lisa_dist.integrations.accelerate import prepare
 
     lisa, steps = LisaConfig(activated_layers=2, interval_steps=2, seed=9), 6
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.distributed as dist
 
-import lisa_dist.deepspeed as lds
+import lisa_dist.backends.deepspeed as lds
 from lisa_dist.config import LisaConfig
 from lisa_dist.optim import LisaOptimizer
 from lisa_dist.outlier import outlier_ratios

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from lisa_dist.config import LisaConfig
-from lisa_dist.plan import build_plan
-from lisa_dist.run_config import RunConfig
+from lisa_dist.recipe.plan import build_plan
+from lisa_dist.recipe.run_config import RunConfig
 
 
 def dry_run_prediction(model, lisa: LisaConfig, backend: str, world: int, dtype: str = "bf16",

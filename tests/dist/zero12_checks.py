@@ -27,9 +27,9 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import lisa_dist.deepspeed as lds  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.deepspeed import _compat  # noqa: E402
+from lisa_dist.backends.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
@@ -382,7 +382,7 @@ def fp16_loss_scale(stage: int, offload: Optional[dict] = None) -> Dict:
 
 def runner_check(stage: int, out_dir: Path) -> Dict:
     """DeepSpeedRunner: the recipe's interface; 2 micro-batches with a config saying 1."""
-    from lisa_dist.deepspeed.runner import DeepSpeedRunner
+    from lisa_dist.backends.deepspeed.runner import DeepSpeedRunner
     model = build_model()
     start = copy.deepcopy(model)
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7)
@@ -412,9 +412,9 @@ def runner_check(stage: int, out_dir: Path) -> Dict:
 def loading(stage: int, out_dir: Path) -> Dict:
     """lisa-train's ZeRO-1/2 loading (BACKENDS["deepspeed"].load, then the runner's engine) of a
     checkpoint in several safetensors files: every rank's weights equal from_pretrained's."""
-    from lisa_dist.deepspeed.runner import DeepSpeedRunner
-    from lisa_dist.run_config import RunConfig
-    from lisa_dist.train import BACKENDS
+    from lisa_dist.backends.deepspeed.runner import DeepSpeedRunner
+    from lisa_dist.recipe.run_config import RunConfig
+    from lisa_dist.recipe.train import BACKENDS
     sharded = out_dir / "loading_checkpoint"
     if dist.get_rank() == 0:
         build_model(seed=4).save_pretrained(sharded, max_shard_size="100KB")
@@ -422,7 +422,7 @@ def loading(stage: int, out_dir: Path) -> Dict:
     cfg_path = out_dir / f"zero{stage}_loading.json"
     cfg = ds_config(stage, False, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)})
     cfg_path.write_text(json.dumps(cfg))
-    tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
+    tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "recipe" / "assets" / "tokenizer")
     run = RunConfig(model=str(sharded), backend="deepspeed", deepspeed=str(cfg_path), dtype="fp32", batch_size=MB,
                     warmup_steps=0, steps=1, tokenizer=tokenizer)
     model, _ = BACKENDS["deepspeed"].load(run, torch.float32)
@@ -438,8 +438,8 @@ def loading(stage: int, out_dir: Path) -> Dict:
 def lisa_train_fp16(stage: int, out_dir: Path) -> Dict:
     """`lisa-train --backend deepspeed --dtype fp16` with the shipped config, a few steps over two
     switches: the recipe's runner gets a DeepSpeed engine in fp16 with the dynamic loss scaler."""
-    from lisa_dist.train import BACKENDS, parse_args
-    from lisa_dist.train import train as lisa_train
+    from lisa_dist.recipe.train import BACKENDS, parse_args
+    from lisa_dist.recipe.train import train as lisa_train
     backend = BACKENDS["deepspeed"]
     real_runner = backend.__dict__["runner"]
     seen: Dict = {}

@@ -31,9 +31,9 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import lisa_dist.deepspeed as lds  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.deepspeed import _compat  # noqa: E402
+from lisa_dist.backends.deepspeed import _compat  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
 import importance_checks  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
@@ -295,7 +295,7 @@ def runner_check(out_dir: Path) -> Dict:
     """DeepSpeedRunner on ZeRO-3: parity with 2 micro-batches, gathered save_pretrained, reload."""
     from transformers import LlamaForCausalLM
 
-    from lisa_dist.deepspeed.runner import DeepSpeedRunner
+    from lisa_dist.backends.deepspeed.runner import DeepSpeedRunner
     model = build_model()
     start = copy.deepcopy(model)
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7)
@@ -331,11 +331,11 @@ def loading(out_dir: Path) -> Dict:
     of the single-process build / of from_pretrained."""
     import transformers
 
-    from lisa_dist.modeling import build_model_and_tokenizer
-    from lisa_dist.run_config import RunConfig
-    from lisa_dist.train import BACKENDS
+    from lisa_dist.recipe.modeling import build_model_and_tokenizer
+    from lisa_dist.recipe.run_config import RunConfig
+    from lisa_dist.recipe.train import BACKENDS
     cfg_path, sharded = out_dir / "zero3.json", out_dir / "saved_sharded"
-    tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "assets" / "tokenizer")
+    tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "recipe" / "assets" / "tokenizer")
     if dist.get_rank() == 0:
         cfg_path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                         "train_micro_batch_size_per_gpu": 1}))

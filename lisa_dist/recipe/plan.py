@@ -1,0 +1,312 @@
+"""`lisa-train --dry-run`: what a launch would cost per rank, without loading weights or starting processes.
+
+Resolves the world size from the launcher's environment, builds the model skeleton on the meta
+device (no storage is allocated, so a 70B config takes seconds on a laptop) to count Psi (every
+parameter) and Psi_a (always-active parameters + the gamma largest decoder layers), and prints the
+analytic per-rank model-state floor of DESIGN.md section 8 for full fine-tuning, for LISA and for
+LoRA (PEFT `target_modules="all-linear"` at rank --dry-run-lora-rank), plus the first switches of the
+layer schedule. Activations, gathered ZeRO-3 buckets, communication
+buffers and the CUDA context come on top of these numbers.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Tuple
+
+from lisa_dist.memory import ParamCounts, count_params, model_state_floor
+from lisa_dist.recipe.run_config import RunConfig
+from lisa_dist.sampling import LayerSampler
+
+GIB = 1024 ** 3
+SHOWN_SWITCHES = 6
+STAGE_NAMES = {"single": "single process", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2",
+               "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
+
+
+@dataclass
+class DryRunPlan:
+    model: str
+    architecture: str
+    layers_path: str
+    counts: ParamCounts
+    psi_active: int
+    world_size: int
+    world_size_source: str
+    stage: str
+    weight_bytes: int
+    weights_desc: str
+    offload: Tuple[str, ...]
+    """Model-state categories DeepSpeed keeps in host memory ("master", "optimizer_state", "weights")."""
+    schedule: List[Tuple[int, int, Tuple[int, ...]]]
+    """(switch index, first optimizer step, active layers) for the first switches."""
+    intervals: int
+    schedule_note: str = ""
+    """Under sampling="outlier"/"gradient": why the (rest of the) schedule cannot be printed."""
+    full: Dict[str, float] = field(default_factory=dict)
+    lisa: Dict[str, float] = field(default_factory=dict)
+    lora_rank: int = 8
+    lora_params: int = 0
+    """LoRA adapter parameters at lora_rank on every linear layer but the LM head (what PEFT's
+    target_modules="all-linear" adapts): rank x (in + out) per layer."""
+    lora: Dict[str, float] = field(default_factory=dict)
+    by_stage: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
+    """stage -> (full, LISA, LoRA) total bytes per rank at this world size, without offload."""
+
+
+def _positive_int(env: Mapping[str, str], name: str) -> Optional[int]:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return None
+    # Slurm writes GPU counts with a type prefix ("a100:8") and repeats with "(x2)".
+    value = raw.split("(")[0].rsplit(":", 1)[-1]
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name}={raw!r} is not a positive integer; unset it or set it to the number of "
+                         f"{'ranks' if name == 'WORLD_SIZE' else 'nodes or processes per node'}")
+    return int(value)
+
+
+def _first(env: Mapping[str, str], *names: str) -> Tuple[Optional[int], str]:
+    for name in names:
+        value = _positive_int(env, name)
+        if value is not None:
+            return value, name
+    return None, ""
+
+
+def resolve_world_size(env: Mapping[str, str] = os.environ) -> Tuple[int, str]:
+    """(data-parallel ranks, where the number came from).
+
+    WORLD_SIZE (what torchrun and the deepspeed launcher give each rank) wins; then the launchers'
+    NNODES x NPROC_PER_NODE, each falling back to the Slurm allocation (nodes x GPUs per node);
+    then the size of an mpirun job.
+    """
+    world = _positive_int(env, "WORLD_SIZE")
+    if world is not None:
+        return world, "WORLD_SIZE"
+    nnodes, nodes_from = _first(env, "NNODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES")
+    nproc, nproc_from = _first(env, "NPROC_PER_NODE", "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE")
+    if nnodes is not None or nproc is not None:
+        return ((nnodes or 1) * (nproc or 1),
+                f"{nodes_from or 'nodes'}={nnodes or 1} x {nproc_from or 'processes per node'}={nproc or 1}")
+    world = _positive_int(env, "OMPI_COMM_WORLD_SIZE")
+    if world is not None:
+        return world, "OMPI_COMM_WORLD_SIZE"
+    return 1, "default; set WORLD_SIZE, or NNODES and NPROC_PER_NODE, to plan a multi-rank job"
+
+
+def _stage_and_offload(run: RunConfig) -> Tuple[str, Tuple[str, ...]]:
+    if run.backend != "deepspeed":
+        return run.backend, ()
+    path = Path(run.deepspeed)
+    if not path.is_file():
+        raise ValueError(f"--deepspeed {run.deepspeed}: no such file (see ds_configs/)")
+    zero = json.loads(path.read_text(encoding="utf-8")).get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage not in (1, 2, 3):
+        raise ValueError(f"--deepspeed {run.deepspeed} has ZeRO stage {stage}; LISA on DeepSpeed needs stage "
+                         "1, 2 or 3 (set zero_optimization.stage, or start from ds_configs/zero2.json)")
+
+    def offloaded(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() in ("cpu", "nvme")
+
+    offload: Tuple[str, ...] = ()
+    if offloaded("offload_optimizer"):
+        offload += ("master", "optimizer_state")
+    if stage == 3 and offloaded("offload_param"):
+        offload += ("weights",)
+    return f"zero{stage}", offload
+
+
+def _weight_bytes(run: RunConfig) -> Tuple[int, str]:
+    """Bytes per weight on the target cluster, and why. `--dtype auto` means bf16 on GPUs: a dry run
+    plans the GPU job even on a CPU login node (lisa-train sets DeepSpeed's bf16 from the same flag)."""
+    if run.dtype == "fp32":
+        return 4, "fp32 weights (--dtype fp32)"
+    if run.dtype == "fp16":
+        return 2, "fp16 weights (--dtype fp16)"
+    return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if run.dtype == "auto" else "")
+
+
+def _model_skeleton(run: RunConfig):
+    """The model on the meta device: shapes and parameter names only, no storage, no download of weights."""
+    import torch
+    import transformers
+
+    from lisa_dist.recipe import presets
+
+    if run.model in presets.PRESETS:
+        config = presets.PRESETS[run.model](presets.default_tokenizer())
+    else:
+        # A directory written by save_pretrained (only its config.json is read) or a hub id.
+        config = transformers.AutoConfig.from_pretrained(run.model, trust_remote_code=run.trust_remote_code)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
+    return model
+
+
+def _first_switches(sampler: LayerSampler, lisa, intervals: int) -> Tuple[List[Tuple[int, int, Tuple[int, ...]]], str]:
+    """The switches known before training, and a note for those that depend on data."""
+    K, shown = lisa.interval_steps, min(intervals, SHOWN_SWITCHES)
+    if lisa.sampling in ("uniform", "weighted"):
+        return [(k, k * K, sampler.active_layers(k)) for k in range(shown)], ""
+    if lisa.sampling == "outlier":
+        return [], ("data-dependent: drawn with probabilities proportional to each layer's outlier ratio, "
+                    f"measured on {lisa.calibration_batches} calibration batches per rank before step 0 "
+                    f"(M={lisa.outlier_threshold:g})")
+    # gradient: until every layer has trained once, each switch draws among the unvisited layers
+    # only, which needs no statistics, so those switches are known now.
+    schedule, unvisited = [], set(range(sampler.num_layers))
+    for k in range(shown):
+        if len(unvisited) < lisa.activated_layers:
+            break
+        layers = sampler.active_layers(k, [1.0 if i in unvisited else 0.0 for i in range(sampler.num_layers)])
+        schedule.append((k, k * K, layers))
+        unvisited -= set(layers)
+    return schedule, (f"data-dependent from switch {len(schedule)} on: every layer trains once first, then p is "
+                      f"proportional to exp({lisa.gradient_eta:g} * G^2 / mean G^2) of the gradient-norm moving "
+                      f"average, with {lisa.exploration:g} spread uniformly")
+
+
+def lora_adapter_params(model, rank: int) -> int:
+    """Parameters LoRA adds at `rank` on every linear layer (nn.Linear, transformers' Conv1D) except the
+    output embeddings, the modules PEFT's target_modules="all-linear" picks (peft 0.x,
+    `_maybe_include_all_linear_layers`): A is rank x in, B is out x rank."""
+    import torch.nn as nn
+    from transformers.pytorch_utils import Conv1D
+
+    head = model.get_output_embeddings()
+    total = 0
+    for module in model.modules():
+        if module is head:
+            continue
+        if isinstance(module, nn.Linear):
+            total += rank * (module.in_features + module.out_features)
+        elif isinstance(module, Conv1D):  # weight is (in, out)
+            total += rank * (module.weight.shape[0] + module.nf)
+    return total
+
+
+def lora_state_floor(stage: str, psi: int, adapter: int, world_size: int, weight_bytes: int) -> Dict[str, float]:
+    """Per-rank model states of LoRA: frozen base weights in the run's dtype, and 16 bytes per adapter
+    parameter (fp32 adapter or bf16 copy + fp32 master, its gradient, two Adam moments), sharded as the
+    stage shards trainable parameters. It is the floor of a model with Psi + A parameters of which the
+    A adapter ones train: the totals agree for PEFT's fp32 adapters (4 + 4 + 8) and for DeepSpeed's
+    bf16 copies with fp32 masters (2 + 2 + 4 + 8); only the split between categories differs."""
+    return model_state_floor(stage, psi + adapter, adapter, world_size, weight_bytes)
+
+
+def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPlan:
+    from lisa_dist.layers import split_parameters
+
+    world, world_from = resolve_world_size(env)
+    stage, offload = _stage_and_offload(run)
+    if stage == "single":
+        world, world_from = 1, "--backend single"
+    model = _model_skeleton(run)
+    split = split_parameters(model, run.lisa)
+    counts = count_params(split)
+    sampler = LayerSampler(split.num_layers, run.lisa)  # raises if gamma exceeds the layer count
+    psi_active = counts.gamma_active(run.lisa.activated_layers)
+    weight_bytes, weights_desc = _weight_bytes(run)
+    K = run.lisa.interval_steps
+    intervals = math.ceil(run.steps / K)
+    schedule, note = _first_switches(sampler, run.lisa, intervals)
+    if run.dry_run_lora_rank < 1:
+        raise ValueError(f"--dry-run-lora-rank must be >= 1, got {run.dry_run_lora_rank}")
+    lora_params = lora_adapter_params(model, run.dry_run_lora_rank)
+    plan = DryRunPlan(
+        model=run.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
+        psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
+        weight_bytes=weight_bytes, weights_desc=weights_desc, offload=offload, intervals=intervals,
+        schedule=schedule, schedule_note=note,
+        full=model_state_floor(stage, counts.total, counts.total, world, weight_bytes),
+        lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes),
+        lora_rank=run.dry_run_lora_rank, lora_params=lora_params,
+        lora=lora_state_floor(stage, counts.total, lora_params, world, weight_bytes))
+    for other in ("zero1", "zero2", "zero3", "fsdp2"):
+        plan.by_stage[other] = (model_state_floor(other, counts.total, counts.total, world, weight_bytes)["total"],
+                                model_state_floor(other, counts.total, psi_active, world, weight_bytes)["total"],
+                                lora_state_floor(other, counts.total, lora_params, world, weight_bytes)["total"])
+    return plan
+
+
+def _unit(largest: float) -> Tuple[str, int]:
+    """The largest binary unit in which `largest` bytes is at least 1, so tiny test models read too."""
+    for name, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if largest >= size:
+            return name, size
+    return "B", 1
+
+
+def _count(n: int) -> str:
+    for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {suffix}"
+    return str(n)
+
+
+def _split(floor: Dict[str, float], offload: Tuple[str, ...]) -> Tuple[float, float]:
+    host = sum(floor[c] for c in offload)
+    return floor["total"] - host, host
+
+
+def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
+    c = plan.counts
+    gamma, K, seed = run.lisa.activated_layers, run.lisa.interval_steps, run.lisa.seed
+    stage_desc = STAGE_NAMES[plan.stage] + (f" ({run.deepspeed})" if run.backend == "deepspeed" else "")
+    if plan.offload:
+        names = {"weights": "bf16 weight shards", "master": "fp32 master", "optimizer_state": "Adam moments"}
+        stage_desc += ", offloaded to host: " + ", ".join(names[c] for c in plan.offload)
+    unit, size = _unit(plan.full["total"])
+    lines = [
+        "lisa-train dry run: model skeleton on the meta device, no weights loaded, no processes started",
+        f"model        {plan.model}: {plan.architecture}, {len(c.per_layer)} decoder layers at {plan.layers_path}",
+        f"parameters   Psi = {c.total:,} ({_count(c.total)}); always-active {c.always:,}; "
+        f"largest layer {max(c.per_layer):,}",
+        f"             Psi_a = {plan.psi_active:,} ({_count(plan.psi_active)}, "
+        f"{100 * plan.psi_active / c.total:.2f}% of Psi) with gamma={gamma}",
+        f"             LoRA r={plan.lora_rank} on all linear layers but the head: {plan.lora_params:,} adapter "
+        f"parameters ({100 * plan.lora_params / c.total:.2f}% of Psi), base weights frozen",
+        f"world size   {plan.world_size} ({plan.world_size_source})",
+        f"backend      {stage_desc}",
+        f"precision    {plan.weights_desc}, {'fp32 master + ' if plan.weight_bytes == 2 else ''}fp32 Adam moments",
+        "",
+        f"model states per rank in {unit} (DESIGN.md section 8; activations and buffers not included)",
+        f"{'':14}{'weights':>8} {'grads':>8} {'master':>8} {'Adam m+v':>8} {'total':>8}",
+    ]
+    rows = (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa), (f"LoRA r={plan.lora_rank}", plan.lora))
+    for name, floor in rows:
+        lines.append(f"{name:14}" + " ".join(f"{floor[k] / size:8.2f}" for k in
+                                           ("weights", "grads", "master", "optimizer_state", "total")))
+    if plan.offload:
+        for name, floor in rows:
+            device, host = _split(floor, plan.offload)
+            lines.append(f"  {name}: {device / size:.2f} {unit} on the accelerator + {host / size:.2f} {unit} host memory")
+    lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}    "
+                 f"LoRA / full {plan.lora['total'] / plan.full['total']:.3f}    "
+                 f"LISA / LoRA {plan.lisa['total'] / plan.lora['total']:.3f}")
+    if plan.world_size > 1:  # at one rank every stage is the same
+        lines += ["", f"every stage at {plan.world_size} ranks ({unit} per rank, no offload)",
+                  f"{'':14}{'full FT':>8} {'LISA':>8} {'LoRA':>8}"]
+        for stage, (full, lisa, lora) in plan.by_stage.items():
+            mark = "  <- this run" if stage == plan.stage else ""
+            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f} "
+                         f"{lora / size:8.2f}{mark}")
+    sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
+    lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
+                  f"{run.steps} steps"]
+    for k, step, layers in plan.schedule:
+        lines.append(f"  switch {k} at step {step}: active layers {list(layers)}")
+    if plan.schedule_note:
+        lines.append(f"  {plan.schedule_note}")
+    elif plan.intervals > len(plan.schedule):
+        lines.append(f"  ... {plan.intervals - len(plan.schedule)} more")
+    return "\n".join(lines)
+
+
+def dry_run_report(run: RunConfig, env: Mapping[str, str] = os.environ) -> str:
+    return format_plan(build_plan(run, env), run)
