@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node Slurm cluster on this machine, for the `slurm` launch tests (tests/test_launchers.py).
+# A one-node Slurm cluster on this machine, for the `slurm` launch tests (tests/slurm/test_slurm.py).
 #
 # Usage (as root; idempotent, safe to re-run):  bash .ci/slurm_setup.sh
 #

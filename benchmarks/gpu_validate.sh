@@ -10,7 +10,7 @@
 #   On a CPU machine:         benchmarks/gpu_validate.sh --smoke --out /tmp/gpu_smoke
 #       the same phases, tiny sizes, gloo: checks that the script itself works before a GPU is spent on it.
 #
-# Phases: env (GPU, driver, CUDA, torch, DeepSpeed) | checks (tests/dist/gpu_checks.py on every GPU:
+# Phases: env (GPU, driver, CUDA, torch, DeepSpeed) | checks (tests/scripts/gpu_checks.py on every GPU:
 # parity ZeRO-2 fp32 + overlap_comm, ZeRO-2 bf16, ZeRO-3; exact fp32 share; frozen layers; FSDP2
 # reduce dtype, --cpu-offload step, offload resume) | flat (1000 switches on a ~150M model: allocated
 # flat, reserved bounded) | bench (~1B Llama bf16, ZeRO-2 and ZeRO-3: full vs naive toggling vs
@@ -96,8 +96,8 @@ phase() {  # name timeout script args...: the script under the deepspeed launche
   echo "{\"phase\": \"$name\", \"rc\": $rc}" > "$OUT/$name.rc.json"
   [ $rc -eq 0 ] || { status=1; log "phase $name FAILED (rc $rc); tail of $OUT/$name.log:"; tail -20 "$OUT/$name.log"; }
 }
-phase checks "$T" tests/dist/gpu_checks.py --out "$OUT/checks" --only zero2_fp32_overlap,zero2_bf16,zero3,fsdp2
-phase flat "$T" tests/dist/gpu_checks.py --out "$OUT/flat" --only flat_memory "${FLAT_ARGS[@]}"
+phase checks "$T" tests/scripts/gpu_checks.py --out "$OUT/checks" --only zero2_fp32_overlap,zero2_bf16,zero3,fsdp2
+phase flat "$T" tests/scripts/gpu_checks.py --out "$OUT/flat" --only flat_memory "${FLAT_ARGS[@]}"
 phase bench "$T" benchmarks/gpu_bench.py --out "$OUT/bench" "${BENCH_ARGS[@]}"
 
 python3 - "$OUT" <<'PY'

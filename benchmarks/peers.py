@@ -1,7 +1,7 @@
 """lisa_dist beside what users would pick instead, one run per engine, same model and data.
 
     flock /tmp/lisa_cpu.lock python benchmarks/peers.py            # writes benchmarks/results/peers.{json,md,png}
-    python benchmarks/peers.py --smoke --out /tmp/peers            # tiny model, 2 steps (tests/test_peers.py)
+    python benchmarks/peers.py --smoke --out /tmp/peers            # tiny model, 2 steps (tests/distributed/test_peers.py)
 
 Engines: single process (plain torch), DeepSpeed ZeRO-2 and ZeRO-3, FSDP2; the distributed ones run
 with 2 ranks in one `deepspeed --num_gpus 2` launch of this script (--worker), one engine after the

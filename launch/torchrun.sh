@@ -38,7 +38,7 @@ RDZV_ENDPOINT=${RDZV_ENDPOINT:-$MASTER_ADDR:$MASTER_PORT}
 RDZV_BACKEND=${RDZV_BACKEND:-c10d}
 RDZV_ID=${RDZV_ID:-lisa}
 # Restarted workers (--max_restarts) otherwise reuse the rendezvous store and read the dead rank's
-# stale address: gloo's connectFullMesh is then refused (torch 2.13, tests/test_checkpoint.py).
+# stale address: gloo's connectFullMesh is then refused (torch 2.13, tests/distributed/test_checkpoint.py).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
 # gloo binds to its hostname's address, loopback where /etc/hosts maps the hostname to 127.0.1.1.

@@ -1,4 +1,8 @@
+"""Shared by every tier: the tier marker of each test is its folder (tests/unit -> `unit`, ...), the
+support modules import by name, launched ranks get one intra-op thread, and no test may leave
+DeepSpeed's shared-memory segments behind."""
 import os
+import sys
 
 # Tiny models on a 2-core box: intra-op threads only add contention (measured 50x slower steps
 # with two test processes each spinning 2 threads). Launched ranks inherit the variable.
@@ -13,6 +17,20 @@ torch.set_num_threads(1)
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "distributed", "launch", "slurm", "multinode", "gpu")
+"""The folders under tests/ that hold tests; each is also the pytest marker of what it holds (pytest.ini)."""
+sys.path.insert(0, str(TESTS / "support"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        tier = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{item.nodeid}: tests live in one of tests/{{{','.join(TIERS)}}}/, which gives "
+                                    "them their marker; move it there")
+        item.add_marker(getattr(pytest.mark, tier))
 
 SHM = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer_"

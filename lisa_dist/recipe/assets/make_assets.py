@@ -6,7 +6,7 @@
 Writes tiny_alpaca.jsonl (the default fine-tuning set), tiny_chat.jsonl and tiny_text.jsonl (so
 every data format has an example file) and tokenizer/ (a byte-level BPE trained on all three).
 Everything derives from the word lists below and a fixed seed: no download, no clock. The
-byte-for-byte check (tests/test_data.py) was set with tokenizers 0.23 and transformers 5.23;
+byte-for-byte check (tests/unit/test_data.py) was set with tokenizers 0.23 and transformers 5.23;
 other versions may serialise tokenizer/ differently, in which case rerun this and commit.
 
 The tasks are ones a ~2M-parameter model visibly learns within ~150 steps: fixed templates
