@@ -12,7 +12,7 @@ refuses only when a probe of what it touches fails (`check_torch`).
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
