@@ -79,7 +79,8 @@ for leg in "${legs[@]}"; do
       passed=false
       status=1
     fi
-    summary=$(grep -E "^=+ .*(passed|failed|error).* in " "$log" | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
+    # pytest -q's last line ("12 passed, 3 skipped in 80.1s"), with or without "=" borders
+    summary=$({ grep -E "[0-9]+ (passed|failed|errors?|skipped).* in [0-9.]+s" "$log" || true; } | tail -1 | sed 's/=//g; s/^ *//; s/ *$//')
     results=$("$PYTHON" -c "import json,sys; r=json.loads(sys.argv[1]); r[sys.argv[2]]={'passed': sys.argv[3]=='true', \
 'summary': sys.argv[4], 'seconds': int(sys.argv[5])}; print(json.dumps(r))" \
       "$results" "$check" "$passed" "$summary" "$(($(date +%s) - t0))")
