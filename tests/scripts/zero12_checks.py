@@ -422,7 +422,9 @@ def loading(stage: int, out_dir: Path) -> Dict:
     dist.barrier()
     cfg_path = out_dir / f"zero{stage}_loading.json"
     cfg = ds_config(stage, False, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)})
-    cfg_path.write_text(json.dumps(cfg))
+    if dist.get_rank() == 0:  # one writer: a rank rewriting the file while another reads it reads it empty
+        cfg_path.write_text(json.dumps(cfg))
+    dist.barrier()
     tokenizer = str(Path(__file__).resolve().parents[2] / "lisa_dist" / "recipe" / "assets" / "tokenizer")
     run = RunConfig(model=str(sharded), backend="deepspeed", deepspeed=str(cfg_path), dtype="fp32", batch_size=MB,
                     warmup_steps=0, steps=1, tokenizer=tokenizer)
