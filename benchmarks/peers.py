@@ -569,7 +569,8 @@ def markdown(report: Dict) -> str:
         "naive follows the same layer schedule as lisa. On one process torch AdamW creates state lazily for "
         "each layer the callback unfreezes and never frees it, so its optimizer state grows with every switch "
         "toward full fine-tuning's; under ZeRO the engine owns every parameter from deepspeed.initialize on, "
-        "so its optimizer state equals full fine-tuning's from the first step (DESIGN.md section 3).",
+        "so its optimizer state equals full fine-tuning's from the first step "
+        "(docs/design.md#why-callback-lisa-saves-nothing).",
         "",
         "CPU numbers: shared 2-core machine, gloo; absolute times are not GPU figures, ratios are measured "
         "side by side in one run.",

@@ -269,7 +269,8 @@ def markdown(report: Dict) -> str:
         "With contiguous_gradients both stages reduce in the backward hooks and keep only this rank's "
         "partition, so ZeRO-1 measures below its floor, which assumes full-size bf16 gradients (2Psi_a); "
         "naive holds more than full. Reduction buckets (a workspace sized by reduce_bucket_size) are not "
-        "model states and are left out; they are in the JSON as comm_buckets. The floor is DESIGN.md section 8: "
+        "model states and are left out; they are in the JSON as comm_buckets. The floor is "
+        "docs/design.md#memory-floors: "
         "ZeRO-1 2Psi + 2Psi_a + 12Psi_a/N, ZeRO-2 2Psi + 14Psi_a/N, ZeRO-3 2Psi/N + 14Psi_a/N. Under CPU "
         "optimizer offload the fp32 master, moments and fp32 gradient partitions are the same bytes in host "
         "memory (a CPU run cannot tell the two apart; on a GPU they leave the device); DeepSpeed then also keeps "
@@ -324,7 +325,7 @@ def plot(report: Dict, path: Path) -> None:
         ax_mem.bar(labels, values, bottom=bottom, label=cat)
         bottom = [b + v for b, v in zip(bottom, values)]
     ax_mem.scatter(labels, [r["floor"]["total"] / 2 ** 20 for r in rows], color="black", marker="_", s=600,
-                   zorder=3, label="floor (DESIGN.md)")
+                   zorder=3, label="floor (docs/design.md)")
     ax_mem.set_ylabel("MiB per rank")
     ax_mem.set_title("Model states per rank (in-step peak)")
     ax_mem.set_ylim(0, 1.35 * max(bottom))  # room for the legend above the bars

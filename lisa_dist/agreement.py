@@ -1,7 +1,8 @@
 """Every rank must train the same layers: check it at each switch with one small collective.
 
 Ranks that sample different sets of equal size do not fail under ZeRO-2, their replicas silently
-diverge; sets of different sizes give mismatched collectives that hang (DESIGN.md section 3). So
+diverge; sets of different sizes give mismatched collectives that hang
+(docs/design.md#why-callback-lisa-saves-nothing). So
 each switch all-gathers a fixed-size fingerprint of (switch index, active set, the probability
 vector of weighted sampling, bit for bit) and every rank
 compares all of them; on a mismatch every rank raises (a second collective fetches the sets for

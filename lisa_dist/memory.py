@@ -1,4 +1,4 @@
-"""Model-state memory per rank: the analytic floor (DESIGN.md section 8) and live-tensor accounting.
+"""Model-state memory per rank: the analytic floor (docs/design.md#memory-floors) and live-tensor accounting.
 
 Model states are weights, gradients, fp32 masters and optimizer moments; activations and
 framework workspaces are not counted. Psi is every parameter, Psi_a the active ones

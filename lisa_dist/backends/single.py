@@ -87,7 +87,7 @@ class SingleRunner:
 
     def full_finetune_state_bytes(self) -> int:
         """What AdamW over every parameter would hold per rank (fp32 master if the weights are not
-        fp32, and two moments; DESIGN.md section 8)."""
+        fp32, and two moments; docs/design.md#memory-floors)."""
         counts = count_params(self.optimizer.split)
         weight_bytes = next(self.model.parameters()).element_size()
         floor = model_state_floor(self.stage, counts.total, counts.total, self.world_size, weight_bytes=weight_bytes)

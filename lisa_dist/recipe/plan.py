@@ -3,7 +3,7 @@
 Resolves the world size from the launcher's environment, builds the model skeleton on the meta
 device (no storage is allocated, so a 70B config takes seconds on a laptop) to count Psi (every
 parameter) and Psi_a (always-active parameters + the gamma largest decoder layers), and prints the
-analytic per-rank model-state floor of DESIGN.md section 8 for full fine-tuning, for LISA and for
+analytic per-rank model-state floor of docs/design.md#memory-floors for full fine-tuning, for LISA and for
 LoRA (PEFT `target_modules="all-linear"` at rank --dry-run-lora-rank), plus the first switches of the
 layer schedule. Activations, gathered ZeRO-3 buckets, communication
 buffers and the CUDA context come on top of these numbers.
@@ -275,7 +275,7 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
         f"backend      {stage_desc}",
         f"precision    {plan.weights_desc}, {'fp32 master + ' if plan.weight_bytes == 2 else ''}fp32 Adam moments",
         "",
-        f"model states per rank in {unit} (DESIGN.md section 8; activations and buffers not included)",
+        f"model states per rank in {unit} (docs/design.md#memory-floors; activations and buffers not included)",
         f"{'':14}{'weights':>8} {'grads':>8} {'master':>8} {'Adam m+v':>8} {'total':>8}",
     ]
     rows = (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa), (f"LoRA r={plan.lora_rank}", plan.lora))

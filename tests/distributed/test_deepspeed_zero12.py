@@ -3,7 +3,7 @@
 
 One launch per stage runs every scenario of tests/scripts/zero12_checks.py (parity with the
 single-process LisaOptimizer, ownership after each switch, frozen layers, flat memory over 100
-switches, the DESIGN.md floor vs the naive toggling baseline, the configuration matrix, the runner);
+switches, the docs/design.md#memory-floors floor vs the naive toggling baseline, the configuration matrix, the runner);
 each test below asserts on what the ranks wrote. A third launch injects a rank disagreement.
 """
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
 One launch runs every scenario of tests/scripts/zero3_checks.py (parity with the single-process
 LisaOptimizer, ownership after each switch, frozen shards, gradient checkpointing both ways, the
-offload configs, flat memory over 100 switches, the DESIGN.md floor vs naive toggling, the runner's
+offload configs, flat memory over 100 switches, the docs/design.md#memory-floors floor vs naive toggling, the runner's
 gathered save, partitioned loading); each test below asserts on what the ranks wrote. A second
 launch runs `lisa-train` end to end with the shipped ZeRO-3 offload config.
 """

@@ -311,7 +311,7 @@ def optimizer_bytes(cb) -> Dict:
     n = world() if cb.engine is not None or cb.backend == "fsdp2" else 1
     floor = model_state_floor(stage, counts.total, psi_a, n, weight_bytes=2)
     full = model_state_floor(stage, counts.total, counts.total, n, weight_bytes=2)
-    # The floor's master + Adam bytes (12 per active parameter / N, DESIGN.md section 8): ZeRO keeps
+    # The floor's master + Adam bytes (12 per active parameter / N, docs/design.md#memory-floors): ZeRO keeps
     # an fp32 master partition even of fp32 weights.
     want = floor["master"] + floor["optimizer_state"]
     if cb.engine is not None:
@@ -452,7 +452,7 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
 def bf16_weights(backend: str, out: Path) -> Dict:
     """FSDP2 under mixed_precision bf16, with Trainer's gradient checkpointing: weights are sharded as
     bf16 (frozen layers cost 2 bytes per parameter / N) and only the active set has fp32 masters and
-    moments, at the DESIGN.md floor."""
+    moments, at the docs/design.md#memory-floors floor."""
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=5)
     trainer, cb, probe, _ = make_trainer(out / "bf16", backend, lisa, 3, bf16=True, gradient_checkpointing=True)
     trainer.train()

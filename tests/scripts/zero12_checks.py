@@ -282,7 +282,7 @@ def matrix(stage: int, name: str, bf16: bool, gas: int, clip: float, checkpointi
 
 
 def memory(stage: int, offload: Optional[dict] = None) -> Dict:
-    """Model-state bytes vs the DESIGN.md floor, and the naive requires_grad-toggling baseline.
+    """Model-state bytes vs the docs/design.md#memory-floors floor, and the naive requires_grad-toggling baseline.
 
     With `offload` (offload_optimizer to the host) DeepSpeed reduces the bf16 gradients into fp32
     gradient partitions on the host, so the floor's gradient term is 4 Psi_a / N bytes instead of

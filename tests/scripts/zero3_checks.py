@@ -247,7 +247,8 @@ def leak(switches: int) -> Dict:
 
 
 def memory() -> Dict:
-    """Model-state bytes vs the DESIGN.md floor (2Psi/N + 14Psi_a/N), and the naive toggling baseline."""
+    """Model-state bytes vs the docs/design.md#memory-floors floor (2Psi/N + 14Psi_a/N), and the naive
+    toggling baseline."""
     n = dist.get_world_size()
     layers, gamma = 8, 2
     cfg = ds3_config(True, optimizer={"type": "AdamW", "params": ADAMW})

@@ -71,7 +71,7 @@ def test_refused_offload_configurations(zero, match):
 
 def test_invalidate_trace_tolerates_an_invalid_trace():
     """A rebuild before the first forward (a resume) finds the trace already invalid; DeepSpeed's
-    _invalidate_trace raises on that (DESIGN.md section 7)."""
+    _invalidate_trace raises on that (docs/design.md#pitfalls)."""
     from lisa_dist.backends.deepspeed import _compat
 
     class Coordinator:

@@ -1,7 +1,7 @@
 """Every private DeepSpeed access of the LISA engine hook, in one place, each behind a probe.
 
 The hook rebuilds DeepSpeed's ZeRO optimizer in place at each switch, which no public API offers.
-The attributes used here were read in DeepSpeed 0.19.8 (docs/design.md, "DeepSpeed internals") and
+The attributes used here were read in DeepSpeed 0.19.8 (docs/design.md#deepspeed-internals) and
 are tested on the releases lisa_dist/versions.py lists. Outside them the hook warns once and goes
 on; it refuses only when a probe of an attribute, signature or behaviour it relies on fails
 (`check_deepspeed` at first use, `check_engine` on the first engine built), naming what is missing.

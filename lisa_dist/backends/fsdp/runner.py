@@ -121,7 +121,7 @@ class FSDPRunner(SingleRunner):
 
     def close(self) -> None:
         """Free the sharded model and optimizer before the process group goes away; with gloo, a
-        process still holding an FSDP2 model at interpreter exit can abort (DESIGN.md section 7)."""
+        process still holding an FSDP2 model at interpreter exit can abort (docs/design.md#pitfalls)."""
         self.optimizer.zero_grad()
         del self.optimizer, self.scheduler, self.model
         gc.collect()
