@@ -42,13 +42,6 @@ PATH_ROOTS = ("lisa_dist", "benchmarks", "tests", ".ci", "launch", "ds_configs",
 """Top-level folders of this repository: a word starting with one of these and a slash is a repo path."""
 
 PENDING: Dict[str, str] = {
-    "docs/supported-releases.md": (
-        "generated from CI's release-matrix results by `python -m lisa_dist.versions --support-table "
-        "benchmarks/results/matrix/*.json`; the docs link to it before the first matrix results are committed "
-        "(issue #26). Remove this entry when the file is added."),
-    "benchmarks/results/matrix": (
-        "where .ci/matrix.sh writes one result file per leg; no results committed yet (issue #26). Remove this "
-        "entry when they are."),
     "benchmarks/results/gpu": (
         "the default --out of benchmarks/gpu_validate.sh, which the docs name as where GPU results go; no GPU "
         "results committed yet. Remove this entry when they are."),
