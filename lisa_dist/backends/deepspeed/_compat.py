@@ -534,6 +534,21 @@ def clone_keeping_pinned(t: torch.Tensor) -> torch.Tensor:
     return accelerator.pin_memory(t)  # a page-locked copy (make_copy=True)
 
 
+# The copy a dropped parameter's shard lives in (detach_zero3), referenced from the parameter: the native
+# backend frees a pinned allocation when the tensor it returned (a view of the allocation) is collected,
+# not with the storage, so `ds_tensor.data = copy` alone would leave the shard in freed memory.
+_SHARD_COPY = "_lisa_shard_copy"
+
+
+def release_shard_copies(params) -> None:
+    """After a rebuild: the shards of the parameters the new optimizer trains have moved into its flat
+    buffers; the copies they lived in while dropped can go."""
+    for p in params:
+        copy = getattr(p, _SHARD_COPY, None)
+        if copy is not None and p.ds_tensor.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr():
+            delattr(p, _SHARD_COPY)
+
+
 @contextmanager
 def rebuild_memory_policy():
     """While a ZeRO optimizer is rebuilt at a switch:
@@ -599,7 +614,9 @@ def detach_zero3(zero_optimizer) -> None:
     # memory when it unpins it).
     with torch.no_grad():
         for p in zero3_trainable_params(zero_optimizer):
-            p.ds_tensor.data = clone_keeping_pinned(p.ds_tensor.data)
+            copy = clone_keeping_pinned(p.ds_tensor.data)
+            p.ds_tensor.data = copy
+            setattr(p, _SHARD_COPY, copy)
             p.grad = None
     # Each of these arrived in a later release than 0.16 and has nothing to undo before it:
     # torch-style backward post hooks (0.18), Muon all-gather buffers and native unpinning (0.19).
