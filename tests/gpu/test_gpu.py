@@ -38,7 +38,7 @@ def test_distributed_checks_on_every_gpu(tmp_path):
         assert all(1.0 <= s <= 1.01 for s in results[name]["shares"])
         assert results[name]["device_memory"]["peak_allocated"] > 0
     shards = results["zero3_offload_param"]["offload_param"]
-    assert shards["pinned"] == shards["on_host"] == shards["shards"] > 0
+    assert shards["on_host"] == shards["shards"] and shards["pinned"] >= shards["pinned_at_start"] > 0
     assert results["trainer"]["fused"] and results["trainer"]["switch_index"] == 3
     assert all(d.startswith("cuda") for d in results["accelerate_loop"]["param_to_master_devices"])
 
