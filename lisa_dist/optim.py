@@ -51,6 +51,14 @@ def _move_state(state: dict, device) -> dict:
     return {k: (v.to(device, copy=True) if torch.is_tensor(v) else v) for k, v in state.items()}
 
 
+def _restore_state(state: dict, device, scalars_on_device: bool) -> dict:
+    """A parked layer's optimizer state, back beside its master on `device`. torch keeps Adam's 0-d
+    `step` on the host unless the optimizer is fused or capturable (torch/optim/adam.py); moved to a GPU
+    it would be read back with .item() at every step, one device sync per parameter."""
+    return {k: (v.to(device, copy=True) if torch.is_tensor(v) and (v.dim() > 0 or scalars_on_device) else v)
+            for k, v in state.items()}
+
+
 def _option_sets(model: nn.Module, groups: Optional[Sequence[dict]]) -> Tuple[List[dict], Dict[str, int]]:
     """Distinct hyper-parameter overrides of `groups` in first-seen order, and parameter name -> set."""
     if not groups:
@@ -181,7 +189,9 @@ class LisaOptimizer(torch.optim.Optimizer):
             master = p.detach().to(torch.float32, copy=True)
         self._masters[p] = master
         if saved is not None and saved[1]:
-            self._inner.state[master] = _move_state(saved[1], p.device)
+            options = {**self._inner.defaults, **self._option_sets[self._set_of(p)]}
+            self._inner.state[master] = _restore_state(saved[1], p.device,
+                                                       bool(options.get("fused") or options.get("capturable")))
         return master
 
     def _detach(self, p: nn.Parameter) -> Tuple[Optional[torch.Tensor], dict]:
@@ -268,13 +278,17 @@ class LisaOptimizer(torch.optim.Optimizer):
         backend measures the unclipped gradient (DeepSpeed clips inside its step)."""
         if not self.importance.needs_gradients or self._observed:
             return
-        sq = torch.zeros(len(self.active_layers), dtype=torch.float64)
-        for j, i in enumerate(self.active_layers):
-            for _, p in self.split.per_layer[i]:
-                if p.grad is not None:
-                    sq[j] += self._local(p.grad).double().pow(2).sum().cpu()
-        device = next(iter(self._masters)).device if self._masters else sq.device
-        self.importance.observe(self.active_layers, self._sum_across_ranks(sq.to(device)).cpu().tolist())
+        # Summed where the gradients are and copied to the host once: a .cpu() per parameter would
+        # synchronize with the GPU once per parameter.
+        device = next(iter(self._masters)).device if self._masters else torch.device("cpu")
+        per_layer = []
+        for i in self.active_layers:
+            squares = [self._local(p.grad).double().pow(2).sum() for _, p in self.split.per_layer[i]
+                       if p.grad is not None]
+            per_layer.append(torch.stack(squares).sum().to(device) if squares
+                             else torch.zeros((), dtype=torch.float64, device=device))
+        sq = torch.stack(per_layer) if per_layer else torch.zeros(0, dtype=torch.float64, device=device)
+        self.importance.observe(self.active_layers, self._sum_across_ranks(sq).cpu().tolist())
         self._observed = True
 
     # --- torch optimizer surface ---------------------------------------------------------------

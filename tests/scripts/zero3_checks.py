@@ -45,7 +45,7 @@ torch.set_num_threads(1)
 
 
 def ds3_config(bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, scheduler: Optional[dict] = None,
-               clip: float = 0.0, offload_optimizer=False, offload_param: bool = False, **zero) -> dict:
+               clip: float = 0.0, offload_optimizer=False, offload_param=False, **zero) -> dict:
     from zero12_checks import MB
     z = {"stage": 3, "reduce_bucket_size": 50_000, "stage3_prefetch_bucket_size": 50_000,
          # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
@@ -55,7 +55,8 @@ def ds3_config(bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, sched
         z["offload_optimizer"] = offload_optimizer if isinstance(offload_optimizer, dict) else \
             {"device": "cpu", "pin_memory": False}
     if offload_param:
-        z["offload_param"] = {"device": "cpu", "pin_memory": False}
+        z["offload_param"] = offload_param if isinstance(offload_param, dict) else \
+            {"device": "cpu", "pin_memory": False}
     cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
            "train_batch_size": MB * gas * dist.get_world_size(), "steps_per_print": 10 ** 9,
            "gradient_clipping": clip, "bf16": {"enabled": bf16}, "zero_optimization": z}
@@ -203,7 +204,12 @@ def parity(bf16: bool, policy: str, gas: int, interval: int, steps: int, optimiz
     if keep_as is not None:
         BASELINES[keep_as] = got
     if cfg_kw.get("offload_param"):
-        result["partitions_on_host"] = all(p.ds_tensor.device.type == "cpu" for p in engine.module.parameters())
+        from deepspeed.accelerator import get_accelerator
+        shards = [p.ds_tensor for p in engine.module.parameters()]
+        result["partitions_on_host"] = all(t.device.type == "cpu" for t in shards)
+        # detach(): a fresh tensor over the same memory; the shard object itself may carry a stale
+        # ds_pinned flag from the buffer it first lived in, which the native backend trusts.
+        result["pinned_partitions"] = [sum(bool(get_accelerator().is_pinned(t.detach())) for t in shards), len(shards)]
     result["optimizer_type"] = type(engine.basic_optimizer).__name__
     close(engine)
     return result
@@ -479,7 +485,21 @@ def old_release_gaps(table: Dict[str, Callable[[], Dict]]) -> Dict[str, Callable
     from packaging.version import Version
     if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
         table["ckpt_reentrant_false"] = lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False)
+        table["offload_param_native_pins"] = native_pins
     return table
+
+
+def native_pins() -> Dict:
+    """offload_param with pinned shards under DeepSpeed 0.19's native pinning backend (mlock'ed host
+    memory it tracks itself; Tensor.is_pinned() does not see it, and its unpin frees the memory), the
+    one way to pin host memory on a CPU: after every switch every shard must still be pinned and the
+    weights those of the run without offload."""
+    os.environ["DS_PIN_MEMORY_BACKEND"] = "native"
+    try:
+        return parity(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config",
+                      baseline="no_offload", offload_param={"device": "cpu", "pin_memory": True})
+    finally:
+        del os.environ["DS_PIN_MEMORY_BACKEND"]
 
 
 def importance_config() -> dict:

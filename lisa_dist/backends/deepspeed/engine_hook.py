@@ -87,7 +87,7 @@ class LisaEngineState:
             self.option_sets = [current.get(j, o) for j, o in enumerate(self.option_sets)]
             options = [self.option_sets[zero12.option_set_of(key)] for key, _ in new_groups]
         rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
-        with _compat.quiet_logs(), _compat.keep_peak_memory_stats():
+        with _compat.quiet_logs(), _compat.rebuild_memory_policy():
             rebuild(engine, self.group_keys, new_groups, self.managed, host, options)
 
     def host_bytes(self) -> int:
