@@ -40,7 +40,7 @@ if [ -n "$PREPARE" ]; then
   exit 0
 fi
 
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export PYTHONPATH="$PWD:$PWD/tests/support${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 mkdir -p "$OUT"
 log() { echo "[gpu_validate $(date -u +%H:%M:%S)] $*"; }
 

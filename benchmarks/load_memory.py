@@ -82,7 +82,8 @@ def worker(args) -> None:
     """One rank: lisa-train's load and runner construction, with host memory measured around them."""
     import torch.distributed as dist
 
-    from lisa_dist.memory import host_rss_bytes, reset_peak_host_rss
+    from host_memory import host_rss_bytes, reset_peak_host_rss
+
     from lisa_dist.recipe.modeling import weights_dtype
     from lisa_dist.recipe.run_config import RunConfig
     from lisa_dist.recipe.train import BACKENDS
@@ -127,7 +128,7 @@ def worker(args) -> None:
 
 
 def launch(model_dir: Path, backend: str, ds_config, dtype: str, world: int, result: Path) -> List[Dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from launch_util import _tool, free_port, launch_env
 
     cmd = [_tool("torchrun"), f"--nproc_per_node={world}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",

@@ -49,11 +49,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import (count_params, host_rss_bytes, local_tensor_bytes,  # noqa: E402
-                              reset_peak_host_rss)
+from lisa_dist.memory import count_params, local_tensor_bytes  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
 from bench_common import (add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes,  # noqa: E402
                           versions)
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
 ENGINES = ("single", "zero2", "zero3", "fsdp2")
 DIST_ENGINES = ENGINES[1:]

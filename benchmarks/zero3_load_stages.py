@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+
 PARTS = ("mapped", "no_init", "own_partitions")
 VARIANTS = {  # name -> the parts switched off
     "lisa_dist": (),
@@ -59,13 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def status() -> Dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(line.split()[1]) * 1024
-    return out
+    return {key: host_rss_bytes(key) for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def worker(args) -> None:
@@ -92,7 +88,7 @@ def worker(args) -> None:
 
     def mark(name: str) -> None:
         marks[name] = status()
-        memory.reset_peak_host_rss()
+        reset_peak_host_rss()
 
     process_group.ensure_initialized()
     mark("process group")
@@ -121,7 +117,7 @@ def worker(args) -> None:
 
 
 def launch(model_dir: Path, off, result: Path) -> List[Dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from launch_util import _tool, free_port, launch_env
 
     cmd = [_tool("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",

@@ -251,7 +251,6 @@ def train(run: RunConfig) -> Dict:
             _say(f"step {step + 1}/{run.steps} loss {loss:.4f} tok/s/rank {rate:.0f} "
                  f"active {list(runner.active_layers)}")
         checkpoint.save_for_train(runner, run, step + 1, tokenizer)
-        checkpoint.kill_for_test_after_step(step + 1)
     bar.close()
     reporter.close()
     elapsed = time.perf_counter() - start

@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from ds_common import close, run_scenarios  # noqa: E402
 
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from live_tensors import live_tensor_bytes  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat, process_group  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.memory import device_memory, live_tensor_bytes  # noqa: E402
+from lisa_dist.memory import device_memory  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 
 VOCAB, SEQ, MB = 256, 16, 2
@@ -169,7 +170,9 @@ def flat_memory(switches: int, hidden: int, layers: int, vocab: int) -> Dict:
 
 def fsdp2() -> Dict:
     from lisa_dist.backends.fsdp import FSDPRunner
-    from lisa_dist.backends.torch_compat import fsdp_units, unit_reduce_dtype
+    from fsdp_internals import unit_reduce_dtype
+
+    from lisa_dist.backends.torch_compat import fsdp_units
 
     out = {}
     for offload in (False, True):

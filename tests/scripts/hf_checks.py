@@ -415,7 +415,7 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
     from torch.distributed.fsdp import FSDPModule
 
     from lisa_dist.backends.fsdp import FSDPLisaOptimizer
-    from lisa_dist.backends.torch_compat import unit_reduce_dtype
+    from fsdp_internals import unit_reduce_dtype
     from lisa_dist.integrations.hf_compat import unwrap_optimizer
 
     layers = list(model.model.layers)

@@ -5,7 +5,7 @@
 Each scenario builds a fresh tiny Llama and engine, trains a few steps and records what it measured;
 any failed check raises, so the rank exits non-zero. Every rank writes OUT/rank<r>.json with
 {scenario: result}; pytest asserts on those. `--only a,b` runs a subset (the disagreement test runs
-`--only skew` with LISA_DIST_TEST_SKEW_RANK=1 and expects the launch to fail).
+`--only skew`, where rank 1 uses another seed, and expects the launch to fail).
 """
 from __future__ import annotations
 
@@ -468,11 +468,11 @@ def lisa_train_fp16(stage: int, out_dir: Path) -> Dict:
 
 
 def skew(stage: int) -> Dict:
-    """Run with LISA_DIST_TEST_SKEW_RANK set: must raise the disagreement error on every rank."""
+    """Rank 1 samples with another seed than rank 0: must raise the disagreement error on every rank."""
     model = build_model()
     cfg = ds_config(stage, True, optimizer={"type": "AdamW", "params": ADAMW})
     engine, _, _, _ = lds.initialize(model=model, config=cfg,
-                                     lisa=LisaConfig(activated_layers=2, interval_steps=1, seed=0))
+                                     lisa=LisaConfig(activated_layers=2, interval_steps=1, seed=dist.get_rank()))
     train(engine, model, 4, 1)
     return {"unexpected": "no disagreement detected"}
 

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import importance_checks  # noqa: E402
+from deepspeed_internals import zero3_module_hook_count  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 from zero12_checks import ADAMW, BETAS, EPS, LR, WD, build_model, rank_micro_batches, reference  # noqa: E402
@@ -104,8 +105,8 @@ def ownership(engine, offload_id: int, hooks: int) -> Dict:
            "sub_groups": len(partitions),
            "psi_active": sum(p.ds_numel for p in expected),
            "all_partitioned": all(p.numel() == 0 for p in engine.module.parameters()),
-           "offload_same": id(offload) == offload_id, "module_hooks": _compat.zero3_module_hook_count(offload),
-           "hooks_same": _compat.zero3_module_hook_count(offload) == hooks,
+           "offload_same": id(offload) == offload_id, "module_hooks": zero3_module_hook_count(offload),
+           "hooks_same": zero3_module_hook_count(offload) == hooks,
            "linked": all(getattr(p, "_z3_optimizer", None) is zero for p in engine.module.parameters())}
     if lisa.host is not None:
         out["host_layers"] = sorted(k for k in lisa.host)
@@ -178,7 +179,7 @@ def parity(bf16: bool, policy: str, gas: int, interval: int, steps: int, optimiz
     engine, _, _, _ = lds.initialize(model=model, optimizer=opt, config=ds3_config(bf16, gas, opt_cfg, **cfg_kw),
                                      lisa=lisa)
     offload = _compat.zero3_parameter_offload(engine.optimizer)
-    hooks = _compat.zero3_module_hook_count(offload)
+    hooks = zero3_module_hook_count(offload)
     owned: List[Dict] = [ownership(engine, id(offload), hooks)]
     result = train(engine, steps, gas, on_switch=lambda: owned.append(ownership(engine, id(offload), hooks)))
     if bf16:
@@ -217,7 +218,7 @@ def leak(switches: int) -> Dict:
     cfg = ds3_config(False, optimizer={"type": "AdamW", "params": ADAMW})
     engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
     offload = _compat.zero3_parameter_offload(engine.optimizer)
-    hooks = _compat.zero3_module_hook_count(offload)
+    hooks = zero3_module_hook_count(offload)
     ids = rank_micro_batches(0, 1)[0]
     samples, step_seconds = {}, []
     probes = {10, switches // 2, switches}
@@ -236,7 +237,7 @@ def leak(switches: int) -> Dict:
                              "unexplained": live - b["optimizer_state"] - b["host_offload"]}
     assert engine.lisa.switch_index == switches
     now = _compat.zero3_parameter_offload(engine.optimizer)
-    assert now is offload and _compat.zero3_module_hook_count(now) == hooks, "parameter offload or its hooks replaced"
+    assert now is offload and zero3_module_hook_count(now) == hooks, "parameter offload or its hooks replaced"
     rest = [s["unexplained"] for s in samples.values()]
     assert max(rest) == min(rest), f"live tensor bytes grow across switches: {samples}"
     switch_seconds = sorted(e["seconds"] for e in engine.lisa.schedule_log[1:])
@@ -418,7 +419,7 @@ def fp16_loss_scale() -> Dict:
                    "hysteresis": 2, "min_loss_scale": 1}
     engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
     offload = _compat.zero3_parameter_offload(engine.optimizer)
-    hooks = _compat.zero3_module_hook_count(offload)
+    hooks = zero3_module_hook_count(offload)
     return overflow_schedule(engine, rank_micro_batches, start, close, gathered_weights, None,
                              lambda: ownership(engine, id(offload), hooks))
 

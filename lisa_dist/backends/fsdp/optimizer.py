@@ -25,26 +25,19 @@ from lisa_dist.backends.fsdp.shard import default_device
 
 
 class FSDPLisaOptimizer(LisaOptimizer):
-    """LisaOptimizer for a model sharded by `shard_model`; build it after sharding.
-
-    `fix_mp_dtypes=False` skips the mixed-precision fix-up; it exists only so the tests can show
-    what goes wrong without it.
-    """
+    """LisaOptimizer for a model sharded by `shard_model`; build it after sharding."""
 
     def __init__(self, model: nn.Module, config: LisaConfig,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 fix_mp_dtypes: bool = True, calibration: Optional[Iterable[Dict[str, Any]]] = None,
-                 **optimizer_kwargs):
+                 calibration: Optional[Iterable[Dict[str, Any]]] = None, **optimizer_kwargs):
         check_torch()
         # Set before super().__init__(), which performs the first switch through _switch_to.
         self._model = model
-        self._fix_mp_dtypes = fix_mp_dtypes
         super().__init__(model, config, optimizer_cls, calibration=calibration, **optimizer_kwargs)
 
     def _switch_to(self, new_active: Tuple[int, ...]) -> None:
         super()._switch_to(new_active)
-        if self._fix_mp_dtypes:
-            refresh_mp_dtypes(self._model)
+        refresh_mp_dtypes(self._model)
         self._check_agreement()
 
     # --- importance statistics from shards -------------------------------------------------------
