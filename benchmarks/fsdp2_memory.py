@@ -41,7 +41,7 @@ from collective_count import count_collectives  # noqa: E402
 from bench_common import add_model_args, build_model, machine, versions, write_report  # noqa: E402
 from lisa_dist.backends.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
+from lisa_dist.memory import count_params, format_bytes, model_state_floor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,7 +211,9 @@ def run(args) -> Dict:
 
 def markdown(result: Dict) -> str:
     m, v, c = result["machine"], result["versions"], result["config"]
-    mib = 1024 ** 2
+
+    def mib(b: float) -> str:
+        return format_bytes(b, "MiB", 2)  # the tables' one unit
     lines = [
         "# FSDP2: full fine-tuning vs lisa_dist",
         "",
@@ -231,11 +233,11 @@ def markdown(result: Dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['row']} | {r['psi_active']:,} / {r['psi']:,} | {r['weights_bytes'] / mib:.2f} MiB | "
-            f"{r['grads_bytes'] / mib:.2f} MiB | {r['master_bytes'] / mib:.2f} MiB | "
-            f"{r['optimizer_state_bytes'] / mib:.2f} MiB | {r['model_state_bytes_per_rank'] / mib:.2f} MiB | "
-            f"{r['floor_bytes_per_rank'] / mib:.2f} MiB | {r['model_state_vs_full']:.2f}x | "
-            f"{r['transient_fp32_grads_bytes'] / mib:.2f} MiB |")
+            f"| {r['row']} | {r['psi_active']:,} / {r['psi']:,} | {mib(r['weights_bytes'])} | "
+            f"{mib(r['grads_bytes'])} | {mib(r['master_bytes'])} | "
+            f"{mib(r['optimizer_state_bytes'])} | {mib(r['model_state_bytes_per_rank'])} | "
+            f"{mib(r['floor_bytes_per_rank'])} | {r['model_state_vs_full']:.2f}x | "
+            f"{mib(r['transient_fp32_grads_bytes'])} |")
     lines += [
         "",
         "full keeps fp32 sharded weights, which are its masters (4 bytes/param as weights, 0 as master) and "
@@ -251,8 +253,8 @@ def markdown(result: Dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['row']} | {r['median_step_seconds'] * 1000:.0f} ms | {r['step_time_vs_full']:.2f}x | "
-            f"{r['reduce_scatter_calls_per_step']} | {r['reduce_scatter_bytes_per_step'] / mib:.2f} MiB | "
-            f"{r['all_gather_calls_per_step']} | {r['all_gather_bytes_per_step'] / mib:.2f} MiB |")
+            f"{r['reduce_scatter_calls_per_step']} | {mib(r['reduce_scatter_bytes_per_step'])} | "
+            f"{r['all_gather_calls_per_step']} | {mib(r['all_gather_bytes_per_step'])} |")
     lisa = result["rows"][-1]
     lines += [
         "",

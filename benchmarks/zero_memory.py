@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
+from lisa_dist.memory import count_params, format_bytes, model_state_floor  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
 from bench_common import add_model_args, build_model, destroy_engine, machine, versions  # noqa: E402
 from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
@@ -220,7 +220,7 @@ def measure_rows(args, stage: str) -> Dict[str, Dict]:
 
 
 def mib(b: float) -> str:
-    return f"{b / 2 ** 20:.2f} MiB"
+    return format_bytes(b, "MiB", 2)  # the tables' one unit
 
 
 def markdown(report: Dict) -> str:

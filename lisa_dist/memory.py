@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -70,6 +70,28 @@ def model_state_floor(stage: str, psi: int, psi_active: int, world_size: int = 1
         out["optimizer_state"] = moments * psi_active
     out["total"] = sum(out.values())
     return out
+
+
+BYTE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+
+
+def byte_unit(n: float) -> str:
+    """The largest binary unit, up to GiB, in which |n| bytes is at least 1 ("B" below 1 KiB); a
+    table gives it its largest figure to print every figure in one unit that reads well."""
+    return next((unit for unit in ("GiB", "MiB", "KiB") if abs(n) >= BYTE_UNITS[unit]), "B")
+
+
+def format_bytes(n: float, unit: Optional[str] = None, digits: int = 1, suffix: bool = True) -> str:
+    """`n` bytes as text: "1.5 MiB", "512 B". Without `unit` in byte_unit(n), whole bytes below 1 KiB;
+    a fixed `unit` (a table column's, e.g. "MiB") with `digits` decimals, and `suffix=False` for the
+    number alone."""
+    if unit is None:
+        unit = byte_unit(n)
+        digits = 0 if unit == "B" else digits
+    if unit not in BYTE_UNITS:
+        raise ValueError(f"unknown byte unit {unit!r}; expected one of {', '.join(BYTE_UNITS)}")
+    text = f"{n / BYTE_UNITS[unit]:.{digits}f}"
+    return f"{text} {unit}" if suffix else text
 
 
 def local_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:

@@ -134,7 +134,7 @@ def test_zero_resume_bit_identical_at_boundary_and_mid_interval(zero):
 def test_zero_mismatch_is_a_clear_value_error(zero):
     _, results = zero
     errors = results["resume"][0]["mismatch_errors"]
-    assert set(errors) == {"gamma", "seed", "interval", "model"}
+    assert set(errors) == {"gamma", "seed", "interval", "model", "head"}
     for msg in errors.values():
         assert msg.startswith("cannot resume from") and "start a new run" in msg, msg
 

@@ -91,6 +91,13 @@ def test_resume_is_bit_identical(runs):
         assert rank["resume_offload"] == "bit-identical"
 
 
+def test_resume_with_another_layout_is_refused_by_the_shared_check(runs):
+    for rank in runs["resume"]:
+        msg = rank["resume_mismatch_error"]
+        assert msg.startswith("cannot resume from") and "train_embeddings: checkpoint True vs now False" in msg, msg
+        assert "LisaConfig train_embeddings=True" in msg and "start a new run" in msg, msg
+
+
 def test_importance_sampling_statistics_agree_across_ranks(runs):
     """sampling="gradient" from DTensor gradient shards and "outlier" from row shards
     (check_importance in tests/scripts/fsdp2_checks.py)."""

@@ -26,11 +26,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from benchmarks.collective_count import count_collectives  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from fsdp_internals import frozen_units_keep_reduce_dtype, unit_reduce_dtype  # noqa: E402
 from live_tensors import live_tensor_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from lisa_dist.backends.fsdp import FSDPRunner  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
@@ -44,10 +45,7 @@ RESUME_STEPS, RESUME_AT = 7, 3  # mid-interval (K=2), so the schedule position m
 
 
 def build_model(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype)
+    return tiny_llama(LAYERS, 64, seed=seed, vocab=VOCAB, dtype=dtype)
 
 
 def micro_batch(step: int, rank: int, micro: int) -> Dict[str, torch.Tensor]:
@@ -329,8 +327,8 @@ def _masters_digest(runner: FSDPRunner) -> str:
     return h.hexdigest()
 
 
-def resume_runner(policy: str, seed: int = 0) -> FSDPRunner:
-    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, state_policy=policy)
+def resume_runner(policy: str, seed: int = 0, **lisa_fields) -> FSDPRunner:
+    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, state_policy=policy, **lisa_fields)
     return FSDPRunner(build_model(seed), lisa, lr=1e-2, weight_decay=0.01, warmup_steps=3, max_grad_norm=1.0)
 
 
@@ -379,6 +377,15 @@ def check_resume_second_half(results: Dict, workdir: Path, expected: Dict) -> No
         results[f"resume_{policy}"] = "bit-identical"
         log(f"resume ({policy}): {RESUME_AT} + {RESUME_STEPS - RESUME_AT} steps bit-identical to {RESUME_STEPS} "
             f"straight (weights, masters, moments, losses, schedule)")
+    # Frozen embeddings would change the optimizer's layout: refused with the fields and the fix named.
+    runner = resume_runner("reset", train_embeddings=False)
+    try:
+        runner.load_checkpoint(workdir / "ckpt-reset")
+    except ValueError as e:
+        results["resume_mismatch_error"] = str(e)
+    else:
+        raise AssertionError("a checkpoint written with train_embeddings=True loaded into train_embeddings=False")
+    runner.close()
 
 
 # --- importance-weighted sampling ------------------------------------------------------------------

@@ -35,7 +35,7 @@ import importance_checks  # noqa: E402
 from deepspeed_internals import zero3_module_hook_count  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
-from zero12_checks import ADAMW, BETAS, EPS, LR, WD, build_model, rank_micro_batches, reference  # noqa: E402
+from zero12_checks import ADAMW, BETAS, EPS, LR, WD, build_model, ds_config, rank_micro_batches, reference  # noqa: E402
 
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat  # noqa: E402
@@ -47,24 +47,15 @@ torch.set_num_threads(1)
 
 def ds3_config(bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, scheduler: Optional[dict] = None,
                clip: float = 0.0, offload_optimizer=False, offload_param: bool = False, **zero) -> dict:
-    from zero12_checks import MB
-    z = {"stage": 3, "reduce_bucket_size": 50_000, "stage3_prefetch_bucket_size": 50_000,
-         # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
-         # which would keep them whole on every rank and hide what partitioning does).
-         "stage3_param_persistence_threshold": 0, **zero}
+    # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
+    # which would keep them whole on every rank and hide what partitioning does).
+    z = {"stage3_prefetch_bucket_size": 50_000, "stage3_param_persistence_threshold": 0, **zero}
     if offload_optimizer:
         z["offload_optimizer"] = offload_optimizer if isinstance(offload_optimizer, dict) else \
             {"device": "cpu", "pin_memory": False}
     if offload_param:
         z["offload_param"] = {"device": "cpu", "pin_memory": False}
-    cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
-           "train_batch_size": MB * gas * dist.get_world_size(), "steps_per_print": 10 ** 9,
-           "gradient_clipping": clip, "bf16": {"enabled": bf16}, "zero_optimization": z}
-    if optimizer is not None:
-        cfg["optimizer"] = optimizer
-    if scheduler is not None:
-        cfg["scheduler"] = scheduler
-    return cfg
+    return ds_config(3, bf16, gas, optimizer, scheduler, clip, **z)
 
 
 def gathered_weights(model) -> torch.Tensor:
