@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
 
-STATE_POLICIES = ("reset", "offload")
-SAMPLING_MODES = ("uniform", "weighted", "outlier", "gradient")
+StatePolicy = Literal["reset", "offload"]
+SamplingMode = Literal["uniform", "weighted", "outlier", "gradient"]
+STATE_POLICIES: Tuple[str, ...] = typing.get_args(StatePolicy)
+SAMPLING_MODES: Tuple[str, ...] = typing.get_args(SamplingMode)
 
 
 @dataclass
@@ -31,12 +34,12 @@ class LisaConfig:
     layers_path: Optional[str] = None
     """Dotted path of the nn.ModuleList of decoder blocks (e.g. "model.layers"); found automatically when None."""
 
-    state_policy: str = "reset"
+    state_policy: StatePolicy = "reset"
     """What happens to a layer's fp32 master and optimizer moments when it is deactivated:
     "reset" drops them (a re-sampled layer starts from fresh moments and its current weights),
     "offload" moves them to host memory and brings them back when the layer is sampled again."""
 
-    sampling: str = "uniform"
+    sampling: SamplingMode = "uniform"
     """How the gamma layers of each interval are drawn (without replacement):
     "uniform" (the paper), "weighted" (probabilities proportional to `layer_weights`),
     "outlier" (proportional to each layer's OwLore outlier ratio, computed once before training from

@@ -79,7 +79,7 @@ class _FSDP2:
         return FSDPRunner(model, run.lisa, lr=run.lr, weight_decay=run.weight_decay,
                           warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm,
                           cpu_offload=run.cpu_offload, activation_checkpointing=run.gradient_checkpointing,
-                          load_weights=weights_loader(run.model, seed=run.seed, tokenizer=run.tokenizer,
+                          load_weights=weights_loader(run.model, seed=run.lisa.seed, tokenizer=run.tokenizer,
                                                       trust_remote_code=run.trust_remote_code),
                           calibration=calibration)
 
@@ -89,7 +89,7 @@ BACKENDS = {"single": _Single, "deepspeed": _DeepSpeed, "fsdp2": _FSDP2}
 
 
 def _build(run: RunConfig, dtype, device=None):
-    return build_model_and_tokenizer(run.model, dtype, seed=run.seed, tokenizer=run.tokenizer,
+    return build_model_and_tokenizer(run.model, dtype, seed=run.lisa.seed, tokenizer=run.tokenizer,
                                      trust_remote_code=run.trust_remote_code, device=device)
 
 
@@ -183,7 +183,7 @@ def train(run: RunConfig) -> Dict:
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
     dataset = data.build_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format)
     check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]))
-    batches = data.BatchIterator(dataset, run.batch_size, run.seed, tokenizer.pad_token_id)
+    batches = data.BatchIterator(dataset, run.batch_size, run.lisa.seed, tokenizer.pad_token_id)
     runner = backend.runner(run, model, _calibration(run, batches))
     rank, world = runner.rank, runner.world_size
     num_layers = len(find_decoder_layers(model, run.lisa.layers_path).layers)

@@ -337,9 +337,10 @@ def loading(out_dir: Path) -> Dict:
     result = {}
     for name, model_arg in (("preset", "tiny-llama"), ("pretrained", str(sharded))):
         run = RunConfig(model=model_arg, backend="deepspeed", deepspeed=str(cfg_path), batch_size=1, dtype="fp32",
-                        warmup_steps=0, steps=1, seed=5, tokenizer=None if name == "preset" else tokenizer)
+                        warmup_steps=0, steps=1, lisa=LisaConfig(seed=5),
+                        tokenizer=None if name == "preset" else tokenizer)
         # Whole reference first: while a partitioned model lives, transformers builds under zero.Init.
-        whole = (build_model_and_tokenizer(model_arg, torch.float32, seed=run.seed)[0] if name == "preset" else
+        whole = (build_model_and_tokenizer(model_arg, torch.float32, seed=run.lisa.seed)[0] if name == "preset" else
                  transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32))
         assert not any(hasattr(p, "ds_id") for p in whole.parameters())
         model, _ = BACKENDS["deepspeed"].load(run, torch.float32)
