@@ -33,9 +33,9 @@ from typing import Dict, List, Sequence
 import fault_injection
 import netns_slurm
 import pytest
+from launch_checks import rank_schedules
 from launch_util import ROOT
 from netns_hosts import Cluster, Host, env_for_hosts, unavailable_reason
-from test_launchers import rank_schedules
 
 from lisa_dist.config import LisaConfig
 from lisa_dist.sampling import LayerSampler
