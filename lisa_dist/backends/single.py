@@ -121,7 +121,8 @@ class SingleRunner:
         except RuntimeError as e:  # missing/unexpected names or shapes
             raise ValueError(f"{directory}: the checkpoint holds another model ({e}); resume with the --model "
                              "that wrote it") from None
-        self.optimizer.load_state_dict(state["optimizer"])  # ValueError on another gamma / K / seed
+        self.optimizer.check_resumable(state["optimizer"]["lisa"], str(directory))  # e.g. another gamma or seed
+        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self._log_switch(0.0)

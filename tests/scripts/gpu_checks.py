@@ -41,12 +41,17 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 # After PYTHONPATH: gpu_validate.sh runs the lisa_dist it installed from the prepared wheel; the tests
 # (PYTHONPATH=repo) and a plain checkout import the tree's.
 sys.path.append(str(Path(__file__).resolve().parents[2]))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))
+
+import builders  # noqa: E402
+from builders import tiny_llama  # noqa: E402
+from live_tensors import live_tensor_bytes  # noqa: E402
 
 import lisa_dist  # noqa: E402
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat, process_group  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.memory import device_memory, live_tensor_bytes  # noqa: E402
+from lisa_dist.memory import device_memory  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 
 VOCAB, SEQ, MB = 256, 16, 2
@@ -73,18 +78,12 @@ def verdict(measured: Dict, checks: Dict[str, bool]) -> Dict:
 
 
 def build_model(layers: int = 6, hidden: int = 64) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64)).to(DEVICE)
+    return tiny_llama(layers, hidden, vocab=VOCAB).to(DEVICE)
 
 
 def ds_config(stage: int, bf16: bool, **zero) -> dict:
-    return {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": 1,
-            "train_batch_size": MB * dist.get_world_size(), "steps_per_print": 10 ** 9, "gradient_clipping": 0.0,
-            "bf16": {"enabled": bf16}, "optimizer": {"type": "AdamW", "params": ADAMW},
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000,
-                                  **zero}}
+    return builders.ds_config(stage, MB, train_batch=MB * dist.get_world_size(), bf16=bf16,
+                              optimizer={"type": "AdamW", "params": ADAMW}, **zero)
 
 
 def global_batch(step: int) -> torch.Tensor:
@@ -317,7 +316,9 @@ def flat_memory(switches: int, hidden: int, layers: int, vocab: int) -> Dict:
 
 def fsdp2() -> Dict:
     from lisa_dist.backends.fsdp import FSDPRunner
-    from lisa_dist.backends.torch_compat import fsdp_units, unit_reduce_dtype
+    from fsdp_internals import unit_reduce_dtype
+
+    from lisa_dist.backends.torch_compat import fsdp_units
 
     out, checks = {}, {}
 

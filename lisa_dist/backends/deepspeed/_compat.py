@@ -446,11 +446,6 @@ def zero3_parameter_offload(zero_optimizer):
     return zero_optimizer.parameter_offload
 
 
-def zero3_module_hook_count(parameter_offload) -> int:
-    """Forward and backward module hooks DeepSpeedZeRoOffload registered (parameter_offload.py)."""
-    return len(parameter_offload.forward_hooks) + len(parameter_offload.backward_hooks)
-
-
 def _defragment_in_place(tensors: List[torch.Tensor]) -> torch.Tensor:
     """DeepSpeed's defragment (runtime/zero/utils.py:215) without its host round trip and
     gc.collect(): one flat buffer on the tensors' device, each tensor re-pointed into it."""
