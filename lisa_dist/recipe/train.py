@@ -17,13 +17,22 @@ from typing import Dict, List, Optional
 import torch
 
 from lisa_dist.devices import rank_device
-from lisa_dist.recipe.ds_config import resolve_ds_config
 from lisa_dist.layers import find_decoder_layers
 from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes
-from lisa_dist.recipe.modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
-                       check_model_source, check_vocabulary, checkpoint_files, weights_dtype, weights_loader)
 from lisa_dist.protocol import Runner
-from lisa_dist.recipe.run_config import RunConfig, parse_args as _parse_args
+from lisa_dist.recipe.ds_config import resolve_ds_config
+from lisa_dist.recipe.modeling import (
+    build_empty_model_and_tokenizer,
+    build_from_config_and_tokenizer,
+    build_model_and_tokenizer,
+    check_model_source,
+    check_vocabulary,
+    checkpoint_files,
+    weights_dtype,
+    weights_loader,
+)
+from lisa_dist.recipe.run_config import RunConfig
+from lisa_dist.recipe.run_config import parse_args as _parse_args
 
 
 class _Single:
@@ -171,10 +180,7 @@ def train(run: RunConfig) -> Dict:
     from tqdm import tqdm
 
     from lisa_dist.recipe import checkpoints as checkpoint
-
-    from lisa_dist.recipe import data
-
-    from lisa_dist.recipe import presets
+    from lisa_dist.recipe import data, presets
     from lisa_dist.recipe.reporting import Reporter
 
     check_model_source(run.model, run.tokenizer)

@@ -121,8 +121,10 @@ def small_vocab_model(tmp_path_factory):
     # The hub client's OSError for an id it cannot fetch (offline here; with no route to the hub
     # the same error comes after its retries).
     (["--tokenizer", "some-org/missing-tokenizer"],
-     ["fetching it as a Hugging Face id failed", "huggingface-cli download some-org/missing-tokenizer --local-dir DIR"]),
-    (["--model", "SMALL_VOCAB"], ["the data tokenizes to token id", "but the model's input embeddings have 64 rows (the tokenizer has",
+     ["fetching it as a Hugging Face id failed",
+      "huggingface-cli download some-org/missing-tokenizer --local-dir DIR"]),
+    (["--model", "SMALL_VOCAB"], ["the data tokenizes to token id",
+                                  "but the model's input embeddings have 64 rows (the tokenizer has",
                                   "resize_token_embeddings"]),
 ])
 def test_model_and_tokenizer_errors_exit_2_without_traceback(argv, messages, tmp_path, small_vocab_model):
