@@ -18,7 +18,7 @@ import torch
 
 from lisa_dist.devices import rank_device
 from lisa_dist.layers import find_decoder_layers, tied_freeze_problem
-from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes
+from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes, map_large_host_blocks
 from lisa_dist.protocol import Runner
 from lisa_dist.recipe.ds_config import resolve_ds_config
 from lisa_dist.recipe.modeling import (
@@ -36,6 +36,8 @@ from lisa_dist.recipe.run_config import parse_args as _parse_args
 
 
 class _Single:
+    host_block = 1024 ** 2  # memory.map_large_host_blocks; FSDP2's, unmeasured here
+
     @staticmethod
     def load(run: RunConfig, dtype):
         model, tokenizer = _build(run, dtype)
@@ -50,6 +52,10 @@ class _Single:
 
 
 class _DeepSpeed:
+    # memory.map_large_host_blocks: 256 KiB cost ZeRO-3 no step time on CPU and kept ~90 MiB per rank
+    # less than 1 MiB (benchmarks/results/load_memory.md).
+    host_block = 256 * 1024
+
     @staticmethod
     def load(run: RunConfig, dtype):
         from lisa_dist.backends.deepspeed.loading import load_partitioned
@@ -75,6 +81,10 @@ class _DeepSpeed:
 
 
 class _FSDP2:
+    # memory.map_large_host_blocks: 1 MiB kept nearly all of 256 KiB's saving on FSDP2 at a smaller
+    # CPU step-time cost (benchmarks/results/load_memory.md).
+    host_block = 1024 ** 2
+
     @staticmethod
     def load(run: RunConfig, dtype):
         # Parameters on the meta device: the runner shards the empty model, then fills each shard.
@@ -197,6 +207,7 @@ def train(run: RunConfig) -> Dict:
 
     check_model_source(run.model, run.tokenizer)
     backend = BACKENDS[run.backend]
+    map_large_host_blocks(backend.host_block)  # freed host blocks go back to the OS, not into glibc's heap
     data_path = Path(run.data) if run.data else presets.DEFAULT_DATA
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
     problem = tied_freeze_problem(model, run.lisa)
