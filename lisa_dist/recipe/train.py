@@ -52,8 +52,9 @@ class _Single:
 
 
 class _DeepSpeed:
-    # memory.map_large_host_blocks: 256 KiB cost ZeRO-3 no step time on CPU and kept ~90 MiB per rank
-    # less than 1 MiB (benchmarks/results/load_memory.md).
+    # memory.map_large_host_blocks: with 256 KiB ZeRO-3's first step peaked about 90 MiB per rank lower
+    # than with 1 MiB on the 512 MiB checkpoint at 2 ranks (a run before the results file); its CPU step
+    # cost 18% more than glibc's threshold, under FSDP2's 30% (benchmarks/results/load_memory.md).
     host_block = 256 * 1024
 
     @staticmethod
@@ -81,8 +82,9 @@ class _DeepSpeed:
 
 
 class _FSDP2:
-    # memory.map_large_host_blocks: 1 MiB kept nearly all of 256 KiB's saving on FSDP2 at a smaller
-    # CPU step-time cost (benchmarks/results/load_memory.md).
+    # memory.map_large_host_blocks: 1 MiB kept 95% of 256 KiB's saving on FSDP2 (peak 1034 against 991 MiB
+    # per rank, 1879 with glibc's threshold) for 18% more CPU step time where 256 KiB took 30%
+    # (benchmarks/results/load_memory.md).
     host_block = 1024 ** 2
 
     @staticmethod
