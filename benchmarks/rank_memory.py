@@ -10,6 +10,7 @@ tests/distributed/test_loading.py, so the test bounds what the benchmark reports
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -126,6 +127,7 @@ def measure_lisa_train(backend: str, world: int, model: Path, flags: Sequence[st
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} with {len(peaks)} of {world} ranks sampled:\n"
                            f"{text[-5000:]}")
     log = json.loads((out_dir / "lisa_log.json").read_text())
+    shutil.rmtree(out_dir, ignore_errors=True)  # kept when the run fails, for its files
     return {"command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd)),
             "seconds": time.perf_counter() - start, "peaks": [peaks[r] for r in sorted(peaks)],
             "step_seconds": log.get("step_seconds"), "summary_peak_rss": log.get("host_peak_rss_bytes_all_ranks")}
