@@ -51,6 +51,17 @@ class RunConfig:
     max_length: int = _opt(128, "model and data")
     """tokens per example, longer ones are truncated"""
 
+    eval_data: Optional[str] = _opt(None, "evaluation")
+    """held-out data in the forms --data takes, read and masked as it is (--data-format, --max-length);
+    its loss (token-weighted mean over every label token, the ranks sharing the examples) is evaluated
+    every --eval-steps and after the last step, and logged to lisa_log.json and --report-to"""
+
+    eval_steps: int = _opt(0, "evaluation")
+    """optimizer steps between evaluations of --eval-data (0: only after the last step)"""
+
+    eval_batch_size: Optional[int] = _opt(None, "evaluation")
+    """held-out examples per forward per rank; default: --batch-size"""
+
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = _opt("auto", "model and data")
     """weights dtype; masters are always fp32. auto: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are
     emulated (measured 8x slower per step for the tiny preset here). fp16 (GPUs without bf16, e.g. V100,
@@ -172,6 +183,7 @@ class RunConfig:
         for name in ("save_steps", "keep_last", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        self._check_eval()
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.backend == "deepspeed" and not self.deepspeed:
@@ -187,6 +199,16 @@ class RunConfig:
                                train_head=not self.no_train_head, layers_path=self.layers_path,
                                state_policy=self.state_policy, sampling=self.sampling,
                                layer_weights=_layer_weights(self.layer_weights))
+
+    def _check_eval(self) -> None:
+        if self.eval_steps < 0:
+            raise ValueError(f"--eval-steps must be >= 0 (0: evaluate only after the last step), got {self.eval_steps}")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise ValueError(f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        if not self.eval_data:
+            for name in ("eval_steps", "eval_batch_size"):
+                if getattr(self, name):
+                    raise ValueError(f"{_flag(name)} needs --eval-data FILE (the held-out set to evaluate)")
 
 
 def _layer_weights(value: Optional[str]) -> Optional[List[float]]:

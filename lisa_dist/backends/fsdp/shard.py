@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from lisa_dist.devices import rank_device
 from lisa_dist.layers import find_decoder_layers
@@ -56,3 +56,13 @@ def shard_model(model: nn.Module, mp_bf16: bool = True, reduce_fp32: bool = True
                     reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def reshard_after_evaluation(model: nn.Module) -> None:
+    """Reshard every unit after forwards without a backward (an evaluation). Units built with
+    reshard_after_forward=False (the last layer, the root) otherwise stay gathered, with their
+    unsharded tensors registered as the module's parameters until the next backward: more memory, and
+    the layer's parameters are not the sharded ones LISA freezes, trains and checks."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
