@@ -1,7 +1,8 @@
 """Every rank must train the same layers: check it at each switch with one small collective.
 
 Ranks that sample different sets of equal size do not fail under ZeRO-2, their replicas silently
-diverge; sets of different sizes give mismatched collectives that hang (DESIGN.md section 3). So
+diverge; sets of different sizes give mismatched collectives that hang
+(docs/design.md#why-callback-lisa-saves-nothing). So
 each switch all-gathers a fixed-size fingerprint of (switch index, active set, the probability
 vector of weighted sampling, bit for bit) and every rank
 compares all of them; on a mismatch every rank raises (a second collective fetches the sets for
@@ -10,22 +11,10 @@ the message), so none is left waiting in a collective.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-
-SKEW_ENV = "LISA_DIST_TEST_SKEW_RANK"
-"""Test-only: the rank named here samples with a perturbed seed, to exercise the mismatch error."""
-
-
-def schedule_seed(seed: int, rank: int) -> int:
-    """The sampler seed this rank uses: `seed`, except on the rank named by LISA_DIST_TEST_SKEW_RANK."""
-    skew = os.environ.get(SKEW_ENV)
-    if skew is not None and skew.strip() != "" and int(skew) == rank:
-        return seed + 1
-    return seed
 
 
 def _fingerprint(switch_index: int, active: Sequence[int], probabilities: Optional[Sequence[float]] = None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Mapping, Sequence, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -57,7 +58,6 @@ def loss_sums(module: nn.Module, batches: Sequence[Mapping[str, torch.Tensor]], 
                 del logits
     finally:
         module.train(was_training)
-    if world_size > 99:
-        import torch.distributed as dist
+    if world_size > 1:
         dist.all_reduce(sums)
     return sums[0].item(), int(sums[1].item())

@@ -4,7 +4,8 @@
 
 A callback that flips `requires_grad` (LMFlow, axolotl, ms-swift) cannot give LISA's savings: the
 optimizer, or DeepSpeed's ZeRO optimizer, already owns every parameter by the time callbacks run
-(DESIGN.md sections 3 and 10). LisaCallback instead acts when Trainer prepares its model and
+(docs/design.md#why-callback-lisa-saves-nothing, docs/design.md#hugging-face-trainer-facts).
+LisaCallback instead acts when Trainer prepares its model and
 optimizer (`accelerator.prepare`, inside `train()`), so the engine is a LISA engine from birth:
 
 - DeepSpeed ZeRO-1/2/3 (`TrainingArguments(deepspeed=...)`): accelerate's call to

@@ -2,7 +2,7 @@
 in one place, behind a version pin.
 
 Neither library has a hook between "the optimizer exists" and "the engine is built", which is
-where LISA must act (DESIGN.md section 10), so two methods are wrapped, once per process, and the
+where LISA must act (docs/design.md#hugging-face-trainer-facts), so two methods are wrapped, once per process, and the
 wrappers do nothing unless the model being prepared was registered by a LisaCallback:
 
 - `accelerate.Accelerator.prepare`: Trainer calls it with (model, optimizer) after

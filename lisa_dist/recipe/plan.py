@@ -3,7 +3,7 @@
 Resolves the world size from the launcher's environment, builds the model skeleton on the meta
 device (no storage is allocated, so a 70B config takes seconds on a laptop) to count Psi (every
 parameter) and Psi_a (always-active parameters + the gamma largest decoder layers), and prints the
-analytic per-rank model-state floor of DESIGN.md section 8 for full fine-tuning, for LISA and for
+analytic per-rank model-state floor of docs/design.md#memory-floors for full fine-tuning, for LISA and for
 LoRA (PEFT `target_modules="all-linear"` at rank --dry-run-lora-rank), plus the first switches of the
 layer schedule. Activations, gathered ZeRO-3 buckets, communication
 buffers and the CUDA context come on top of these numbers.
@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from lisa_dist.memory import ParamCounts, count_params, model_state_floor
+from lisa_dist.memory import ParamCounts, byte_unit, count_params, format_bytes, model_state_floor
 from lisa_dist.recipe.run_config import RunConfig
 from lisa_dist.sampling import LayerSampler
 
-GIB = 1024 ** 3
 SHOWN_SWITCHES = 6
 STAGE_NAMES = {"single": "single process", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2",
                "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
@@ -234,14 +233,6 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPla
     return plan
 
 
-def _unit(largest: float) -> Tuple[str, int]:
-    """The largest binary unit in which `largest` bytes is at least 1, so tiny test models read too."""
-    for name, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if largest >= size:
-            return name, size
-    return "B", 1
-
-
 def _count(n: int) -> str:
     for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -261,7 +252,11 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
     if plan.offload:
         names = {"weights": "bf16 weight shards", "master": "fp32 master", "optimizer_state": "Adam moments"}
         stage_desc += ", offloaded to host: " + ", ".join(names[c] for c in plan.offload)
-    unit, size = _unit(plan.full["total"])
+    unit = byte_unit(plan.full["total"])  # one unit for every figure; tiny test models read in KiB
+
+    def cell(n: float) -> str:
+        return f"{format_bytes(n, unit, 2, suffix=False):>8}"
+
     lines = [
         "lisa-train dry run: model skeleton on the meta device, no weights loaded, no processes started",
         f"model        {plan.model}: {plan.architecture}, {len(c.per_layer)} decoder layers at {plan.layers_path}",
@@ -275,17 +270,18 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
         f"backend      {stage_desc}",
         f"precision    {plan.weights_desc}, {'fp32 master + ' if plan.weight_bytes == 2 else ''}fp32 Adam moments",
         "",
-        f"model states per rank in {unit} (DESIGN.md section 8; activations and buffers not included)",
+        f"model states per rank in {unit} (docs/design.md#memory-floors; activations and buffers not included)",
         f"{'':14}{'weights':>8} {'grads':>8} {'master':>8} {'Adam m+v':>8} {'total':>8}",
     ]
     rows = (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa), (f"LoRA r={plan.lora_rank}", plan.lora))
     for name, floor in rows:
-        lines.append(f"{name:14}" + " ".join(f"{floor[k] / size:8.2f}" for k in
+        lines.append(f"{name:14}" + " ".join(cell(floor[k]) for k in
                                            ("weights", "grads", "master", "optimizer_state", "total")))
     if plan.offload:
         for name, floor in rows:
             device, host = _split(floor, plan.offload)
-            lines.append(f"  {name}: {device / size:.2f} {unit} on the accelerator + {host / size:.2f} {unit} host memory")
+            lines.append(f"  {name}: {format_bytes(device, unit, 2)} on the accelerator + "
+                         f"{format_bytes(host, unit, 2)} host memory")
     lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}    "
                  f"LoRA / full {plan.lora['total'] / plan.full['total']:.3f}    "
                  f"LISA / LoRA {plan.lisa['total'] / plan.lora['total']:.3f}")
@@ -294,8 +290,8 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
                   f"{'':14}{'full FT':>8} {'LISA':>8} {'LoRA':>8}"]
         for stage, (full, lisa, lora) in plan.by_stage.items():
             mark = "  <- this run" if stage == plan.stage else ""
-            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f} "
-                         f"{lora / size:8.2f}{mark}")
+            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{cell(full)} {cell(lisa)} "
+                         f"{cell(lora)}{mark}")
     sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
     lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
                   f"{run.steps} steps"]

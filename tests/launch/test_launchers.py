@@ -1,7 +1,7 @@
 """The launchers in launch/ run for real, with the tiny preset on CPU (gloo), 2 ranks each.
 
 Each real launch asserts the job's exit code is 0 (launchers exit non-zero when any rank does, and
-an abort at interpreter exit is a failure too, DESIGN.md section 7) and that every rank of every
+an abort at interpreter exit is a failure too, docs/design.md#pitfalls) and that every rank of every
 node logged the same layer schedule, the one LayerSampler predicts. The engine hooks already raise
 on disagreement; this checks what a user reading multi-node logs sees. Also here: shellcheck on
 every shell script, DRY_RUN command lines, and the 70B dry run (meta device, no weights).

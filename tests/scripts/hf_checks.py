@@ -25,9 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import builders  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import (  # noqa: E402
-    LlamaConfig,
     LlamaForCausalLM,
     Trainer,
     TrainerCallback,
@@ -49,10 +50,7 @@ LAYERS = 6
 
 
 def build_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, attention_bias=True, use_cache=False))
+    return tiny_llama(LAYERS, 64, seed=seed, vocab=VOCAB, attention_bias=True, use_cache=False)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -80,12 +78,10 @@ def world() -> int:
 
 
 def ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "steps_per_print": 10 ** 9,
-            "bf16": {"enabled": False},
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000,
-                                  "stage3_prefetch_bucket_size": 50_000, "stage3_param_persistence_threshold": 0,
-                                  "stage3_gather_16bit_weights_on_model_save": True}}
+    # "auto": the Trainer fills in its own batch, accumulation and clipping
+    return builders.ds_config(stage, "auto", gas="auto", train_batch="auto", clip="auto",
+                              stage3_prefetch_bucket_size=50_000, stage3_param_persistence_threshold=0,
+                              stage3_gather_16bit_weights_on_model_save=True)
 
 
 # True under `accelerate launch --use_deepspeed --deepspeed_config_file F`: accelerate's plugin, built
@@ -311,7 +307,7 @@ def optimizer_bytes(cb) -> Dict:
     n = world() if cb.engine is not None or cb.backend == "fsdp2" else 1
     floor = model_state_floor(stage, counts.total, psi_a, n, weight_bytes=2)
     full = model_state_floor(stage, counts.total, counts.total, n, weight_bytes=2)
-    # The floor's master + Adam bytes (12 per active parameter / N, DESIGN.md section 8): ZeRO keeps
+    # The floor's master + Adam bytes (12 per active parameter / N, docs/design.md#memory-floors): ZeRO keeps
     # an fp32 master partition even of fp32 weights.
     want = floor["master"] + floor["optimizer_state"]
     if cb.engine is not None:
@@ -432,7 +428,7 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
     from torch.distributed.fsdp import FSDPModule
 
     from lisa_dist.backends.fsdp import FSDPLisaOptimizer
-    from lisa_dist.backends.torch_compat import unit_reduce_dtype
+    from fsdp_internals import unit_reduce_dtype
     from lisa_dist.integrations.hf_compat import unwrap_optimizer
 
     layers = list(model.model.layers)
@@ -452,7 +448,7 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
 def bf16_weights(backend: str, out: Path) -> Dict:
     """FSDP2 under mixed_precision bf16, with Trainer's gradient checkpointing: weights are sharded as
     bf16 (frozen layers cost 2 bytes per parameter / N) and only the active set has fp32 masters and
-    moments, at the DESIGN.md floor."""
+    moments, at the docs/design.md#memory-floors floor."""
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=5)
     trainer, cb, probe, _ = make_trainer(out / "bf16", backend, lisa, 3, bf16=True, gradient_checkpointing=True)
     trainer.train()

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from version_checks import forget_version_checks
 
 from lisa_dist import versions
 from lisa_dist.versions import (
@@ -34,9 +35,9 @@ PINNED = ROOT / "constraints" / "tested.txt"
 @pytest.fixture(autouse=True)
 def fresh_process_state(monkeypatch):
     monkeypatch.delenv(versions.STRICT_ENV, raising=False)
-    versions.reset_for_tests()
+    forget_version_checks()
     yield
-    versions.reset_for_tests()
+    forget_version_checks()
 
 
 def _pins(path: Path) -> dict:
@@ -192,3 +193,34 @@ def test_a_newer_transformers_and_accelerate_warn_and_train(tmp_path):
     out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0 and "TRAINED" in out.stdout, (out.stdout + out.stderr)[-4000:]
+
+
+def _leg(name, resolved, checks):
+    return {"leg": name, "date": "2026-12-07", "python": "3.11.7", "resolved": resolved,
+            "checks": {c: {"passed": ok, "summary": f"{n} passed in 1.0s"} for c, (ok, n) in checks.items()}}
+
+
+def test_support_table_renders_what_the_legs_wrote():
+    newest = {name: lib.newest for name, lib in LIBRARIES.items()}
+    table = versions.support_table([
+        _leg("good", newest, {"hf": (True, 3), "zero": (True, 4)}),
+        _leg("bad", dict(newest, transformers="5.99.0", peft=None), {"fsdp2": (False, 1)}),
+    ])
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines() if line.startswith("| `")}
+    head = [c.strip() for c in next(l for l in table.splitlines() if l.startswith("| leg")).split("|")[1:-1]]
+    good, bad = dict(zip(head[1:], rows["`good`"])), dict(zip(head[1:], rows["`bad`"]))
+    assert good["Trainer / accelerate"] == "passed (3 passed)" and good["FSDP2"] == "-"
+    assert bad["FSDP2"] == "**FAILED** (1 passed)"
+    assert bad["transformers"] == "5.99.0 (warns)" and bad["peft"] == "-" and good["transformers"] == newest["transformers"]
+
+
+def test_supported_releases_page_is_the_rendering_of_the_committed_results():
+    """docs/supported-releases.md is generated from benchmarks/results/matrix/*.json, never edited by hand."""
+    import json
+    results = sorted((ROOT / "benchmarks" / "results" / "matrix").glob("*.json"))
+    assert results, "no release-matrix results committed"
+    page = (ROOT / "docs" / "supported-releases.md").read_text()
+    assert page == versions.support_table([json.loads(p.read_text()) for p in results]), (
+        "docs/supported-releases.md differs from its rendering: python -m lisa_dist.versions --support-table "
+        "benchmarks/results/matrix/*.json > docs/supported-releases.md")

@@ -94,7 +94,7 @@ class DeepSpeedRunner:
 
     def full_finetune_state_bytes(self) -> int:
         """Analytic per-rank fp32 master + Adam moments of full fine-tuning at this ZeRO stage and
-        world size (DESIGN.md section 8). ZeRO keeps a separate fp32 master even for fp32 weights,
+        world size (docs/design.md#memory-floors). ZeRO keeps a separate fp32 master even for fp32 weights,
         hence weight_bytes=2 (4 bytes master + 8 bytes moments per parameter / N)."""
         counts = count_params(self.engine.lisa.split)
         stage = f"zero{self.engine.zero_optimization_stage()}"
@@ -137,7 +137,7 @@ class DeepSpeedRunner:
 
     def close(self) -> None:
         """Free the engine before the process group goes away, so the process exits cleanly
-        (DESIGN.md section 7)."""
+        (docs/design.md#pitfalls)."""
         engine = self.engine
         engine.destroy()
         engine.optimizer = None

@@ -16,7 +16,7 @@ import torch
 from lisa_dist.backends.deepspeed import _compat
 
 MODEL_STATE_CATEGORIES = ("weights", "grads", "grad_partitions", "fp32_master", "optimizer_state")
-"""Summed into "model_state"; DESIGN.md section 8's floor covers exactly these."""
+"""Summed into "model_state"; The floor of docs/design.md#memory-floors covers exactly these."""
 
 OTHER_CATEGORIES = ("comm_buckets", "host_offload")
 """Reported, not summed: reduction staging buffers (sized by reduce_bucket_size, a workspace) and

@@ -1,7 +1,7 @@
 """ZeRO-1/2: rebuild DeepSpeed's optimizer over exactly the LISA trainable set at each switch.
 
 DeepSpeed fixes the parameters its ZeRO-1/2 optimizer owns when it is built (flat bf16 buffers,
-fp32 master partitions, gradient hooks), so a switch rebuilds it (DESIGN.md section 5).
+fp32 master partitions, gradient hooks), so a switch rebuilds it (docs/design.md#zero-1-and-zero-2).
 
 Layout: one param group for the always-active parameters (key ALWAYS), then one group per active
 decoder layer (key: the layer index), in layer order. ZeRO flattens, pads and partitions each group

@@ -3,8 +3,8 @@
 Under ZeRO-3 every parameter is partitioned (`ds_tensor`) whatever its `requires_grad`, and the
 optimizer takes only the trainable ones: frozen layers cost their bf16 shard and nothing else. The
 stage-3 optimizer fixes its trainable set when it is built (flat bf16 partition buffer, gradient
-partition buffer, fp32 master partitions, gradient hooks), so a switch rebuilds it (DESIGN.md
-section 5), and what must survive the rebuild is the parameter partitioning: the
+partition buffer, fp32 master partitions, gradient hooks), so a switch rebuilds it
+(docs/design.md#zero-3), and what must survive the rebuild is the parameter partitioning: the
 DeepSpeedZeRoOffload object, its module hooks and its gather coordinator. The old optimizer is
 unhooked by hand instead of destroy()ed (which removes those module hooks), and the new one is
 handed the existing offload object.
@@ -98,6 +98,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     basic.param_groups = [{**o, "params": list(params)} for o, (_, params) in zip(options, new_groups)]
     with _compat.zero3_rebuild_context(offload):
         _compat.configure_optimizer(engine, basic)
+    _compat.release_shard_copies(p for _, params in new_groups for p in params)
     _compat.set_loss_scale_state(engine.optimizer, loss_scale)
     # Building the optimizer gathers and re-partitions every trainable param to hook it, behind
     # the coordinator's back; the recorded forward trace no longer describes what is in flight.
