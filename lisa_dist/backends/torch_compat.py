@@ -18,8 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from lisa_dist.versions import (IncompatibleReleaseError, Probe, check_release, missing_message, require,
-                                require_attrs)
+from lisa_dist.versions import IncompatibleReleaseError, Probe, check_release, missing_message, require, require_attrs
 
 
 def _param_group_class():

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from lisa_dist.backends import torch_compat
-from lisa_dist.integrations import hf_compat
-from lisa_dist.config import LisaConfig
 from lisa_dist.backends.ddp import ActiveLayerGradReducer, broadcast_layers, layer_parameter_names
+from lisa_dist.config import LisaConfig
+from lisa_dist.integrations import hf_compat
 from lisa_dist.optim import LisaOptimizer
 
 _prepared: "weakref.WeakKeyDictionary[nn.Module, LisaPrepared]" = weakref.WeakKeyDictionary()
@@ -142,7 +142,8 @@ class LisaPrepared:
                 # and never wraps it later: the always-active parameters' gradients would not be averaged.
                 raise ValueError(PREPARED_FOR_EVALUATION_FIRST.format(
                     backend="DDP", what="marked it prepared without DistributedDataParallel and will not wrap it now"))
-            self.reducer = ActiveLayerGradReducer(optimizer.split, lambda: torch_compat.ddp_syncs_this_backward(wrapped))
+            self.reducer = ActiveLayerGradReducer(optimizer.split,
+                                                  lambda: torch_compat.ddp_syncs_this_backward(wrapped))
         self.optimizer = optimizer
         return out
 
@@ -224,7 +225,8 @@ def prepare(accelerator, *objects, lisa: LisaConfig, device_placement=None):
     hf_compat.check()
     models = [o for o in objects if isinstance(o, nn.Module)]
     if len(models) != 1:
-        raise ValueError(f"lisa_dist.integrations.accelerate.prepare needs exactly one model among the objects, got {len(models)}")
+        raise ValueError("lisa_dist.integrations.accelerate.prepare needs exactly one model among the objects, "
+                         f"got {len(models)}")
     kwargs = {} if device_placement is None else {"device_placement": device_placement}
     return LisaPrepared(lisa).run(models[0], hf_compat.original_prepare(), accelerator, objects, kwargs)
 

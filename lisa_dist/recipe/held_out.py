@@ -36,7 +36,8 @@ class HeldOut:
         or records whose shape differs from the training data's (their loss would be masked differently)."""
         path = Path(run.eval_data)
         try:
-            dataset = data.build_dataset(path, tokenizer, max_length=run.max_length, fmt=run.data_format)
+            dataset = data.build_dataset(path, tokenizer, max_length=run.max_length, fmt=run.data_format,
+                                         overlong=run.overlong)
             if run.data_format == "auto":
                 held_out, train = data.dataset_formats(path), data.dataset_formats(train_path)
                 if not held_out <= train:

@@ -199,13 +199,16 @@ def lora_state_floor(stage: str, psi: int, adapter: int, world_size: int, weight
 
 
 def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPlan:
-    from lisa_dist.layers import split_parameters
+    from lisa_dist.layers import split_parameters, tied_freeze_problem
 
     world, world_from = resolve_world_size(env)
     stage, offload = _stage_and_offload(run)
     if stage == "single":
         world, world_from = 1, "--backend single"
     model = _model_skeleton(run)
+    problem = tied_freeze_problem(model, run.lisa)
+    if problem:  # as lisa-train itself would refuse
+        raise ValueError(problem)
     split = split_parameters(model, run.lisa)
     counts = count_params(split)
     sampler = LayerSampler(split.num_layers, run.lisa)  # raises if gamma exceeds the layer count
