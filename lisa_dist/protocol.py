@@ -32,6 +32,11 @@ class Runner(Protocol):
         """One optimizer step over the micro-batches (on the host; the runner moves them to its device);
         returns the loss averaged over micro-batches and ranks."""
 
+    def evaluate(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> Tuple[float, int]:
+        """Held-out loss of the model as it is now, in eval mode without gradients (lisa_dist.evaluation):
+        (sum of token losses, label tokens) over this rank's batches, summed over all ranks. Every rank
+        passes the same number of batches (ZeRO-3 and FSDP2 forwards are collectives)."""
+
     def learning_rate(self) -> float:
         """The learning rate the next optimizer step will use (after warm-up or the schedule)."""
 

@@ -19,7 +19,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "distributed", "launch", "slurm", "multinode", "gpu")
+TIERS = ("unit", "distributed", "launch", "slurm", "multinode", "realmodel", "gpu")
 """The folders under tests/ that hold tests; each is also the pytest marker of what it holds (pytest.ini)."""
 sys.path.insert(0, str(TESTS / "support"))
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import gc
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from lisa_dist import evaluation
 from lisa_dist.config import LisaConfig
 from lisa_dist.devices import synchronize
 from lisa_dist.memory import count_params, model_state_floor
@@ -67,6 +68,10 @@ class SingleRunner:
             total += loss.item()
         self._clip_and_step()
         return total
+
+    def evaluate(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> Tuple[float, int]:
+        """(sum of token losses, label tokens) over the batches, summed over ranks (FSDP2 too)."""
+        return evaluation.loss_sums(self.model, batches, self.device, self.world_size)
 
     def _clip_and_step(self) -> None:
         """Clip, step (which may switch the active set), advance the LR schedule, log a switch."""

@@ -33,6 +33,13 @@ from lisa_dist.optim import LisaOptimizer
 
 _prepared: "weakref.WeakKeyDictionary[nn.Module, LisaPrepared]" = weakref.WeakKeyDictionary()
 
+PREPARED_FOR_EVALUATION_FIRST = (
+    "the model was prepared for evaluation before LISA built its training setup (Trainer.evaluate() before "
+    "train() does that): under {backend}, accelerate {what}, so train() could not train it with LISA. Evaluate "
+    "the starting model inside train() with TrainingArguments(eval_on_start=True), which runs on LISA's engine, "
+    "or call evaluate() after train(); in a hand-written loop, prepare the model together with its optimizer first")
+"""Why an evaluation-only prepare of a LISA model before training is refused (DeepSpeed ZeRO-3, FSDP2, DDP)."""
+
 
 class LisaPrepared:
     """What LISA built for one model: `.backend` ("deepspeed", "fsdp2", "ddp", "single"), `.engine`
@@ -130,6 +137,11 @@ class LisaPrepared:
         out = original_prepare(accelerator, *args, **kwargs)
         if backend == "ddp":
             wrapped = out[next(i for i, a in enumerate(args) if a is model)] if isinstance(out, tuple) else out
+            if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+                # accelerate's prepare_model(evaluation_mode=True) marks the model prepared without wrapping it,
+                # and never wraps it later: the always-active parameters' gradients would not be averaged.
+                raise ValueError(PREPARED_FOR_EVALUATION_FIRST.format(
+                    backend="DDP", what="marked it prepared without DistributedDataParallel and will not wrap it now"))
             self.reducer = ActiveLayerGradReducer(optimizer.split,
                                                   lambda: torch_compat.ddp_syncs_this_backward(wrapped))
         self.optimizer = optimizer

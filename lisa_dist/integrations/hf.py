@@ -43,7 +43,7 @@ from transformers import TrainerCallback
 
 from lisa_dist.config import LisaConfig
 from lisa_dist.integrations import hf_compat
-from lisa_dist.integrations.accelerate import LisaPrepared
+from lisa_dist.integrations.accelerate import PREPARED_FOR_EVALUATION_FIRST, LisaPrepared
 
 _by_model: "weakref.WeakKeyDictionary[nn.Module, LisaCallback]" = weakref.WeakKeyDictionary()
 _unattached: "weakref.WeakSet[LisaCallback]" = weakref.WeakSet()
@@ -81,6 +81,15 @@ class LisaCallback(TrainerCallback):
     def on_init_end(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.attach(model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        if self.prepared.backend == "fsdp2" and model is not None:
+            # Trainer's evaluation forwards run without backward; put the model back in the sharded
+            # state training expects (Trainer does the same before building its optimizer).
+            from lisa_dist.backends.fsdp import reshard_after_evaluation
+            reshard_after_evaluation(model)
+
+    on_predict = on_evaluate
 
     def on_train_begin(self, args, state, control, **kwargs):
         if self.prepared.backend is None:
@@ -122,10 +131,18 @@ def _route_prepare(accelerator, args: Sequence[Any]):
             continue
         if has_optimizer:
             return functools.partial(_prepare, callback, model)
-        if hf_compat.backend_of(accelerator) == "fsdp":
+        backend = hf_compat.backend_of(accelerator)
+        if backend == "fsdp":
             # Trainer prepares the model alone under FSDP1 (optimizer built after wrapping): refuse it
             # here, before accelerate wraps anything.
             hf_compat.fsdp2_options(accelerator)
+        if callback.backend is None and backend in ("fsdp", "deepspeed"):
+            # Under FSDP2 and DeepSpeed Trainer's train() prepares model and optimizer together; a model
+            # prepared alone before that is Trainer.evaluate() before train().
+            raise ValueError(PREPARED_FOR_EVALUATION_FIRST.format(
+                backend="FSDP2" if backend == "fsdp" else "DeepSpeed ZeRO-3",
+                what=("would shard it by its own wrap policy, not one unit per decoder layer" if backend == "fsdp"
+                      else "would build an inference engine that train() then keeps, without LISA's optimizer")))
         return None
     if not models or not has_optimizer:
         return None

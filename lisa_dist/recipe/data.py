@@ -16,12 +16,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import torch
 
-IGNORE_INDEX = -100
-"""Label value that the Hugging Face causal-LM loss skips."""
+from lisa_dist.evaluation import IGNORE_INDEX
 
 FORMATS = ("alpaca", "chat", "text")
 OVERLONG = ("truncate", "drop")
@@ -380,6 +379,11 @@ def build_dataset(path: Union[PathLike, Any], tokenizer, max_length: int = 256, 
     return tokenize_dataset(path, tokenizer, max_length, fmt, overlong)[0]
 
 
+def dataset_formats(path: PathLike) -> Set[str]:
+    """The formats ("alpaca", "chat", "text") the records of a data file or folder have, detected from their keys."""
+    return {detect_format(record) for _, record in _read_records(path)}
+
+
 def collate(batch: List[Dict[str, List[int]]], pad_token_id: int) -> Dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids, attention_mask, and labels with -100 on padding."""
     assert batch, "collate needs at least one example"
@@ -453,3 +457,29 @@ class BatchIterator:
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> Dict[str, torch.Tensor]:
         """This rank's collated batch for global micro-step `step`."""
         return collate([self.dataset[i] for i in self.indices(step, rank, world_size)], self.pad_token_id)
+
+
+def eval_batches(dataset: List[Dict[str, List[int]]], batch_size: int, pad_token_id: int, rank: int = 0,
+                 world_size: int = 1) -> List[Dict[str, torch.Tensor]]:
+    """This rank's share of a held-out set, collated in batches of up to `batch_size`.
+
+    Rank r takes examples r, r + W, r + 2W, ... (W = world_size) in the set's order, so the ranks'
+    shares are disjoint and together hold every example exactly once. Every rank gets the same number
+    of batches, ceil(ceil(N / W) / batch_size), because ZeRO-3's and FSDP2's forwards are collectives:
+    a rank whose share runs out first gets a one-example batch with every label IGNORE_INDEX (it counts
+    no token).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if not dataset:
+        raise ValueError("the held-out set has no examples")
+    share = dataset[rank::world_size]
+    largest = -(-len(dataset) // world_size)
+    filler = {"input_ids": dataset[0]["input_ids"], "labels": [IGNORE_INDEX] * len(dataset[0]["input_ids"])}
+    batches = []
+    for start in range(0, largest, batch_size):
+        examples = share[start:start + batch_size]
+        batches.append(collate(examples or [filler], pad_token_id))
+    return batches

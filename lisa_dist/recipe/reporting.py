@@ -8,7 +8,9 @@ logged at the global step, the number of optimizer steps done (the loss of the f
 - at every switch, at the step it took effect: switch/seconds, switch/optimizer_bytes (this rank's
   fp32 master + moments right after the switch), switch/optimizer_bytes_after_first_step (once the
   new set has stepped and its moments exist), switch/host_bytes and switch/device_<kind>_bytes where
-  the backend records them (DeepSpeed), and the active set as text under lisa/active_layers.
+  the backend records them (DeepSpeed), and the active set as text under lisa/active_layers;
+- at every evaluation of --eval-data: eval/loss (the token-weighted held-out loss after that step). A
+  resumed run does not repeat the evaluation at its checkpoint's step, so each step appears once.
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ class Reporter:
         w.add_scalar("train/tokens_per_second_per_rank", tokens_per_second, global_step)
         w.add_scalar("lisa/switch_index", switch_index, global_step)
         self._switches(schedule)
+
+    def evaluation(self, global_step: int, eval_loss: float) -> None:
+        if self._writer is not None:
+            self._writer.add_scalar("eval/loss", eval_loss, global_step)
 
     def _switches(self, schedule: Sequence[Dict[str, Any]]) -> None:
         w = self._writer

@@ -62,6 +62,17 @@ class RunConfig:
     """an example longer than --max-length: truncate keeps its first max-length tokens (its end, often the
     answer and EOS, is not trained on; one left with no response token is dropped), drop leaves it out"""
 
+    eval_data: Optional[str] = _opt(None, "evaluation")
+    """held-out data in the forms --data takes, read and masked as it is (--data-format, --max-length);
+    its loss (token-weighted mean over every label token, the ranks sharing the examples) is evaluated
+    every --eval-steps and after the last step, and logged to lisa_log.json and --report-to"""
+
+    eval_steps: int = _opt(0, "evaluation")
+    """optimizer steps between evaluations of --eval-data (0: only after the last step)"""
+
+    eval_batch_size: Optional[int] = _opt(None, "evaluation")
+    """held-out examples per forward per rank; default: --batch-size"""
+
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = _opt("auto", "model and data")
     """weights dtype; masters are always fp32. auto: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are
     emulated (measured 8x slower per step for the tiny preset here). fp16 (GPUs without bf16, e.g. V100,
@@ -155,6 +166,7 @@ class RunConfig:
         for name in ("save_steps", "keep_last", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        self._check_eval()
         if self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.backend == "deepspeed" and not self.deepspeed:
@@ -165,6 +177,16 @@ class RunConfig:
             # fp16 gradients underflow without a loss scaler, and only DeepSpeed's is wired in.
             raise ValueError(f"--dtype fp16 needs --backend deepspeed (its dynamic loss scaling); --backend "
                              f"{self.backend} trains in bf16 or fp32: use --dtype bf16 or --dtype fp32")
+
+    def _check_eval(self) -> None:
+        if self.eval_steps < 0:
+            raise ValueError(f"--eval-steps must be >= 0 (0: evaluate only after the last step), got {self.eval_steps}")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise ValueError(f"--eval-batch-size must be >= 1, got {self.eval_batch_size}")
+        if not self.eval_data:
+            for name in ("eval_steps", "eval_batch_size"):
+                if getattr(self, name):
+                    raise ValueError(f"{_flag(name)} needs --eval-data FILE (the held-out set to evaluate)")
 
 
 def _flag(name: str) -> str:

@@ -178,6 +178,13 @@ def _device_memory_line(per_rank: List[Dict[str, int]]) -> str:
         for r, m in enumerate(per_rank)) + "\n"
 
 
+def _evals_line(evals: Optional[List[Dict]]) -> str:
+    if not evals:
+        return ""
+    return (f"\neval loss ({evals[-1]['eval_tokens']} held-out tokens): "
+            + ", ".join(f"step {e['step']}: {e['eval_loss']:.4f}" for e in evals))
+
+
 def _per_rank(value, world: int) -> List:
     import torch.distributed as dist
 
@@ -205,6 +212,7 @@ def train(run: RunConfig) -> Dict:
 
     from lisa_dist.recipe import checkpoints as checkpoint
     from lisa_dist.recipe import data, presets
+    from lisa_dist.recipe.held_out import HeldOut
     from lisa_dist.recipe.reporting import Reporter
 
     check_model_source(run.model, run.tokenizer)
@@ -217,10 +225,14 @@ def train(run: RunConfig) -> Dict:
         raise ValueError(problem)
     dataset, lengths = data.tokenize_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format,
                                              overlong=run.overlong)
-    check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]))
+    held_out = HeldOut.load(run, tokenizer, data_path) if run.eval_data else None
+    check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]
+                                           + ([held_out.max_token_id()] if held_out else [])))
     batches = data.BatchIterator(dataset, run.batch_size, run.lisa.seed, tokenizer.pad_token_id)
     runner = backend.runner(run, model, _calibration(run, batches))
     rank, world = runner.rank, runner.world_size
+    if held_out:
+        held_out.shard(rank, world, tokenizer.pad_token_id)
     num_layers = len(find_decoder_layers(model, run.lisa.layers_path).layers)
     out_dir = Path(run.output_dir)
     is_main = rank == 0
@@ -273,13 +285,23 @@ def train(run: RunConfig) -> Dict:
         if stepped_pending:
             _say(f"[rank {rank}/{world}] switch {runner.switch_index} at step {step + 1}: "
                  f"active layers {list(runner.active_layers)}")
-        rate = tokens / (time.perf_counter() - start)
+        rate = tokens / (time.perf_counter() - start - (held_out.seconds if held_out else 0.0))
         reporter.step(step + 1, loss, lr, rate, before, runner.schedule_log)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s_rank=f"{rate:.0f}", layers=list(runner.active_layers))
         bar.update(1)
         if is_main and bar.disable and ((step + 1) % run.log_every == 0 or step + 1 == run.steps):
             _say(f"step {step + 1}/{run.steps} loss {loss:.4f} tok/s/rank {rate:.0f} "
                  f"active {list(runner.active_layers)}")
+        if held_out and held_out.due(step + 1):  # before the checkpoint: a resume never repeats it
+            evaluated = held_out.evaluate(runner, step + 1)
+            reporter.evaluation(step + 1, evaluated["eval_loss"])
+            if is_main:
+                line = (f"eval step {step + 1}/{run.steps}: eval_loss {evaluated['eval_loss']:.4f} "
+                        f"({evaluated['eval_tokens']} tokens)")
+                if bar.disable:
+                    _say(line)
+                else:
+                    bar.write(line)
         checkpoint.save_for_train(runner, run, step + 1, tokenizer)
     bar.close()
     reporter.close()
@@ -288,7 +310,9 @@ def train(run: RunConfig) -> Dict:
     window = max(1, min(10, len(losses) // 5))
     summary = {
         "model": run.model, "backend": run.backend, "world_size": world, "steps": run.steps, "num_layers": num_layers,
-        "lisa": run.lisa.to_dict(), "seconds": elapsed, "tokens_per_second_per_rank": tokens / elapsed,
+        "lisa": run.lisa.to_dict(), "seconds": elapsed,
+        "tokens_per_second_per_rank": tokens / (elapsed - (held_out.seconds if held_out else 0.0)),
+        **(held_out.summary() if held_out else {}),
         "loss_start": sum(losses[:window]) / window, "loss_end": sum(losses[-window:]) / window,
         "losses": losses, "schedule": runner.schedule_log,
         "optimizer_bytes_per_rank": max(stepped_bytes + [runner.optimizer_state_bytes()]),
@@ -308,6 +332,7 @@ def train(run: RunConfig) -> Dict:
         per_rank = ", ".join(f"rank {r}: {format_bytes(b)}" for r, b in enumerate(summary["optimizer_bytes_all_ranks"]))
         _say(f"\nloss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} (mean of first/last {window} steps)\n"
              f"schedule: " + ", ".join(f"step {e['step']}: {e['active_layers']}" for e in runner.schedule_log) +
+             _evals_line(summary.get("evals")) +
              f"\noptimizer memory per rank (fp32 master + moments): {per_rank}; full fine-tuning would hold "
              f"{format_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} per rank ({ratio:.2f}x)\n"
              + _device_memory_line(summary["device_memory_all_ranks"]) +

@@ -226,3 +226,29 @@ def test_fsdp2_unsupported_plugin_settings_are_refused(ranks):
         pytest.skip("FSDP2 only")
     messages = results[0]["fsdp_refusals"]["messages"]
     assert set(messages) == {"activation_checkpointing", "cpu_ram_efficient_loading"}, messages
+
+
+def test_trainer_eval_loss_matches_an_independent_computation(ranks):
+    """eval_on_start, eval_strategy="steps" and evaluate() after train(), with the LISA engine/optimizer:
+    Trainer's eval_loss equals a plain forward of the same weights in one process, and evaluating
+    leaves training as LisaOptimizer's reference trains."""
+    _, results = ranks
+    for r in results:
+        e = r["evaluation"]
+        assert [x["step"] for x in e["evals"]] == [0, 2, 4, 4], e
+        assert all(x["abs_diff"] <= 1e-5 for x in e["evals"]), e["evals"]
+        assert e["evals"][0]["eval_loss"] != e["evals"][-1]["eval_loss"]  # training moved the weights
+        assert e["frozen_checks"] == 4 * 4 and e["moved_checks"] == 4 * 2 and e["ref_max_abs_diff"] <= 5e-5, e
+    assert len({tuple(x["eval_loss"] for x in r["evaluation"]["evals"]) for r in results}) == 1
+
+
+def test_evaluate_before_train_is_refused_where_it_would_lose_lisa(ranks):
+    backend, results = ranks
+    for r in results:
+        first = r["evaluate_first"]
+        if backend == "single":  # nothing to wrap: evaluate, then train with LISA
+            assert first["trained_with"] == "single" and abs(first["eval_loss"] - first["independent"]) <= 1e-5
+        elif backend in ("zero1", "zero2"):
+            assert "ZeRO inference only makes sense with ZeRO Stage 3" in first["error"]  # transformers' own
+        else:
+            assert "eval_on_start=True" in first["error"] and "evaluate() after train()" in first["error"], first

@@ -686,8 +686,108 @@ def ds_sections(backend: str, out: Path) -> Dict:
             "moved_checks": probe.moved_checks, "steps_with_lr": stepped}
 
 
+class HeldOut(torch.utils.data.Dataset):
+    """Fixed random sequences, none of them Tokens' rows; every row has SEQ - 1 label tokens, so
+    Trainer's mean of batch means is the token-weighted mean."""
+
+    def __init__(self, n: int = 12):
+        self.rows = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(7))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+
+
+class EvalRecorder(TrainerCallback):
+    """Every evaluation's eval_loss with the whole weights at that moment (a collective: every rank
+    gets on_evaluate)."""
+
+    def __init__(self):
+        self.trainer = None
+        self.seen: List = []
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        self.seen.append((state.global_step, metrics["eval_loss"], full_weights(self.trainer)))
+
+
+def held_out_loss(weights: torch.Tensor, held_out: HeldOut) -> float:
+    """The held-out loss of these weights in one process, outside Trainer: a plain model, one batch."""
+    model = build_model()
+    torch.nn.utils.vector_to_parameters(weights.float(), model.parameters())
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=held_out.rows, labels=held_out.rows).loss.item()
+
+
+def evaluation(backend: str, out: Path) -> Dict:
+    """eval_on_start and eval_strategy="steps" during train() and trainer.evaluate() after it, with
+    LisaCallback: each eval_loss Trainer reports equals the loss computed independently on the weights
+    of that moment (ZeRO-3 and FSDP2 gather for the forward, the ranks share the held-out rows), and
+    evaluating leaves training exact (weights still LisaOptimizer's, frozen layers untouched, every step)."""
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=3)
+    steps = 4
+    start = build_model()
+    model = copy.deepcopy(start)
+    data, held_out = Tokens(), HeldOut()
+    cb, recorder = LisaCallback(lisa), EvalRecorder()
+    probe = Probe(cb, model, decay_parameter_names(model))
+    trainer = Trainer(model=model, args=training_args(out / "eval", backend, steps, eval_strategy="steps", eval_steps=2,
+                                                      eval_on_start=True, per_device_eval_batch_size=2),
+                      train_dataset=data, eval_dataset=held_out, callbacks=[cb, probe, recorder])
+    recorder.trainer = trainer
+    trainer.train()
+    trainer.evaluate()
+    evals = [{"step": step, "eval_loss": loss, "independent": held_out_loss(w, held_out)}
+             for step, loss, w in recorder.seen]
+    for e in evals:
+        e["abs_diff"] = abs(e["eval_loss"] - e["independent"])
+    result = {"evals": evals, "frozen_checks": probe.frozen_checks, "moved_checks": probe.moved_checks,
+              "logged": [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]}
+    assert [e["step"] for e in evals] == [0, 2, 4, 4], evals
+    assert all(e["abs_diff"] <= 1e-5 for e in evals), evals
+    assert probe.frozen_checks == steps * 4 and probe.moved_checks == steps * 2, result
+    final = full_weights(trainer)
+    ref = reference(start, lisa, decay_parameter_names(start), gather_reads(data.read), data, steps)
+    result["ref_max_abs_diff"] = (final - ref).abs().max().item()
+    assert result["ref_max_abs_diff"] <= 5e-5, result["ref_max_abs_diff"]
+    del trainer, cb, probe, recorder
+    return result
+
+
+def evaluate_first(backend: str, out: Path) -> Dict:
+    """trainer.evaluate() before train(): accelerate would prepare the model for evaluation alone (FSDP2:
+    its own sharding; ZeRO-3: an inference engine train() keeps; DDP: marked prepared, never wrapped),
+    so LISA refuses with the fix (eval_on_start=True); one device evaluates and trains as usual."""
+    model = build_model()
+    held_out = HeldOut()
+    cb = LisaCallback(LisaConfig(activated_layers=2, interval_steps=2, seed=3))
+    trainer = Trainer(model=model, args=training_args(out / "evaluate_first", backend, 2, per_device_eval_batch_size=2),
+                      train_dataset=Tokens(), eval_dataset=held_out, callbacks=[cb])
+    result: Dict = {}
+    try:
+        metrics = trainer.evaluate()
+        result["eval_loss"] = metrics["eval_loss"]
+        result["independent"] = held_out_loss(full_weights(trainer), held_out)
+        trainer.train()
+        result["trained_with"] = cb.backend
+    except ValueError as e:
+        result["error"] = str(e)
+    if backend == "single":
+        assert result.get("trained_with") == "single", result
+        assert abs(result["eval_loss"] - result["independent"]) <= 1e-5, result
+    elif backend in ("zero1", "zero2"):  # transformers' own refusal, before anything is prepared
+        assert "ZeRO inference only makes sense with ZeRO Stage 3" in result.get("error", ""), result
+    else:
+        assert "eval_on_start=True" in result.get("error", "") and cb.backend is None, result
+    del trainer, cb
+    return result
+
+
 SCENARIOS = {"main": main_run, "sft": sft, "late": late_callback, "accelerate": hand_loop, "ds_sections": ds_sections,
-             "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals, "accelerate_resume": hand_loop_resume}
+             "bf16": bf16_weights, "fsdp_refusals": fsdp_refusals, "accelerate_resume": hand_loop_resume,
+             "evaluation": evaluation, "evaluate_first": evaluate_first}
 ONLY_FOR = {"ds_sections": ("zero1", "zero2", "zero3"), "bf16": ("fsdp2",), "fsdp_refusals": ("fsdp2",),
             "accelerate_resume": ("fsdp2",)}
 

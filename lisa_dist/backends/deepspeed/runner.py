@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist import evaluation
 from lisa_dist.backends.deepspeed import _compat, process_group
 from lisa_dist.backends.deepspeed.engine_hook import initialize
 from lisa_dist.backends.deepspeed.state_bytes import model_state_bytes, optimizer_bytes
@@ -72,6 +73,11 @@ class DeepSpeedRunner:
             total += loss.detach().float()
         dist.all_reduce(total)
         return total.item() / (len(micro_batches) * self.world_size)
+
+    def evaluate(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> Tuple[float, int]:
+        """(sum of token losses, label tokens) over the batches, summed over ranks. Through the
+        engine's forward, so ZeRO-3 gathers each module's parameters as training does."""
+        return evaluation.loss_sums(self.engine, batches, self.engine.device, self.world_size)
 
     def learning_rate(self) -> float:
         return self.engine.get_lr()[0]

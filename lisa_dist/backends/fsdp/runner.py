@@ -4,7 +4,7 @@ from __future__ import annotations
 import gc
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -13,7 +13,7 @@ from torch import nn
 from lisa_dist import loading
 from lisa_dist.backends.fsdp import dcp_checkpoint
 from lisa_dist.backends.fsdp.optimizer import FSDPLisaOptimizer
-from lisa_dist.backends.fsdp.shard import default_device, shard_model
+from lisa_dist.backends.fsdp.shard import default_device, reshard_after_evaluation, shard_model
 from lisa_dist.backends.single import SingleRunner
 from lisa_dist.config import LisaConfig
 from lisa_dist.devices import rank_device
@@ -101,6 +101,12 @@ class FSDPRunner(SingleRunner):
         self._clip_and_step()
         dist.all_reduce(total)
         return total.item() / self.world_size
+
+    def evaluate(self, batches: Sequence[Mapping[str, torch.Tensor]]) -> Tuple[float, int]:
+        try:
+            return super().evaluate(batches)
+        finally:
+            reshard_after_evaluation(self.model)
 
     # --- checkpoints and export --------------------------------------------------------------
 

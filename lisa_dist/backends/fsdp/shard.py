@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from lisa_dist.backends.torch_compat import check_torch
 from lisa_dist.devices import rank_device
@@ -65,6 +65,16 @@ def shard_model(model: nn.Module, mp_bf16: bool = True, reduce_fp32: bool = True
         fully_shard(module, mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def reshard_after_evaluation(model: nn.Module) -> None:
+    """Reshard every unit after forwards without a backward (an evaluation). Units built with
+    reshard_after_forward=False (the last layer, the root) otherwise stay gathered, with their
+    unsharded tensors registered as the module's parameters until the next backward: more memory, and
+    the layer's parameters are not the sharded ones LISA freezes, trains and checks."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def check_host_backend() -> None:
