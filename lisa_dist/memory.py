@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, Sequence
+from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -156,6 +156,36 @@ def reset_peak_host_rss() -> None:
     `host_rss_bytes("VmHWM")` is the peak of what ran in between."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
+
+
+def peak_rise(step: Callable[[], object], device: Optional[torch.device] = None) -> int:
+    """The most memory `step()` holds at once above what was allocated when it started, in bytes: on a
+    CUDA device the caching allocator's peak allocated bytes; on a CPU the process's peak resident set
+    (VmHWM) above its resident set before, after handing freed heap pages back (call it inside
+    `large_host_blocks_mapped`, with a threshold below the step's typical tensor, so that RSS follows
+    the live tensors rather than glibc's heap)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    gc.collect()
+    _malloc_trim()
+    before = host_rss_bytes()
+    reset_peak_host_rss()
+    step()
+    return host_rss_bytes("VmHWM") - before
+
+
+def _malloc_trim() -> None:
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def device_memory() -> Dict[str, int]:
