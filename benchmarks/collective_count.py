@@ -16,12 +16,16 @@ deepspeed/runtime/), and `count_collectives(deepspeed_shm=True)` counts it too, 
 Bytes are the logical (unsharded) tensor of the op, the same figure whatever the algorithm: the
 tensor for all-reduce / reduce / broadcast, the full input for a reduce-scatter, the full output for
 an all-gather. Each rank counts its own calls.
+
+The one collective counter of the repository: the benchmarks import it as `collective_count` (their
+folder is their script's), the test scripts as `benchmarks.collective_count` (the repository root is
+on their path), e.g. tests/scripts/fsdp2_checks.py for FSDP2's per-unit reduce-scatters.
 """
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from typing import Dict, Iterator
+from typing import Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -85,6 +89,14 @@ class CommLog:
 
     def clear(self) -> None:
         self.calls.clear()
+
+    def sizes(self, op: str) -> List[int]:
+        """Bytes of each call of `op`, in call order within each phase."""
+        return [size for by_op in self.calls.values() if op in by_op for size in by_op[op]["sizes"]]
+
+    def dtypes(self, op: str) -> List[str]:
+        """The dtypes `op` carried ("float32", ...), over every phase."""
+        return sorted({d for by_op in self.calls.values() if op in by_op for d in by_op[op]["dtypes"]})
 
     def bytes(self, ops=REDUCTIONS, phases=None) -> int:
         return sum(e["bytes"] for ph, by_op in self.calls.items() if phases is None or ph in phases

@@ -12,9 +12,10 @@ Rows:
 
 Per row: model-state bytes per rank measured from live tensors at the fullest moment (inside the
 optimizer step, after the update) against lisa_dist.memory.model_state_floor; gradient collectives
-per step, counted by wrapping torch.distributed's reduce-scatter / all-gather entry points (bytes
-are the reduce-scatter input, i.e. the unsharded gradient buffer each rank contributes); step time
-with the runners' steps interleaved, so load from other processes hits every row alike.
+per step, counted at the ProcessGroup methods (benchmarks/collective_count.py; bytes are the logical
+tensor: the reduce-scatter input, i.e. the unsharded gradient buffer each rank contributes, and the
+all-gather output, i.e. the unsharded parameters); step time with the runners' steps interleaved, so
+load from other processes hits every row alike.
 """
 from __future__ import annotations
 
@@ -36,11 +37,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E4
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.backends.fsdp import FSDPRunner, init_distributed  # noqa: E402
 from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
-from lisa_dist.backends.fsdp.comm_count import count_collectives  # noqa: E402
+from collective_count import count_collectives  # noqa: E402
 from bench_common import add_model_args, build_model, machine, versions, write_report  # noqa: E402
 from lisa_dist.backends.fsdp.shard import default_device  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
+from lisa_dist.memory import count_params, format_bytes, model_state_floor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,7 +174,7 @@ def run(args) -> Dict:
                 elapsed = time.perf_counter() - start
             if step >= args.warmup:
                 times[name].append(elapsed)
-                comm.setdefault(name, log.summary())
+                comm.setdefault(name, log.summary()["other"])
 
     model = build_model(args).to(torch.bfloat16)
     split = split_parameters(model, LisaConfig(activated_layers=args.gamma))
@@ -210,7 +211,9 @@ def run(args) -> Dict:
 
 def markdown(result: Dict) -> str:
     m, v, c = result["machine"], result["versions"], result["config"]
-    mib = 1024 ** 2
+
+    def mib(b: float) -> str:
+        return format_bytes(b, "MiB", 2)  # the tables' one unit
     lines = [
         "# FSDP2: full fine-tuning vs lisa_dist",
         "",
@@ -230,11 +233,11 @@ def markdown(result: Dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['row']} | {r['psi_active']:,} / {r['psi']:,} | {r['weights_bytes'] / mib:.2f} MiB | "
-            f"{r['grads_bytes'] / mib:.2f} MiB | {r['master_bytes'] / mib:.2f} MiB | "
-            f"{r['optimizer_state_bytes'] / mib:.2f} MiB | {r['model_state_bytes_per_rank'] / mib:.2f} MiB | "
-            f"{r['floor_bytes_per_rank'] / mib:.2f} MiB | {r['model_state_vs_full']:.2f}x | "
-            f"{r['transient_fp32_grads_bytes'] / mib:.2f} MiB |")
+            f"| {r['row']} | {r['psi_active']:,} / {r['psi']:,} | {mib(r['weights_bytes'])} | "
+            f"{mib(r['grads_bytes'])} | {mib(r['master_bytes'])} | "
+            f"{mib(r['optimizer_state_bytes'])} | {mib(r['model_state_bytes_per_rank'])} | "
+            f"{mib(r['floor_bytes_per_rank'])} | {r['model_state_vs_full']:.2f}x | "
+            f"{mib(r['transient_fp32_grads_bytes'])} |")
     lines += [
         "",
         "full keeps fp32 sharded weights, which are its masters (4 bytes/param as weights, 0 as master) and "
@@ -250,8 +253,8 @@ def markdown(result: Dict) -> str:
     for r in result["rows"]:
         lines.append(
             f"| {r['row']} | {r['median_step_seconds'] * 1000:.0f} ms | {r['step_time_vs_full']:.2f}x | "
-            f"{r['reduce_scatter_calls_per_step']} | {r['reduce_scatter_bytes_per_step'] / mib:.2f} MiB | "
-            f"{r['all_gather_calls_per_step']} | {r['all_gather_bytes_per_step'] / mib:.2f} MiB |")
+            f"{r['reduce_scatter_calls_per_step']} | {mib(r['reduce_scatter_bytes_per_step'])} | "
+            f"{r['all_gather_calls_per_step']} | {mib(r['all_gather_bytes_per_step'])} |")
     lisa = result["rows"][-1]
     lines += [
         "",
@@ -259,7 +262,8 @@ def markdown(result: Dict) -> str:
         f"final norm, head) and the {result['config']['gamma']} active layers; the "
         f"{result['num_layers'] - result['config']['gamma']} frozen layers send nothing (full: one per unit, "
         f"{result['rows'][0]['reduce_scatter_calls_per_step']}). Frozen layers are still all-gathered for forward "
-        "and backward. Reduce-scatter bytes are the fp32 unsharded gradient buffer each rank puts in.",
+        "and backward. Reduce-scatter bytes are the fp32 unsharded gradient buffer each rank puts in, all-gather "
+        "bytes the unsharded parameters each rank receives (benchmarks/collective_count.py).",
         f"Optimizer step + switch, in the steps that switched (seconds): {', '.join(f'{s:.4f}' for s in lisa.get('switch_seconds', []))}.",
         "",
         "Control without FSDP (same model and batch, one process, best of 6): forward+backward with "

@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import count_params  # noqa: E402
+from lisa_dist.memory import count_params, format_bytes  # noqa: E402
 from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
 from collective_count import REDUCTIONS, count_collectives  # noqa: E402
 
@@ -211,10 +211,6 @@ def measure(args) -> List[Dict]:
     return rows
 
 
-def mib(b: float) -> str:
-    return f"{b / 2 ** 20:.3f} MiB"
-
-
 def markdown(report: Dict) -> str:
     a = report["config"]
     lines = [
@@ -237,9 +233,10 @@ def markdown(report: Dict) -> str:
         ops = ", ".join(f"{op} x{e['calls']}" for op, e in r["comm"].get(phase, {}).items() if op in grad_ops)
         ratio = f"{r['vs_full_times_share']:.4f}x" if r["row"] == "lisa" and r["vs_full_times_share"] else "-"
         goal = ("yes" if r["meets_goal"] else "NO") if r["row"] == "lisa" else "-"
-        lines.append(f"| {r['engine']} | {r['row']} | {mib(r['grad_bytes'])} ({ops}) | {r['grad_dtype']} | "
+        lines.append(f"| {r['engine']} | {r['row']} | {format_bytes(r['grad_bytes'], 'MiB', 3)} ({ops}) | "
+                     f"{r['grad_dtype']} | "
                      f"{r['grad_bytes'] / max(1, r['trainable_grad_bytes']):.4f}x | {ratio} | {goal} | "
-                     f"{mib(r['param_all_gather_bytes'])} | {r['step_reduction_bytes']} B |")
+                     f"{format_bytes(r['param_all_gather_bytes'], 'MiB', 3)} | {r['step_reduction_bytes']} B |")
     lines += [
         "",
         "Bytes are logical tensor sizes per rank (the tensor of an all-reduce or reduce, the unsharded input of "

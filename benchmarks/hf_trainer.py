@@ -41,6 +41,7 @@ from bench_common import add_model_args, build_model, machine, versions  # noqa:
 from lisa_dist import LayerSampler, LisaConfig  # noqa: E402
 from lisa_dist.integrations.hf import LisaCallback  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
+from lisa_dist.memory import format_bytes  # noqa: E402
 
 VARIANTS = ("full", "toggle", "freeze_first", "lisa_dist")
 
@@ -177,7 +178,8 @@ def markdown(rows: List[Dict], meta: Dict) -> str:
         b = r["fp32_master_adam_bytes_per_rank"]
         never = "n/a" if r["variant"] == "full" else f"{len(r['never_trained'])} of {len(r['sampled_layers'])}"
         drift = "n/a" if r["variant"] == "full" else f"{r['frozen_layer_drift']:.2e}"
-        lines.append(f"| {r['stage']} | {names[r['variant']]} | {b / 2 ** 20:.2f} MiB | {b / full[r['stage']]:.2f}x | "
+        lines.append(f"| {r['stage']} | {names[r['variant']]} | {format_bytes(b, 'MiB', 2)} | "
+                     f"{b / full[r['stage']]:.2f}x | "
                      f"{drift} | {never} |")
     return "\n".join(lines) + "\n"
 

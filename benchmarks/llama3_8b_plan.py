@@ -75,7 +75,8 @@ def markdown(result: Dict) -> str:
         m = r["methods"]
         cells = [f"{m[k]['peak'] / GIB:.1f} ({m[k]['activations'] / GIB:.1f})"
                  for k in ("full", "lisa", "lisa_frozen", "lora")]
-        lines.append(f"| ZeRO-{r['stage'][-1]} | {r['seq']} | {r['batch']} | {'on' if r['gradient_checkpointing'] else 'off'} | "
+        ckpt = 'on' if r['gradient_checkpointing'] else 'off'
+        lines.append(f"| ZeRO-{r['stage'][-1]} | {r['seq']} | {r['batch']} | {ckpt} | "
                      + " | ".join(cells) + f" | {r['lisa_over_lora']:.2f} | {r['lisa_frozen_over_lora']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -45,7 +45,12 @@ ROWS = [  # (name, backend, deepspeed config, dtype)
     ("from_pretrained bf16 (reference)", "from_pretrained", None, "bf16"),
 ]
 LLAMA2_70B_BF16_BYTES = 68_976_648_192 * 2  # launch/configs/llama2-70b, as the dry run counts it
-MIB = 1024 ** 2
+
+
+def mib(b: float) -> str:
+    """A table cell in whole MiB, the unit its column names."""
+    from lisa_dist.memory import format_bytes  # imported late, like everything the workers measure around
+    return format_bytes(b, "MiB", 0, suffix=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,7 +87,8 @@ def worker(args) -> None:
     """One rank: lisa-train's load and runner construction, with host memory measured around them."""
     import torch.distributed as dist
 
-    from lisa_dist.memory import host_rss_bytes, reset_peak_host_rss
+    from host_memory import host_rss_bytes, reset_peak_host_rss
+
     from lisa_dist.recipe.modeling import weights_dtype
     from lisa_dist.recipe.run_config import RunConfig
     from lisa_dist.recipe.train import BACKENDS
@@ -127,7 +133,7 @@ def worker(args) -> None:
 
 
 def launch(model_dir: Path, backend: str, ds_config, dtype: str, world: int, result: Path) -> List[Dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from launch_util import _tool, free_port, launch_env
 
     cmd = [_tool("torchrun"), f"--nproc_per_node={world}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
@@ -159,6 +165,8 @@ def main(argv=None) -> int:
         return 0
     from bench_common import machine, versions, write_report
 
+    from lisa_dist.memory import format_bytes
+
     args.workdir.mkdir(parents=True, exist_ok=True)
     big, tiny = args.workdir / f"llama_h{args.hidden}_l{args.layers}", args.workdir / "tiny"
     sizes = {"big": write_checkpoint(big, args.hidden, args.layers, args.shard_size),
@@ -176,7 +184,8 @@ def main(argv=None) -> int:
                                                                     for b, t in zip(got["big"], got["tiny"])],
                                       "raw": got}
             print(f"{name} x{world}: peak RSS over the tiny run per rank "
-                  f"{[round(d / MIB) for d in per_rank]} MiB (checkpoint {sizes['big'] / MIB:.0f} MiB)", flush=True)
+                  f"{', '.join(mib(d) for d in per_rank)} MiB (checkpoint {format_bytes(sizes['big'], 'MiB', 0)})",
+                  flush=True)
         model_bytes = sizes["big"] * (0.5 if dtype == "bf16" else 1.0)  # what the loaded weights take
         f = fit({w: max(v["delta_peak_per_rank"]) for w, v in row["by_world"].items()})
         scale = LLAMA2_70B_BF16_BYTES / model_bytes
@@ -194,6 +203,8 @@ def main(argv=None) -> int:
 
 
 def markdown(r: Dict) -> str:
+    from lisa_dist.memory import format_bytes
+
     c, m, v = r["checkpoint"], r["machine"], r["versions"]
     worlds = sorted({int(w) for row in r["rows"] for w in row["by_world"]})
     head = " | ".join(f"N={w} per rank (MiB)" for w in worlds)
@@ -204,9 +215,9 @@ def markdown(r: Dict) -> str:
         f"Machine: {m['cpu']}, {m['cpus_visible']} CPUs visible, OMP_NUM_THREADS={m['omp_num_threads']}, "
         f"{m['platform']}. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
-        f"Checkpoint: Llama hidden {c['hidden']}, {c['layers']} layers, fp32, {c['bytes'] / MIB:.0f} MiB in "
+        f"Checkpoint: Llama hidden {c['hidden']}, {c['layers']} layers, fp32, {format_bytes(c['bytes'], 'MiB', 0)} in "
         f"{c['files']} safetensors files (save_pretrained max_shard_size={c['shard_size']}); the same run on the "
-        f"tiny preset's checkpoint ({c['tiny_bytes'] / MIB:.1f} MiB) is subtracted.",
+        f"tiny preset's checkpoint ({format_bytes(c['tiny_bytes'], 'MiB', 1)}) is subtracted.",
         "Each figure: a rank's peak RSS from just before the backend's load to the end of its runner's "
         "construction (FSDP2 sharding and filling, deepspeed.initialize), minus the same on the tiny checkpoint.",
         "",
@@ -214,13 +225,13 @@ def markdown(r: Dict) -> str:
         "|---|" + "---|" * len(worlds) + "---|---|",
     ]
     for row in r["rows"]:
-        cells = " | ".join(", ".join(f"{d / MIB:.0f}" for d in row["by_world"][str(w)]["delta_peak_per_rank"])
+        cells = " | ".join(", ".join(mib(d) for d in row["by_world"][str(w)]["delta_peak_per_rank"])
                            if str(w) in row["by_world"] else
-                           ", ".join(f"{d / MIB:.0f}" for d in row["by_world"][w]["delta_peak_per_rank"])
+                           ", ".join(mib(d) for d in row["by_world"][w]["delta_peak_per_rank"])
                            for w in worlds)
         f = row["fit"]
-        lines.append(f"| {row['row']} | {cells} | {f['a'] / MIB:.0f} + {f['b'] / MIB:.0f}/N | "
-                     f"{row['predicted_70b_bf16_8_ranks_bytes'] / 1024 ** 3:.1f} |")
+        lines.append(f"| {row['row']} | {cells} | {mib(f['a'])} + {mib(f['b'])}/N | "
+                     f"{format_bytes(row['predicted_70b_bf16_8_ranks_bytes'], 'GiB', 1, suffix=False)} |")
     lines += ["", "Prediction: (a + b/8) x (70B bf16 bytes / the loaded weights' bytes); an over-estimate where a is "
               "one file's transient, which depends on max_shard_size, not on the model's size. On GPUs the "
               "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.",

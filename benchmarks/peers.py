@@ -49,11 +49,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import (count_params, host_rss_bytes, local_tensor_bytes,  # noqa: E402
-                              reset_peak_host_rss)
+from lisa_dist.memory import count_params, format_bytes, local_tensor_bytes  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
 from bench_common import (add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes,  # noqa: E402
                           versions)
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
 ENGINES = ("single", "zero2", "zero3", "fsdp2")
 DIST_ENGINES = ENGINES[1:]
@@ -360,8 +360,9 @@ def run_engine(args, engine: str, rank: int = 0, world: int = 1) -> List[Dict]:
         row["tokens_per_second"] = world * args.batch * args.seq / row["median_step_seconds"]
         rows.append(row)
         if rank == 0:
-            print(f"{ENGINE_LABELS[engine]} {method}: model states {row['model_state_bytes']['total'] / 2 ** 20:.1f} "
-                  f"MiB/rank, peak RSS {row['peak_rss_bytes'] / 2 ** 20:.0f} MiB, "
+            print(f"{ENGINE_LABELS[engine]} {method}: model states "
+                  f"{format_bytes(row['model_state_bytes']['total'], 'MiB', 1)}/rank, peak RSS "
+                  f"{format_bytes(row['peak_rss_bytes'], 'MiB', 0)}, "
                   f"{row['median_step_seconds'] * 1e3:.0f} ms/step", flush=True)
     return rows
 
@@ -508,7 +509,7 @@ def main(argv=None) -> None:
 # --- output -------------------------------------------------------------------------------------
 
 def mib(b: float) -> str:
-    return f"{b / 2 ** 20:.1f}"
+    return format_bytes(b, "MiB", 1, suffix=False)  # the table's columns say MiB
 
 
 def markdown(report: Dict) -> str:

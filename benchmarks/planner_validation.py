@@ -1,7 +1,7 @@
 """The dry run's peak against real training steps: what one step adds above what is resident before it.
 
-    PYTHONPATH=. python benchmarks/planner_validation.py                # this CPU: every case, fp32;
-                                                                       # writes benchmarks/results/planner_validation.{json,md}
+    # this CPU, every case, fp32; writes benchmarks/results/planner_validation.{json,md}
+    PYTHONPATH=. python benchmarks/planner_validation.py
     PYTHONPATH=. python benchmarks/planner_validation.py --cases tiny-single-lisa,smollm2-zero2
     PYTHONPATH=. python benchmarks/planner_validation.py --device cuda --dtype bf16 --name planner_validation_gpu
                                                                        # a GPU node: torch.cuda peaks, bf16
@@ -11,7 +11,7 @@ with the method as a run trains it: LISA through lisa_dist's own runners (Single
 DeepSpeed engine hook, FSDPRunner: what lisa-train builds), LoRA as peft plus AdamW (one process),
 deepspeed.initialize over the peft model (ZeRO) or shard_model + AdamW (FSDP2). The interval K is
 longer than the run, so the third step trains the same layers as the second and its Adam moments
-exist: a steady step. Its rise is measured per rank with lisa_dist.memory.peak_rise: on a CPU the
+exist: a steady step. Its rise is measured per rank with host_memory.peak_rise: on a CPU the
 peak resident set (VmHWM, reset before the step) above the resident set before it, with every host
 allocation of 64 KiB or more in its own mapping (memory.large_host_blocks_mapped) so that freed
 tensors leave the resident set and a tiny model's activations are not hidden in glibc's heap; on a
@@ -106,6 +106,7 @@ def ds_config(case: Case, dtype: str) -> Dict:
 
 def predict(case: Case, dtype: str, device: str) -> Dict[str, Dict]:
     """build_plan's per-method estimates for the case, as `lisa-train --dry-run` computes them."""
+    from lisa_dist.config import LisaConfig
     from lisa_dist.recipe.plan import build_plan
     from lisa_dist.recipe.run_config import RunConfig
 
@@ -118,8 +119,9 @@ def predict(case: Case, dtype: str, device: str) -> Dict[str, Dict]:
         else:
             extra = {"backend": case.backend}
         run = RunConfig(model=model_path(case.model), dtype=dtype, batch_size=case.batch, max_length=case.seq,
-                        gradient_checkpointing=case.gradient_checkpointing, activated_layers=case.gamma,
-                        interval_steps=1000, dry_run_lora_rank=case.lora_rank, **extra)
+                        gradient_checkpointing=case.gradient_checkpointing,
+                        lisa=LisaConfig(activated_layers=case.gamma, interval_steps=1000),
+                        dry_run_lora_rank=case.lora_rank, **extra)
         plan = build_plan(run, {"WORLD_SIZE": str(case.nproc)}, device=device, methods=tuple(case.methods))
     return {m: plan.methods[m].peak.to_dict() for m in case.methods}
 
@@ -226,9 +228,10 @@ def measure(case: Case, method: str, dtype: str) -> List[int]:
     import gc
 
     import torch.distributed as dist
+    from host_memory import peak_rise
 
     from lisa_dist.devices import rank_device
-    from lisa_dist.memory import large_host_blocks_mapped, peak_rise
+    from lisa_dist.memory import large_host_blocks_mapped
 
     device = rank_device()
     with large_host_blocks_mapped(MEASURE_THRESHOLD):
@@ -272,7 +275,8 @@ def run_case(case: Case, method: str, dtype: str, timeout: float = 1800) -> Dict
         args = [str(Path(__file__).resolve()), "--worker", json.dumps(asdict(case)), "--method", method,
                 "--dtype", dtype, "--out", str(out)]
         if case.nproc > 1:
-            cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={case.nproc}", "--master_addr=127.0.0.1",
+            cmd = [str(Path(sys.executable).with_name("torchrun")), f"--nproc_per_node={case.nproc}",
+                   "--master_addr=127.0.0.1",
                    f"--master_port={free_port()}", *args]
         else:
             cmd = [sys.executable, *args]
@@ -281,7 +285,8 @@ def run_case(case: Case, method: str, dtype: str, timeout: float = 1800) -> Dict
         start = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"{case.name} {method} failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+            tail = (proc.stdout + proc.stderr)[-4000:]
+            raise RuntimeError(f"{case.name} {method} failed ({proc.returncode}):\n{tail}")
         result = json.loads(out.read_text())
     result["seconds"] = time.perf_counter() - start
     return result
@@ -295,7 +300,8 @@ def markdown(result: Dict) -> str:
              f"{result['dtype']})", "",
              f"Command: `{result['command']}`", "",
              f"Machine: {result['machine']['cpu']} ({result['machine']['cpus_visible']} cores visible), "
-             f"GPU: {result['machine']['gpu']}. Versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+             f"GPU: {result['machine']['gpu']}. Versions: "
+             + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
              "", "Rise = what one steady training step holds at its peak above what was resident before it, per "
              "rank (benchmarks/planner_validation.py says how each side is obtained). Predicted: `lisa-train "
              "--dry-run`'s plan (lisa_dist/recipe/plan.py, build_plan) for the same model, shape and config. "
@@ -348,7 +354,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{case.name} {method}: predicted {rise / 2 ** 20:.1f} MiB, measured "
                   f"{[round(m / 2 ** 20, 1) for m in measured['rise_per_rank']]} MiB", flush=True)
     result = {"device": args.device, "dtype": args.dtype, "machine": machine(), "versions": versions(),
-              "command": "PYTHONPATH=. python " + " ".join(["benchmarks/planner_validation.py", *(argv or sys.argv[1:])]),
+              "command": "PYTHONPATH=. python "
+              + " ".join(["benchmarks/planner_validation.py", *(argv or sys.argv[1:])]),
               "tolerance": TOLERANCE, "rows": rows}
     write_report(args.out / args.name, result, markdown)
     return 0

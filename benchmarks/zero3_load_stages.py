@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+
 PARTS = ("mapped", "no_init", "own_partitions")
 VARIANTS = {  # name -> the parts switched off
     "lisa_dist": (),
@@ -42,7 +44,12 @@ VARIANTS = {  # name -> the parts switched off
     "without all three (before)": PARTS,
 }
 STAGES = ("built", "filled")
-MIB = 1024 ** 2
+
+
+def mib(b: float) -> str:
+    """A table cell in whole MiB, the unit its column names."""
+    from lisa_dist.memory import format_bytes  # imported late, like everything the workers measure around
+    return format_bytes(b, "MiB", 0, suffix=False)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,13 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def status() -> Dict[str, int]:
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key = line.split(":")[0]
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                out[key] = int(line.split()[1]) * 1024
-    return out
+    return {key: host_rss_bytes(key) for key in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def worker(args) -> None:
@@ -92,7 +93,7 @@ def worker(args) -> None:
 
     def mark(name: str) -> None:
         marks[name] = status()
-        memory.reset_peak_host_rss()
+        reset_peak_host_rss()
 
     process_group.ensure_initialized()
     mark("process group")
@@ -121,7 +122,7 @@ def worker(args) -> None:
 
 
 def launch(model_dir: Path, off, result: Path) -> List[Dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tests" / "support"))
     from launch_util import _tool, free_port, launch_env
 
     cmd = [_tool("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     from bench_common import machine, versions, write_report
     from load_memory import write_checkpoint
 
+    from lisa_dist.memory import format_bytes
+
     args.workdir.mkdir(parents=True, exist_ok=True)
     big, tiny = args.workdir / f"llama_h{args.hidden}_l{args.layers}", args.workdir / "tiny"
     size = write_checkpoint(big, args.hidden, args.layers, args.shard_size)
@@ -165,7 +168,7 @@ def main(argv=None) -> int:
         got = {which: stage_figures(launch(d, off, args.workdir / "stages.json")) for which, d in
                (("big", big), ("tiny", tiny))}
         rows.append({"variant": name, "off": list(off), **got})
-        print(name, [{k: round(v / MIB) for k, v in r.items()} for r in got["big"]], flush=True)
+        print(name, [{k: format_bytes(v, "MiB", 0) for k, v in r.items()} for r in got["big"]], flush=True)
     result = {"command": "python benchmarks/zero3_load_stages.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "versions": versions(),
               "checkpoint": {"hidden": args.hidden, "layers": args.layers, "shard_size": args.shard_size, "bytes": size,
@@ -176,6 +179,8 @@ def main(argv=None) -> int:
 
 
 def markdown(r: Dict) -> str:
+    from lisa_dist.memory import format_bytes
+
     c, m, v = r["checkpoint"], r["machine"], r["versions"]
     cols = ["built peak", "built rss", "filled peak", "filled rss"]
     lines = [
@@ -185,19 +190,19 @@ def markdown(r: Dict) -> str:
         f"Machine: {m['cpu']}, {m['cpus_visible']} CPUs visible, OMP_NUM_THREADS={m['omp_num_threads']}, "
         f"{m['platform']}. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
-        f"Checkpoint: Llama hidden {c['hidden']}, {c['layers']} layers, fp32, {c['bytes'] / MIB:.0f} MiB in "
+        f"Checkpoint: Llama hidden {c['hidden']}, {c['layers']} layers, fp32, {format_bytes(c['bytes'], 'MiB', 0)} in "
         f"{c['files']} safetensors files (max_shard_size={c['shard_size']}). Figures in MiB per rank (rank 0, "
         "rank 1): RSS above the RSS once the process group is up, minus the same on the tiny checkpoint. `peak` "
         "is the highest RSS during the stage; `built` is construction under zero.Init (and transformers' "
         "random init where not skipped); `filled` is writing the partitions from the files. Each rank's "
-        "partitions: " + ", ".join(f"{(b['partition'] - t['partition']) / MIB:.0f}" for b, t in
+        "partitions: " + ", ".join(mib(b['partition'] - t['partition']) for b, t in
                                    zip(r["rows"][0]["big"], r["rows"][0]["tiny"])) + " MiB.",
         "",
         "| variant | " + " | ".join(cols) + " |",
         "|---|" + "---|" * len(cols),
     ]
     for row in r["rows"]:
-        cells = [", ".join(f"{(b[col] - t[col]) / MIB:.0f}" for b, t in zip(row["big"], row["tiny"])) for col in cols]
+        cells = [", ".join(mib(b[col] - t[col]) for b, t in zip(row["big"], row["tiny"])) for col in cols]
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
     lines += ["", "`without ...` switches one part of the loader off (the module docstring says what each "
               "does); `without all three` is the loader as it was before them.", ""]

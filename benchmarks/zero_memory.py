@@ -41,9 +41,10 @@ sys.path.insert(0, str(ROOT))
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
-from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
+from lisa_dist.memory import count_params, format_bytes, model_state_floor  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
 from bench_common import add_model_args, build_model, destroy_engine, machine, versions  # noqa: E402
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
 ROWS = ("full", "naive", "lisa")
 CATEGORIES = ("weights", "grads", "fp32_master", "optimizer_state")
@@ -82,19 +83,6 @@ def stage_label(stage: str) -> str:
     return f"ZeRO-{stage[0]}" + (" + CPU optimizer offload" if stage.endswith("o") else "")
 
 
-def _rss_with_reset_peak() -> int:
-    """Resident bytes now, after resetting the kernel's high-water mark (VmHWM) to it."""
-    Path("/proc/self/clear_refs").write_text("5")
-    return _proc_status_bytes("VmRSS")
-
-
-def _proc_status_bytes(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def _local(p: torch.Tensor) -> torch.Tensor:
     """What this rank holds of a parameter: its ZeRO-3 partition, else the parameter."""
     return getattr(p, "ds_tensor", p)
@@ -121,9 +109,10 @@ class Row:
             switch = self.engine.lisa.switch
 
             def measured_switch(engine, switch_index):
-                before = _rss_with_reset_peak()
+                reset_peak_host_rss()
+                before = host_rss_bytes()
                 switch(engine, switch_index)
-                self.switch_peak_extra.append(_proc_status_bytes("VmHWM") - before)
+                self.switch_peak_extra.append(host_rss_bytes("VmHWM") - before)
 
             self.engine.lisa.switch = measured_switch
         self.frozen_moved = 0
@@ -231,7 +220,7 @@ def measure_rows(args, stage: str) -> Dict[str, Dict]:
 
 
 def mib(b: float) -> str:
-    return f"{b / 2 ** 20:.2f} MiB"
+    return format_bytes(b, "MiB", 2)  # the tables' one unit
 
 
 def markdown(report: Dict) -> str:

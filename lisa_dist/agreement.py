@@ -11,22 +11,10 @@ the message), so none is left waiting in a collective.
 from __future__ import annotations
 
 import hashlib
-import os
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-
-SKEW_ENV = "LISA_DIST_TEST_SKEW_RANK"
-"""Test-only: the rank named here samples with a perturbed seed, to exercise the mismatch error."""
-
-
-def schedule_seed(seed: int, rank: int) -> int:
-    """The sampler seed this rank uses: `seed`, except on the rank named by LISA_DIST_TEST_SKEW_RANK."""
-    skew = os.environ.get(SKEW_ENV)
-    if skew is not None and skew.strip() != "" and int(skew) == rank:
-        return seed + 1
-    return seed
 
 
 def _fingerprint(switch_index: int, active: Sequence[int], probabilities: Optional[Sequence[float]] = None) -> int:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Iterable, List, Literal, Mapping, Optional, Sequence, Tuple
 
-STATE_POLICIES = ("reset", "offload")
-SAMPLING_MODES = ("uniform", "weighted", "outlier", "gradient")
+StatePolicy = Literal["reset", "offload"]
+SamplingMode = Literal["uniform", "weighted", "outlier", "gradient"]
+STATE_POLICIES: Tuple[str, ...] = typing.get_args(StatePolicy)
+SAMPLING_MODES: Tuple[str, ...] = typing.get_args(SamplingMode)
 
 
 @dataclass
@@ -31,12 +34,12 @@ class LisaConfig:
     layers_path: Optional[str] = None
     """Dotted path of the nn.ModuleList of decoder blocks (e.g. "model.layers"); found automatically when None."""
 
-    state_policy: str = "reset"
+    state_policy: StatePolicy = "reset"
     """What happens to a layer's fp32 master and optimizer moments when it is deactivated:
     "reset" drops them (a re-sampled layer starts from fresh moments and its current weights),
     "offload" moves them to host memory and brings them back when the layer is sampled again."""
 
-    sampling: str = "uniform"
+    sampling: SamplingMode = "uniform"
     """How the gamma layers of each interval are drawn (without replacement):
     "uniform" (the paper), "weighted" (probabilities proportional to `layer_weights`),
     "outlier" (proportional to each layer's OwLore outlier ratio, computed once before training from
@@ -159,3 +162,67 @@ def check_weights(weights: Sequence[float], gamma: int, field: str) -> Tuple[flo
                          f"each interval draws gamma distinct layers, so give at least {gamma} layers a weight > 0 "
                          "or lower activated_layers")
     return tuple(out)
+
+
+# --- resuming ----------------------------------------------------------------------------------------
+
+RESUME_FIELDS = ("activated_layers", "interval_steps", "seed", "train_embeddings", "train_head", "state_policy",
+                 "sampling", "layer_weights", "gradient_eta", "gradient_beta", "exploration")
+"""The LisaConfig fields a resumed run must share with the run that wrote the checkpoint: they decide
+which parameters train (the optimizer's layout) or which layers each interval draws (the schedule)."""
+
+NOT_RESUME_FIELDS = {
+    "layers_path": "where the blocks are found; the split it leads to is compared as the number of decoder layers",
+    "outlier_threshold": "sampling=\"outlier\" measures the ratios once; a checkpoint restores the saved ones",
+    "calibration_batches": "sampling=\"outlier\" measures the ratios once; a checkpoint restores the saved ones",
+}
+"""The other fields, and why a resume may change them. Every field is in one of the two (a unit test
+checks it), so a new field needs this decision."""
+
+_GRADIENT_ONLY = ("gradient_eta", "gradient_beta", "exploration")
+
+
+def resume_record(config: LisaConfig, num_layers: int) -> dict:
+    """What a checkpoint stores so that `check_resumable` can compare a later run with it: the
+    RESUME_FIELDS of `config` (plain JSON values) and the model's number of decoder layers."""
+    out = {name: getattr(config, name) for name in RESUME_FIELDS}
+    if out["layer_weights"] is not None:
+        out["layer_weights"] = list(out["layer_weights"])
+    out["num_layers"] = num_layers
+    return out
+
+
+def _saved_settings(saved: Mapping, config: LisaConfig) -> dict:
+    """The record's value of each compared field; a field it lacks was written before the field
+    existed, so that run had the default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(LisaConfig)}
+    out = {name: saved.get(name, defaults.get(name)) for name in (*RESUME_FIELDS, "num_layers")
+           if name not in _GRADIENT_ONLY or config.sampling == "gradient"}
+    if out["layer_weights"] is not None:
+        out["layer_weights"] = [float(w) for w in out["layer_weights"]]
+    return out
+
+
+def resume_differences(saved: Mapping, config: LisaConfig, num_layers: int) -> List[str]:
+    """"field: checkpoint X vs now Y" for every RESUME_FIELD and the number of decoder layers where the
+    saved record (resume_record's, or a LisaConfig.to_dict() plus "num_layers") differs from this run.
+    The gradient-sampling knobs count only when this run samples by gradient."""
+    now = resume_record(config, num_layers)
+    return [f"{name}: checkpoint {then!r} vs now {now[name]!r}"
+            for name, then in _saved_settings(saved, config).items() if then != now[name]]
+
+
+def check_resumable(saved: Mapping, config: LisaConfig, num_layers: int, source: str,
+                    other_differences: Iterable[str] = ()) -> None:
+    """Raise ValueError naming every difference between the checkpoint `source` (its record `saved`)
+    and this run, LISA's (resume_differences) and those the caller found (`other_differences`, e.g.
+    the ZeRO stage): resuming across any of them would train other parameters or other layers."""
+    diffs = resume_differences(saved, config, num_layers) + list(other_differences)
+    if not diffs:
+        return
+    then, now = _saved_settings(saved, config), resume_record(config, num_layers)
+    changed = [f"{name}={then[name]!r}" for name in then if name != "num_layers" and then[name] != now[name]]
+    fix = "Resume with the settings the checkpoint was saved with"
+    if changed:
+        fix += f" (LisaConfig {', '.join(changed)}; in lisa-train the flags of the same names)"
+    raise ValueError(f"cannot resume from {source}: {'; '.join(diffs)}. {fix}, or start a new run")

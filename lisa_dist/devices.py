@@ -39,3 +39,10 @@ def rank_device(env: Mapping[str, str] = os.environ) -> torch.device:
                          "processes per node (--num_gpus / --nproc_per_node) or fix CUDA_VISIBLE_DEVICES")
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on `device` (nothing to wait for on a CPU). Host clocks around GPU
+    work measure only the launches otherwise: the work itself lands in whatever is timed next."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

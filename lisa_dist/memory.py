@@ -1,4 +1,4 @@
-"""Model-state memory per rank: the analytic floor (docs/design.md#memory-floors) and live-tensor accounting.
+"""Model-state memory per rank: the analytic floor (docs/design.md#memory-floors) and the bytes a rank holds.
 
 Model states are weights, gradients, fp32 masters and optimizer moments; activations and
 framework workspaces are not counted. Psi is every parameter, Psi_a the active ones
@@ -6,10 +6,9 @@ framework workspaces are not counted. Psi is every parameter, Psi_a the active o
 """
 from __future__ import annotations
 
-import gc
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, Optional, Sequence
+from typing import Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -73,6 +72,28 @@ def model_state_floor(stage: str, psi: int, psi_active: int, world_size: int = 1
     return out
 
 
+BYTE_UNITS = {"B": 1, "KiB": 1024, "MiB": 1024 ** 2, "GiB": 1024 ** 3}
+
+
+def byte_unit(n: float) -> str:
+    """The largest binary unit, up to GiB, in which |n| bytes is at least 1 ("B" below 1 KiB); a
+    table gives it its largest figure to print every figure in one unit that reads well."""
+    return next((unit for unit in ("GiB", "MiB", "KiB") if abs(n) >= BYTE_UNITS[unit]), "B")
+
+
+def format_bytes(n: float, unit: Optional[str] = None, digits: int = 1, suffix: bool = True) -> str:
+    """`n` bytes as text: "1.5 MiB", "512 B". Without `unit` in byte_unit(n), whole bytes below 1 KiB;
+    a fixed `unit` (a table column's, e.g. "MiB") with `digits` decimals, and `suffix=False` for the
+    number alone."""
+    if unit is None:
+        unit = byte_unit(n)
+        digits = 0 if unit == "B" else digits
+    if unit not in BYTE_UNITS:
+        raise ValueError(f"unknown byte unit {unit!r}; expected one of {', '.join(BYTE_UNITS)}")
+    text = f"{n / BYTE_UNITS[unit]:.{digits}f}"
+    return f"{text} {unit}" if suffix else text
+
+
 def local_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes this rank holds for the given tensors; a DTensor (FSDP2) counts its local shard only."""
     total = 0
@@ -80,42 +101,6 @@ def local_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
         local = t.to_local() if hasattr(t, "to_local") else t
         total += local.numel() * local.element_size()
     return total
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of every live tensor storage in this process, each storage counted once.
-
-    Used to show that switches free what they replace; counts parameters, gradients, optimizer
-    state and anything else reachable, so compare it across switches, not against a floor.
-    """
-    gc.collect()
-    seen = set()
-    total = 0
-    for obj in gc.get_objects():
-        try:
-            if not torch.is_tensor(obj) or obj.device.type == "meta":
-                continue
-            storage = obj.untyped_storage()
-            key = (storage.data_ptr(), storage.device.type)
-            nbytes = storage.nbytes()
-        # Weakref proxies and lazy modules raise on attribute access; storages FSDP2 has freed
-        # raise "invalid python storage". None of them hold memory.
-        except Exception:
-            continue
-        if key in seen or key[0] == 0:
-            continue
-        seen.add(key)
-        total += nbytes
-    return total
-
-
-def host_rss_bytes(field: str = "VmRSS") -> int:
-    """This process's resident host memory now (VmRSS) or at its peak (VmHWM), from /proc (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"/proc/self/status has no {field} (not Linux?)")
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
@@ -149,43 +134,6 @@ def large_host_blocks_mapped(threshold: int = 1024 ** 2) -> Iterator[None]:
         libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
         libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
         libc.malloc_trim(0)
-
-
-def reset_peak_host_rss() -> None:
-    """Start a new peak: VmHWM falls back to the current RSS (Linux `clear_refs` 5), so a later
-    `host_rss_bytes("VmHWM")` is the peak of what ran in between."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
-def peak_rise(step: Callable[[], object], device: Optional[torch.device] = None) -> int:
-    """The most memory `step()` holds at once above what was allocated when it started, in bytes: on a
-    CUDA device the caching allocator's peak allocated bytes; on a CPU the process's peak resident set
-    (VmHWM) above its resident set before, after handing freed heap pages back (call it inside
-    `large_host_blocks_mapped`, with a threshold below the step's typical tensor, so that RSS follows
-    the live tensors rather than glibc's heap)."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    gc.collect()
-    _malloc_trim()
-    before = host_rss_bytes()
-    reset_peak_host_rss()
-    step()
-    return host_rss_bytes("VmHWM") - before
-
-
-def _malloc_trim() -> None:
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def device_memory() -> Dict[str, int]:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from lisa_dist.config import LisaConfig
+from lisa_dist.config import LisaConfig, check_resumable, resume_record
 from lisa_dist.importance import LayerImportance
 from lisa_dist.layers import ParamSplit, split_parameters
 from lisa_dist.memory import local_tensor_bytes
@@ -23,8 +23,6 @@ from lisa_dist.outlier import outlier_ratios
 from lisa_dist.sampling import LayerSampler
 
 _STATE_FORMAT = 1
-# Schedule fields added after format 1 was first written: a checkpoint without them used these.
-_SCHEDULE_DEFAULTS = {"sampling": "uniform", "layer_weights": None}
 
 # torch.optim.lr_scheduler keeps these per param group; a scheduler built over the caller's
 # optimizer must have one entry per group of the optimizer LISA gives it.
@@ -49,6 +47,14 @@ def _state_tensors(state: dict) -> List[torch.Tensor]:
 
 def _move_state(state: dict, device) -> dict:
     return {k: (v.to(device, copy=True) if torch.is_tensor(v) else v) for k, v in state.items()}
+
+
+def _restore_state(state: dict, device, scalars_on_device: bool) -> dict:
+    """A parked layer's optimizer state, back beside its master on `device`. torch keeps Adam's 0-d
+    `step` on the host unless the optimizer is fused or capturable (torch/optim/adam.py); moved to a GPU
+    it would be read back with .item() at every step, one device sync per parameter."""
+    return {k: (v.to(device, copy=True) if torch.is_tensor(v) and (v.dim() > 0 or scalars_on_device) else v)
+            for k, v in state.items()}
 
 
 def _option_sets(model: nn.Module, groups: Optional[Sequence[dict]]) -> Tuple[List[dict], Dict[str, int]]:
@@ -181,7 +187,9 @@ class LisaOptimizer(torch.optim.Optimizer):
             master = p.detach().to(torch.float32, copy=True)
         self._masters[p] = master
         if saved is not None and saved[1]:
-            self._inner.state[master] = _move_state(saved[1], p.device)
+            options = {**self._inner.defaults, **self._option_sets[self._set_of(p)]}
+            self._inner.state[master] = _restore_state(saved[1], p.device,
+                                                       bool(options.get("fused") or options.get("capturable")))
         return master
 
     def _detach(self, p: nn.Parameter) -> Tuple[Optional[torch.Tensor], dict]:
@@ -268,13 +276,17 @@ class LisaOptimizer(torch.optim.Optimizer):
         backend measures the unclipped gradient (DeepSpeed clips inside its step)."""
         if not self.importance.needs_gradients or self._observed:
             return
-        sq = torch.zeros(len(self.active_layers), dtype=torch.float64)
-        for j, i in enumerate(self.active_layers):
-            for _, p in self.split.per_layer[i]:
-                if p.grad is not None:
-                    sq[j] += self._local(p.grad).double().pow(2).sum().cpu()
-        device = next(iter(self._masters)).device if self._masters else sq.device
-        self.importance.observe(self.active_layers, self._sum_across_ranks(sq.to(device)).cpu().tolist())
+        # Summed where the gradients are and copied to the host once: a .cpu() per parameter would
+        # synchronize with the GPU once per parameter.
+        device = next(iter(self._masters)).device if self._masters else torch.device("cpu")
+        per_layer = []
+        for i in self.active_layers:
+            squares = [self._local(p.grad).double().pow(2).sum() for _, p in self.split.per_layer[i]
+                       if p.grad is not None]
+            per_layer.append(torch.stack(squares).sum().to(device) if squares
+                             else torch.zeros((), dtype=torch.float64, device=device))
+        sq = torch.stack(per_layer) if per_layer else torch.zeros(0, dtype=torch.float64, device=device)
+        self.importance.observe(self.active_layers, self._sum_across_ranks(sq).cpu().tolist())
         self._observed = True
 
     # --- torch optimizer surface ---------------------------------------------------------------
@@ -321,31 +333,19 @@ class LisaOptimizer(torch.optim.Optimizer):
         return {"master": local_tensor_bytes(masters), "optimizer_state": local_tensor_bytes(state),
                 "offloaded_host": local_tensor_bytes(host)}
 
-    def _schedule_key(self) -> dict:
-        weights = self.config.layer_weights
-        return {"seed": self.config.seed, "activated_layers": self.config.activated_layers,
-                "interval_steps": self.config.interval_steps, "num_layers": self.split.num_layers,
-                "state_policy": self.config.state_policy, "sampling": self.config.sampling,
-                "layer_weights": None if weights is None else list(weights)}
-
     def check_resumable(self, saved: dict, source: str) -> None:
-        """Raise ValueError naming every schedule field where `saved` (a state dict's "lisa" section)
-        differs from this optimizer: resuming across any of them would train other layers."""
-        expected = self._schedule_key()
-        saved = {**_SCHEDULE_DEFAULTS, **saved}
-        mismatched = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-        if mismatched:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in mismatched.items())
-            raise ValueError(f"{source} does not match this run ({detail}); resume with the "
-                             "same model and LisaConfig, or start a new run")
+        """Raise ValueError naming every difference between `saved` (a state dict's "lisa" section) and
+        this optimizer that a resume cannot bridge (lisa_dist.config.check_resumable)."""
+        check_resumable(saved, self.config, self.split.num_layers, source)
 
     def state_dict(self) -> dict:
         masters = {self._names[p]: m.detach().clone() for p, m in self._masters.items() if m is not p}
         offloaded = {str(i): {n: {"master": m, "state": st} for n, (m, st) in layer.items()}
                      for i, layer in self._offloaded.items()}
         return {"format": _STATE_FORMAT,
-                "lisa": {**self._schedule_key(), "optimizer_steps": self.optimizer_steps,
-                         "switch_index": self.switch_index, "active_layers": list(self.active_layers),
+                "lisa": {**resume_record(self.config, self.split.num_layers),
+                         "optimizer_steps": self.optimizer_steps, "switch_index": self.switch_index,
+                         "active_layers": list(self.active_layers),
                          # a string: DCP restores a non-tensor leaf whole, whatever its structure
                          "importance": json.dumps(self.importance.state_dict())},
                 "inner": self._inner.state_dict(), "masters": masters, "offloaded": offloaded}
@@ -354,7 +354,7 @@ class LisaOptimizer(torch.optim.Optimizer):
         """Restore the schedule position, the active set, masters and moments. Load the model
         weights first: frozen layers are taken from the model as they are."""
         lisa = state_dict["lisa"]
-        self.check_resumable(lisa, "LISA checkpoint")
+        self.check_resumable(lisa, "this LisaOptimizer state dict")
         for i in sorted(self.active_layers):  # drop current set; the saved one is rebuilt below
             for _, p in self.split.per_layer[i]:
                 self._detach(p)

@@ -236,12 +236,6 @@ def missing_message(library: str, missing: Sequence[Tuple[str, Optional[str]]]) 
             f"with), and {REPORT}.")
 
 
-def reset_for_tests() -> None:
-    """Forget which warnings were given and which probes passed (a new process starts this way)."""
-    _warned.clear()
-    _probed.clear()
-
-
 # --- reports ------------------------------------------------------------------------------------
 
 def installed_report() -> Dict[str, Dict[str, object]]:

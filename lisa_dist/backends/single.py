@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from lisa_dist.config import LisaConfig
+from lisa_dist.devices import synchronize
 from lisa_dist.memory import count_params, model_state_floor
 from lisa_dist.optim import LisaOptimizer
 from lisa_dist.outlier import resolve_calibration
@@ -74,11 +75,17 @@ class SingleRunner:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None],
                                            self.max_grad_norm)
         before = self.switch_index
+        # A step that ends in a switch is timed on the device's clock (as the DeepSpeed hook times its
+        # switch): the queued backward must not count, and the switch's own copies must.
+        switching = (self.optimizer.optimizer_steps + 1) % self.optimizer.config.interval_steps == 0
+        if switching:
+            synchronize(self.device)
         start = time.perf_counter()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad()
         if self.switch_index != before:
+            synchronize(self.device)
             self._log_switch(time.perf_counter() - start)
 
     def optimizer_state_bytes(self) -> int:
@@ -114,7 +121,8 @@ class SingleRunner:
         except RuntimeError as e:  # missing/unexpected names or shapes
             raise ValueError(f"{directory}: the checkpoint holds another model ({e}); resume with the --model "
                              "that wrote it") from None
-        self.optimizer.load_state_dict(state["optimizer"])  # ValueError on another gamma / K / seed
+        self.optimizer.check_resumable(state["optimizer"]["lisa"], str(directory))  # e.g. another gamma or seed
+        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self._log_switch(0.0)

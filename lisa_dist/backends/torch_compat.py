@@ -18,8 +18,7 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from lisa_dist.versions import (IncompatibleReleaseError, Probe, check_release, missing_message, release_tuple, require,
-                                require_attrs)
+from lisa_dist.versions import IncompatibleReleaseError, Probe, check_release, missing_message, require, require_attrs
 
 
 def _param_group_class():
@@ -58,13 +57,6 @@ def check_torch() -> None:
     require("torch", "fsdp2", _PROBES)
 
 
-def frozen_units_keep_reduce_dtype(version: Optional[str] = None) -> bool:
-    """True where FSDP2's lazy init gives a unit frozen at the first forward the requested reduce
-    dtype anyway (torch 2.14+: derived from its frozen parameters, PR #187376); before, it is lost,
-    and a layer activated later reduce-scatters in the parameter dtype unless refresh_mp_dtypes runs."""
-    return release_tuple(version or torch.__version__)[:2] >= (2, 14)
-
-
 def _param_groups(module: FSDPModule) -> List[object]:
     # torch 2.12+ keeps a list of groups per state (PR #173509; `_fsdp_param_group` became a property
     # that refuses several), 2.11 and before one optional group.
@@ -94,17 +86,6 @@ def refresh_mp_dtypes(model: nn.Module) -> None:
     for unit in fsdp_units(model):
         for group in _param_groups(unit):
             group._init_mp_dtypes()
-
-
-def unit_reduce_dtype(unit: FSDPModule) -> Optional[torch.dtype]:
-    """The dtype the unit will reduce-scatter in (None: no trainable params, or the grad dtype)."""
-    if not any(p.requires_grad for p in unit.parameters()):
-        # A frozen unit reduce-scatters nothing. torch 2.13 leaves its private field None, 2.14 fills
-        # it from the frozen parameters; neither is sent.
-        return None
-    dtypes = {group._reduce_dtype for group in _param_groups(unit)}
-    assert len(dtypes) == 1, dtypes
-    return dtypes.pop()
 
 
 def _dispatch_mode_class():

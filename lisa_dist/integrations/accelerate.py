@@ -111,6 +111,14 @@ class LisaPrepared:
         if index is None:
             raise ValueError("LISA needs the model's torch optimizer in the same prepare call as the model "
                              "(prepare(model, optimizer, ...)): it becomes a LisaOptimizer")
+        # On the device first, as accelerate would place it: LISA's fp32 masters are made from the
+        # weights where they are, and DDP's broadcast below runs on the device's backend (NCCL has none
+        # for host tensors).
+        placement = kwargs.get("device_placement")
+        at = next(i for i, a in enumerate(args) if a is model)
+        place = accelerator.device_placement if placement is None else placement[at]
+        if place and _movable(model, accelerator):
+            model.to(accelerator.device)
         optimizer = LisaOptimizer.from_optimizer(model, self.lisa, args[index])
         for scheduler in (a for a in args if isinstance(a, torch.optim.lr_scheduler.LRScheduler)):
             optimizer.adopt_scheduler(scheduler, args[index])
@@ -164,6 +172,14 @@ class LisaPrepared:
                 out[i] = obj
         self.optimizer = optimizer
         return tuple(out) if len(out) > 1 else out[0]
+
+
+def _movable(model: nn.Module, accelerator) -> bool:
+    """Whether accelerate's prepare_model would move `model` to its device: not a model dispatched
+    over devices by a device map, nor a quantized one (which `.to()` refuses)."""
+    if getattr(model, "is_loaded_in_8bit", False) or getattr(model, "is_loaded_in_4bit", False):
+        return False
+    return not accelerator.verify_device_map(model)
 
 
 def _optimizer_io(optimizer):

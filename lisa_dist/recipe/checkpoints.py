@@ -1,5 +1,5 @@
 """Backend-neutral checkpoint plumbing for `lisa-train`: atomic directories, the `latest` pointer,
-keep-last-N, `--resume auto` discovery, weights-only loading and the test kill hooks.
+keep-last-N, `--resume auto` discovery and weights-only loading.
 
 Layout under `<output-dir>/checkpoints/`:
 
@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -92,7 +91,6 @@ def save(root: Path, step: int, write: Callable[[Path], None], *, rank: int, bar
         tmp.mkdir(parents=True)
     barrier()
     write(tmp)
-    _test_kill_in_save(step)
     barrier()
     if rank == 0:
         marker = {"format": _FORMAT, "step": step, **(meta or {})}
@@ -106,38 +104,6 @@ def save(root: Path, step: int, write: Callable[[Path], None], *, rank: int, bar
                 shutil.rmtree(old, ignore_errors=True)
     barrier()
     return final
-
-
-# --- fault-injection hooks for the recovery tests ---------------------------------------------------
-
-def _first_attempt() -> bool:
-    # torchrun counts restarts; only the first attempt is killed, so the restarted job can finish.
-    return os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _env_int(name: str) -> Optional[int]:
-    value = os.environ.get(name)
-    return int(value) if value not in (None, "") else None
-
-
-def kill_for_test_after_step(step: int) -> None:
-    """LISA_DIST_TEST_KILL_AT_STEP=S (and LISA_DIST_TEST_KILL_RANK=R, default 0): SIGKILL rank R
-    right after optimizer step S, on the first attempt only."""
-    if (_env_int("LISA_DIST_TEST_KILL_AT_STEP") == step and _first_attempt()
-            and _rank() == (_env_int("LISA_DIST_TEST_KILL_RANK") or 0)):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _test_kill_in_save(step: int) -> None:
-    """LISA_DIST_TEST_KILL_IN_SAVE_AT_STEP=S: SIGKILL rank LISA_DIST_TEST_KILL_RANK after it wrote
-    its part of the step-S checkpoint, before the commit."""
-    if (_env_int("LISA_DIST_TEST_KILL_IN_SAVE_AT_STEP") == step and _first_attempt()
-            and _rank() == (_env_int("LISA_DIST_TEST_KILL_RANK") or 0)):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --- lisa-train glue ------------------------------------------------------------------------------

@@ -21,13 +21,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from lisa_dist.memory import ParamCounts, count_params, model_state_floor
-from lisa_dist.recipe.plan_memory import METHODS, Engine, MethodPlan, always_active_cost, estimate_method, \
-    lisa_state_floor
+from lisa_dist.memory import ParamCounts, byte_unit, count_params, format_bytes, model_state_floor
+from lisa_dist.recipe.plan_memory import (
+    METHODS,
+    Engine,
+    MethodPlan,
+    always_active_cost,
+    estimate_method,
+    lisa_state_floor,
+)
 from lisa_dist.recipe.run_config import RunConfig
 from lisa_dist.sampling import LayerSampler
 
-GIB = 1024 ** 3
 SHOWN_SWITCHES = 6
 STAGE_NAMES = {"single": "single process", "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2",
                "zero3": "DeepSpeed ZeRO-3", "fsdp2": "FSDP2"}
@@ -280,14 +285,6 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ, device: str 
     return plan
 
 
-def _unit(largest: float) -> Tuple[str, int]:
-    """The largest binary unit in which `largest` bytes is at least 1, so tiny test models read too."""
-    for name, size in (("GiB", GIB), ("MiB", 1024 ** 2), ("KiB", 1024)):
-        if largest >= size:
-            return name, size
-    return "B", 1
-
-
 def _count(n: int) -> str:
     for suffix, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if n >= size:
@@ -307,7 +304,11 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
     if plan.offload:
         names = {"weights": "bf16 weight shards", "master": "fp32 master", "optimizer_state": "Adam moments"}
         stage_desc += ", offloaded to host: " + ", ".join(names[c] for c in plan.offload)
-    unit, size = _unit(plan.full["total"])
+    unit = byte_unit(plan.full["total"])  # one unit for every figure; tiny test models read in KiB
+
+    def cell(n: float) -> str:
+        return f"{format_bytes(n, unit, 2, suffix=False):>8}"
+
     lines = [
         "lisa-train dry run: model skeleton on the meta device, no weights loaded, no processes started",
         f"model        {plan.model}: {plan.architecture}, {len(c.per_layer)} decoder layers at {plan.layers_path}",
@@ -326,12 +327,13 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
     ]
     rows = (("full FT", plan.full), (f"LISA g={gamma}", plan.lisa), (f"LoRA r={plan.lora_rank}", plan.lora))
     for name, floor in rows:
-        lines.append(f"{name:14}" + " ".join(f"{floor[k] / size:8.2f}" for k in
+        lines.append(f"{name:14}" + " ".join(cell(floor[k]) for k in
                                            ("weights", "grads", "master", "optimizer_state", "total")))
     if plan.offload:
         for name, floor in rows:
             device, host = _split(floor, plan.offload)
-            lines.append(f"  {name}: {device / size:.2f} {unit} on the accelerator + {host / size:.2f} {unit} host memory")
+            lines.append(f"  {name}: {format_bytes(device, unit, 2)} on the accelerator + "
+                         f"{format_bytes(host, unit, 2)} host memory")
     lines.append(f"model states: LISA/full {plan.lisa['total'] / plan.full['total']:.3f}, "
                  f"LoRA/full {plan.lora['total'] / plan.full['total']:.3f}, "
                  f"LISA/LoRA {plan.lisa['total'] / plan.lora['total']:.3f}")
@@ -340,8 +342,8 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
                   f"{'':14}{'full FT':>8} {'LISA':>8} {'LoRA':>8}"]
         for stage, (full, lisa, lora) in plan.by_stage.items():
             mark = "  <- this run" if stage == plan.stage else ""
-            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{full / size:8.2f} {lisa / size:8.2f} "
-                         f"{lora / size:8.2f}{mark}")
+            lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{cell(full)} {cell(lisa)} "
+                         f"{cell(lora)}{mark}")
     lines += _peak_lines(plan, run)
     sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
     lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
@@ -361,7 +363,11 @@ PEAK_NAMES = {"full": "full FT", "lisa": "LISA g={gamma}", "lora": "LoRA r={rank
 def _peak_lines(plan: DryRunPlan, run: RunConfig) -> List[str]:
     if not plan.methods:
         return []
-    unit, size = _unit(max(plan.peak(m) for m in plan.methods))
+    unit = byte_unit(max(plan.peak(m) for m in plan.methods))
+
+    def num(n: float, width: int) -> str:
+        return f"{format_bytes(n, unit, 2, suffix=False):>{width}}"
+
     lisa = run.lisa
     trained = [w for w, on in (("embeddings", lisa.train_embeddings), ("head", lisa.train_head)) if on]
     where = "on the accelerator, " if plan.offload else ""
@@ -375,8 +381,8 @@ def _peak_lines(plan: DryRunPlan, run: RunConfig) -> List[str]:
     for method, estimate in ((m, plan.methods[m].peak) for m in METHODS if m in plan.methods):
         host = sum(estimate.states[c] for c in plan.offload)
         name = PEAK_NAMES[method].format(gamma=lisa.activated_layers, rank=plan.lora_rank)
-        lines.append(f"{name:14}{(estimate.resident - host) / size:9.2f} {estimate.rise / size:8.2f} "
-                     f"{plan.peak(method) / size:8.2f}   {estimate.activations / size:11.2f}  {estimate.phase}")
+        lines.append(f"{name:14}{num(estimate.resident - host, 9)} {num(estimate.rise, 8)} "
+                     f"{num(plan.peak(method), 8)}   {num(estimate.activations, 11)}  {estimate.phase}")
     if "lisa" in plan.methods:
         layers = plan.methods["lisa"].traced_layers
         lines.append(f"  LISA traced with layers {list(layers)} active and {' and '.join(trained) or 'nothing'} "

@@ -26,7 +26,7 @@ for a small model) is resident on a GPU at its full size, on a CPU only where it
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn

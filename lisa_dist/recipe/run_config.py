@@ -2,9 +2,11 @@
 
 It is the single source of the command line and of `--config` files: each field becomes the flag of
 the same name (underscores as dashes), its docstring is the flag's help, a `Literal` type gives the
-choices and a bool a switch. It is validated once, in `__post_init__`, with errors that name the flag;
-the recipe hands typed pieces of it (a LisaConfig, numbers, a resolved DeepSpeed config) to the
-backends, which never see it or the argparse Namespace.
+choices and a bool a switch. Its `lisa` field is a LisaConfig, and the LISA flags are generated the
+same way from LisaConfig's own fields and docstrings, so every LisaConfig field has its flag (booleans,
+which default to True there, get `--X` and `--no-X`). It is validated once, in `__post_init__` and
+LisaConfig's, with errors that name the flag; the recipe hands typed pieces of it (a LisaConfig, numbers,
+a resolved DeepSpeed config) to the backends, which never see it or the argparse Namespace.
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ import ast
 import inspect
 import json
 import os
+import re
 import textwrap
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 from lisa_dist.config import LisaConfig
 
@@ -57,34 +60,9 @@ class RunConfig:
     T4): --backend deepspeed only, with DeepSpeed's dynamic loss scaling"""
 
     # --- LISA --------------------------------------------------------------------------------
-    activated_layers: int = _opt(2, "LISA")
-    """gamma: decoder layers trained at a time"""
-
-    interval_steps: int = _opt(20, "LISA")
-    """K: optimizer steps between switches"""
-
-    seed: int = _opt(0, "LISA")
-    """seeds the layer schedule, the init of presets and data order"""
-
-    state_policy: Literal["reset", "offload"] = _opt("reset", "LISA")
-    """reset: a re-sampled layer starts from fresh moments; offload: a deactivated layer's fp32 master and
-    moments wait in host memory"""
-
-    layers_path: Optional[str] = _opt(None, "LISA")
-    """dotted path of the decoder blocks, e.g. model.layers (auto-detected)"""
-
-    no_train_embeddings: bool = _opt(False, "LISA")
-    """freeze the input embeddings"""
-
-    no_train_head: bool = _opt(False, "LISA")
-    """freeze the LM head and final norm"""
-
-    sampling: Literal["uniform", "weighted", "outlier", "gradient"] = _opt("uniform", "LISA")
-    """how layers are drawn: uniform (the paper), weighted (--layer-weights), outlier (OwLore outlier ratios
-    from calibration batches) or gradient (gradient-norm moving average)"""
-
-    layer_weights: Optional[str] = _opt(None, "LISA")
-    """with --sampling weighted: one non-negative weight per decoder layer, comma-separated (e.g. 1,1,2,4)"""
+    lisa: LisaConfig = _opt(group="LISA", factory=LisaConfig)
+    """LISA's settings: one flag per LisaConfig field, generated from it (lisa_flags). `seed` also seeds
+    the init of presets and the data order."""
 
     # --- optimisation ------------------------------------------------------------------------
     steps: int = _opt(150, "optimisation")
@@ -166,9 +144,6 @@ class RunConfig:
     """modules the dry run's LoRA row adapts: all-linear (every linear layer of the decoder, PEFT's
     target_modules="all-linear") or comma-separated module names, e.g. q_proj,v_proj"""
 
-    lisa: LisaConfig = field(init=False, repr=False, compare=False)
-    """Derived from the LISA fields above."""
-
     def __post_init__(self):
         _check_types(self)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "log_every"):
@@ -187,22 +162,6 @@ class RunConfig:
             # fp16 gradients underflow without a loss scaler, and only DeepSpeed's is wired in.
             raise ValueError(f"--dtype fp16 needs --backend deepspeed (its dynamic loss scaling); --backend "
                              f"{self.backend} trains in bf16 or fp32: use --dtype bf16 or --dtype fp32")
-        self.lisa = LisaConfig(activated_layers=self.activated_layers, interval_steps=self.interval_steps,
-                               seed=self.seed, train_embeddings=not self.no_train_embeddings,
-                               train_head=not self.no_train_head, layers_path=self.layers_path,
-                               state_policy=self.state_policy, sampling=self.sampling,
-                               layer_weights=_layer_weights(self.layer_weights))
-
-
-def _layer_weights(value: Optional[str]) -> Optional[List[float]]:
-    """--layer-weights "1,1,2" as floats."""
-    if value is None:
-        return None
-    try:
-        return [float(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--layer-weights {value!r}: expected comma-separated numbers, one per decoder layer, "
-                         "e.g. 1,1,2,4") from None
 
 
 def _flag(name: str) -> str:
@@ -210,7 +169,8 @@ def _flag(name: str) -> str:
 
 
 def _cli_fields():
-    return [f for f in fields(RunConfig) if f.init]
+    """RunConfig's own flags; `lisa` stands for the generated LISA flags."""
+    return [f for f in fields(RunConfig) if f.init and f.name != "lisa"]
 
 
 def _hints() -> Dict[str, Any]:
@@ -226,27 +186,58 @@ def _base(kind):
     if typing.get_origin(kind) is Literal:
         choices = typing.get_args(kind)
         return type(choices[0]), choices, optional
+    if typing.get_origin(kind) is tuple:  # LisaConfig.layer_weights: Tuple[float, ...]
+        return tuple, None, optional
     return kind, None, optional
 
 
+def _checked(flag: str, value: Any, hint) -> Any:
+    """`value` for `flag` as its annotation `hint` wants it (ints widened to floats, a list or "1,1,2" as a
+    tuple of numbers); ValueError naming the flag otherwise. Values from a --config file arrive here
+    unconverted."""
+    kind, choices, optional = _base(hint)
+    if value is None and optional:
+        return None
+    if kind is tuple:
+        try:
+            value = _numbers(value) if isinstance(value, str) else value
+        except ValueError as e:
+            raise ValueError(f"{flag} {e}") from None
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{flag} must be a list of numbers, got {value!r} ({type(value).__name__})")
+        return tuple(value)
+    ok = (isinstance(value, bool) if kind is bool else
+          isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
+    if not ok:
+        raise ValueError(f"{flag} must be {'a' if kind is not int else 'an'} {kind.__name__}, "
+                         f"got {value!r} ({type(value).__name__})")
+    if choices is not None and value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return float(value) if kind is float else value
+
+
+def _numbers(value: str) -> Tuple[float, ...]:
+    """--layer-weights "1,1,2" as floats."""
+    try:
+        return tuple(float(x) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{value!r}: expected comma-separated numbers, one per decoder layer, e.g. 1,1,2,4") from None
+
+
+def _numbers_arg(text: str) -> Tuple[float, ...]:
+    try:
+        return _numbers(text)
+    except ValueError as e:  # argparse shows an ArgumentTypeError's own message
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _check_types(run: RunConfig) -> None:
-    # Values from a --config file reach the dataclass unconverted; name the key when one is off.
     hints = _hints()
     for f in _cli_fields():
-        value = getattr(run, f.name)
-        kind, choices, optional = _base(hints[f.name])
-        if value is None and optional:
-            continue
-        ok = (isinstance(value, bool) if kind is bool else
-              isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
-              isinstance(value, int) and not isinstance(value, bool) if kind is int else isinstance(value, kind))
-        if not ok:
-            raise ValueError(f"{_flag(f.name)} must be {'a' if kind is not int else 'an'} {kind.__name__}, "
-                             f"got {value!r} ({type(value).__name__})")
-        if kind is float:
-            setattr(run, f.name, float(value))
-        if choices is not None and value not in choices:
-            raise ValueError(f"{_flag(f.name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        setattr(run, f.name, _checked(_flag(f.name), getattr(run, f.name), hints[f.name]))
+    if not isinstance(run.lisa, LisaConfig):
+        raise ValueError(f"RunConfig.lisa must be a LisaConfig, got {run.lisa!r} ({type(run.lisa).__name__})")
 
 
 def field_docs(cls=RunConfig) -> Dict[str, str]:
@@ -261,15 +252,63 @@ def field_docs(cls=RunConfig) -> Dict[str, str]:
     return docs
 
 
+# --- the LISA flags, generated from LisaConfig -------------------------------------------------------
+
+_LISA_NOTES = {"seed": "lisa-train also seeds the init of presets and the data order with it."}
+"""What lisa-train does with a LisaConfig field beyond what its docstring says, appended to the help."""
+
+
+def lisa_flags() -> Dict[str, List[str]]:
+    """LisaConfig field -> its flags: --activated-layers, ...; a boolean both --X and --no-X."""
+    hints = typing.get_type_hints(LisaConfig)
+    return {f.name: [_flag(f.name)] + ([_flag("no_" + f.name)] if _base(hints[f.name])[0] is bool else [])
+            for f in fields(LisaConfig)}
+
+
+def lisa_help() -> Dict[str, str]:
+    """Each LISA flag's help: the LisaConfig field's docstring (and lisa-train's note, for seed)."""
+    docs = field_docs(LisaConfig)
+    return {f.name: " ".join(filter(None, (docs.get(f.name), _LISA_NOTES.get(f.name)))) for f in fields(LisaConfig)}
+
+
+def _add_lisa_flags(group) -> None:
+    hints, helps = typing.get_type_hints(LisaConfig), lisa_help()
+    for f in fields(LisaConfig):
+        kind, choices, _ = _base(hints[f.name])
+        kwargs: Dict[str, Any] = {"dest": f.name, "default": f.default, "help": helps[f.name].replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif kind is tuple:
+            kwargs.update(type=_numbers_arg, metavar="W1,W2,...")
+        else:
+            kwargs["type"] = kind
+            if choices is not None:
+                kwargs["choices"] = choices
+        group.add_argument(_flag(f.name), **kwargs)
+
+
+def lisa_config(values: Dict[str, Any]) -> LisaConfig:
+    """The LisaConfig of the LISA flags' values; errors name the flag (--activated-layers, not the field)."""
+    hints = typing.get_type_hints(LisaConfig)
+    checked = {name: _checked(_flag(name), value, hints[name]) for name, value in values.items()}
+    try:
+        return LisaConfig(**checked)
+    except ValueError as e:
+        raise ValueError(re.sub(r"LisaConfig\.(\w+)", lambda m: _flag(m.group(1)), str(e))) from None
+
+
 def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lisa-train", description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", help="YAML or JSON file whose keys are these flags' names")
+    p.add_argument("--config", help="YAML or JSON file whose keys are these flags' names (or LisaConfig's fields)")
     docs, hints, groups = field_docs(), _hints(), {}
-    for f in _cli_fields():
+    for f in [f for f in fields(RunConfig) if f.init]:
         name = f.metadata["group"]
         if name not in groups:
             groups[name] = p.add_argument_group(name)
+        if f.name == "lisa":
+            _add_lisa_flags(groups[name])
+            continue
         kind, choices, _ = _base(hints[f.name])
         default = f.default_factory() if f.default is MISSING else f.default
         kwargs: Dict[str, Any] = {"dest": f.name, "default": default,
@@ -287,7 +326,8 @@ def build_parser(description: Optional[str] = None) -> argparse.ArgumentParser:
 
 
 def read_config_file(path: str) -> Dict[str, Any]:
-    """A --config file's mapping, keys normalised to field names; ValueError for anything off."""
+    """A --config file's mapping, keys normalised to field names (RunConfig's and LisaConfig's; a
+    LISA switch's `no_X` becomes X, negated); ValueError for anything off."""
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"--config {path}: no such file")
@@ -302,13 +342,17 @@ def read_config_file(path: str) -> Dict[str, Any]:
         raise ValueError(f"--config {path}: cannot parse: {e}") from None
     if not isinstance(values, dict):
         raise ValueError(f"--config {path}: expected a mapping of flag names to values")
-    known = {f.name for f in _cli_fields()}
+    known = {f.name for f in _cli_fields()} | {f.name for f in fields(LisaConfig)}
+    negated = {"no_" + name: name for name, flags in lisa_flags().items() if len(flags) == 2}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in known:
+        if name in negated:
+            out[negated[name]] = not _checked(_flag(name), value, bool)
+        elif name in known:
+            out[name] = value
+        else:
             raise ValueError(f"--config {path}: unknown key {key!r}; keys are the flag names, e.g. activated_layers")
-        out[name] = value
     return out
 
 
@@ -322,6 +366,7 @@ def parse_args(argv: Optional[List[str]] = None, description: Optional[str] = No
             parser.set_defaults(**read_config_file(pre.config))
         values = vars(parser.parse_args(argv))
         values.pop("config")
-        return RunConfig(**values)
+        lisa = lisa_config({f.name: values.pop(f.name) for f in fields(LisaConfig)})
+        return RunConfig(**values, lisa=lisa)
     except ValueError as e:
         parser.error(str(e))

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, Optional, Set
 
 import torch
+
 from lisa_dist.backends import torch_compat
 
 ATTENTION = "lisa_dist_meta_sdpa"

@@ -19,7 +19,7 @@ import torch
 from lisa_dist.devices import rank_device
 from lisa_dist.recipe.ds_config import resolve_ds_config
 from lisa_dist.layers import find_decoder_layers
-from lisa_dist.memory import device_memory, host_peak_rss_bytes
+from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes
 from lisa_dist.recipe.modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
                        check_model_source, check_vocabulary, checkpoint_files, weights_dtype, weights_loader)
 from lisa_dist.protocol import Runner
@@ -79,7 +79,7 @@ class _FSDP2:
         return FSDPRunner(model, run.lisa, lr=run.lr, weight_decay=run.weight_decay,
                           warmup_steps=run.warmup_steps, max_grad_norm=run.max_grad_norm,
                           cpu_offload=run.cpu_offload, activation_checkpointing=run.gradient_checkpointing,
-                          load_weights=weights_loader(run.model, seed=run.seed, tokenizer=run.tokenizer,
+                          load_weights=weights_loader(run.model, seed=run.lisa.seed, tokenizer=run.tokenizer,
                                                       trust_remote_code=run.trust_remote_code),
                           calibration=calibration)
 
@@ -89,7 +89,7 @@ BACKENDS = {"single": _Single, "deepspeed": _DeepSpeed, "fsdp2": _FSDP2}
 
 
 def _build(run: RunConfig, dtype, device=None):
-    return build_model_and_tokenizer(run.model, dtype, seed=run.seed, tokenizer=run.tokenizer,
+    return build_model_and_tokenizer(run.model, dtype, seed=run.lisa.seed, tokenizer=run.tokenizer,
                                      trust_remote_code=run.trust_remote_code, device=device)
 
 
@@ -113,14 +113,6 @@ def _calibration(run: RunConfig, batches):
         return None
     return lambda rank, world: [batches.batch(i, rank=rank, world_size=world)
                                 for i in range(run.lisa.calibration_batches)]
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def _say(line: str) -> None:
@@ -148,7 +140,8 @@ def _device_memory_line(per_rank: List[Dict[str, int]]) -> str:
     if not any(per_rank):
         return ""
     return "GPU memory per rank (torch.cuda allocated / reserved / peak allocated): " + ", ".join(
-        f"rank {r}: {_fmt_bytes(m['allocated'])} / {_fmt_bytes(m['reserved'])} / {_fmt_bytes(m['peak_allocated'])}"
+        f"rank {r}: {format_bytes(m['allocated'])} / {format_bytes(m['reserved'])} / "
+        f"{format_bytes(m['peak_allocated'])}"
         for r, m in enumerate(per_rank)) + "\n"
 
 
@@ -190,7 +183,7 @@ def train(run: RunConfig) -> Dict:
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
     dataset = data.build_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format)
     check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]))
-    batches = data.BatchIterator(dataset, run.batch_size, run.seed, tokenizer.pad_token_id)
+    batches = data.BatchIterator(dataset, run.batch_size, run.lisa.seed, tokenizer.pad_token_id)
     runner = backend.runner(run, model, _calibration(run, batches))
     rank, world = runner.rank, runner.world_size
     num_layers = len(find_decoder_layers(model, run.lisa.layers_path).layers)
@@ -251,7 +244,6 @@ def train(run: RunConfig) -> Dict:
             _say(f"step {step + 1}/{run.steps} loss {loss:.4f} tok/s/rank {rate:.0f} "
                  f"active {list(runner.active_layers)}")
         checkpoint.save_for_train(runner, run, step + 1, tokenizer)
-        checkpoint.kill_for_test_after_step(step + 1)
     bar.close()
     reporter.close()
     elapsed = time.perf_counter() - start
@@ -276,11 +268,11 @@ def train(run: RunConfig) -> Dict:
         (out_dir / "lisa_log.json").write_text(json.dumps(summary, indent=1))
         plotted = "" if run.no_plots else _plots(out_dir, runner.schedule_log, num_layers, run.steps, first_step)
         ratio = summary["optimizer_bytes_per_rank"] / summary["full_finetune_optimizer_bytes_per_rank"]
-        per_rank = ", ".join(f"rank {r}: {_fmt_bytes(b)}" for r, b in enumerate(summary["optimizer_bytes_all_ranks"]))
+        per_rank = ", ".join(f"rank {r}: {format_bytes(b)}" for r, b in enumerate(summary["optimizer_bytes_all_ranks"]))
         _say(f"\nloss {summary['loss_start']:.4f} -> {summary['loss_end']:.4f} (mean of first/last {window} steps)\n"
              f"schedule: " + ", ".join(f"step {e['step']}: {e['active_layers']}" for e in runner.schedule_log) +
              f"\noptimizer memory per rank (fp32 master + moments): {per_rank}; full fine-tuning would hold "
-             f"{_fmt_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} per rank ({ratio:.2f}x)\n"
+             f"{format_bytes(summary['full_finetune_optimizer_bytes_per_rank'])} per rank ({ratio:.2f}x)\n"
              + _device_memory_line(summary["device_memory_all_ranks"]) +
              f"{'weights and ' if not run.no_save else ''}log{plotted} in {out_dir}"
              + (f" (TensorBoard: {out_dir / 'tensorboard'})" if run.report_to == "tensorboard" else ""))

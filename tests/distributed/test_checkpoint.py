@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import fault_injection
 from launch_util import ROOT, _tool, deepspeed_launch, free_port, launch_env, output_tail
 from safetensors.torch import load_file
 
@@ -54,7 +55,7 @@ def single(tmp_path_factory):
     runs["straight"] = lisa_train(SINGLE + ["--output-dir", str(root / "straight")])
     # Killed while writing step 4's checkpoint: 1..3 complete (keep-last 2 leaves 2 and 3).
     runs["killed"] = lisa_train(SINGLE + ["--output-dir", str(root / "a"), "--save-steps", "1", "--keep-last", "2"],
-                                env={"LISA_DIST_TEST_KILL_IN_SAVE_AT_STEP": "4"})
+                                env=fault_injection.env(kill_in_save_at_step=4))
     ckpts = root / "a" / "checkpoints"
     runs["after_kill"] = {"latest": (ckpts / "latest").read_text() if (ckpts / "latest").is_file() else None,
                           "entries": sorted(p.name for p in ckpts.iterdir()) if ckpts.is_dir() else []}
@@ -133,7 +134,7 @@ def test_zero_resume_bit_identical_at_boundary_and_mid_interval(zero):
 def test_zero_mismatch_is_a_clear_value_error(zero):
     _, results = zero
     errors = results["resume"][0]["mismatch_errors"]
-    assert set(errors) == {"gamma", "seed", "interval", "model"}
+    assert set(errors) == {"gamma", "seed", "interval", "model", "head"}
     for msg in errors.values():
         assert msg.startswith("cannot resume from") and "start a new run" in msg, msg
 
@@ -176,7 +177,7 @@ def test_sigkill_of_one_rank_restarts_from_latest_checkpoint(tmp_path):
     straight = torchrun(DS_TRAIN + ["--output-dir", str(tmp_path / "straight")])
     assert straight.returncode == 0, output_tail(straight)
     killed = torchrun(DS_TRAIN + ["--output-dir", str(tmp_path / "killed")],
-                      env={"LISA_DIST_TEST_KILL_AT_STEP": "5", "LISA_DIST_TEST_KILL_RANK": "1"})
+                      env=fault_injection.env(kill_at_step=5, kill_rank=1))
     assert killed.returncode == 0, output_tail(killed)
     text = killed.stdout + killed.stderr
     assert "exitcode: -9" in text, "rank 1 was not killed"

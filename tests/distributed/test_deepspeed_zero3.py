@@ -154,6 +154,21 @@ def test_offload_configs_match_no_offload(ranks):
         assert rank["offload_param"]["partitions_on_host"] and rank["offload_both"]["partitions_on_host"]
 
 
+def test_offload_param_shards_stay_pinned_across_switches(ranks):
+    """DS_PIN_MEMORY_BACKEND=native (DeepSpeed 0.19+): a switch copies the shards of the layers it
+    drops out of the old optimizer's pinned buffer before DeepSpeed unpins (frees) that buffer, and
+    the copies are pinned too; the weights equal the run without offload."""
+    for rank in ranks:
+        if "offload_param_native_pins" not in rank:  # DeepSpeed < 0.19 has no native backend
+            assert "ckpt_reentrant_false" not in rank
+            continue
+        r = rank["offload_param_native_pins"]
+        pinned, shards = r["pinned_partitions"]
+        assert r["partitions_on_host"] and pinned == shards > 0, r["pinned_partitions"]
+        assert len(r["schedule"]) - 1 >= 2, r["schedule"]
+        assert r["vs_baseline_max_abs_diff"] <= 1e-5 and r["vs_baseline_mean_abs_diff"] <= 1e-8, r
+
+
 def test_model_state_at_floor_and_naive_toggling_saves_nothing(ranks):
     for rank in ranks:
         m = rank["memory"]

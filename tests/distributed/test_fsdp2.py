@@ -7,36 +7,20 @@ uninterrupted run. Each test below reports one check from what the ranks wrote.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fsdp_internals import frozen_units_keep_reduce_dtype
+from launch_util import ROOT, torchrun_launch
 from plan_asserts import assert_dry_run_predicts
 
-from lisa_dist.backends.torch_compat import frozen_units_keep_reduce_dtype
-
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "tests" / "scripts" / "fsdp2_checks.py"
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(phase: str, workdir: Path) -> subprocess.CompletedProcess:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    launcher = [str(torchrun)] if torchrun.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    # A fixed free port, not --standalone: other test sessions on this machine may hold 29400.
-    cmd = launcher + [f"--nproc_per_node={WORLD}", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
-                      str(SCRIPT), "--phase", phase, "--workdir", str(workdir)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return torchrun_launch(SCRIPT, ["--phase", phase, "--workdir", str(workdir)], nproc=WORLD)
 
 
 def _results(phase: str, workdir: Path, proc: subprocess.CompletedProcess) -> list:
@@ -85,9 +69,9 @@ def test_reduce_scatter_fp32_and_only_for_active_units(runs):
         # torch 2.13; torch 2.14 keeps them in fp32 by itself (see check_dtype_fixup_needed).
         seen = rank["without_fixup_reduce_dtypes"]
         if not frozen_units_keep_reduce_dtype():
-            assert any("torch.bfloat16" in d for d in seen.values()), seen
+            assert any("bfloat16" in d for d in seen.values()), seen
         else:
-            assert all(d == ["torch.float32"] for d in seen.values()), seen
+            assert all(d == ["float32"] for d in seen.values()), seen
 
 
 def test_offload_and_activation_checkpointing_match_plain(runs):
@@ -105,6 +89,13 @@ def test_resume_is_bit_identical(runs):
     for rank in runs["resume"]:
         assert rank["resume_reset"] == "bit-identical"
         assert rank["resume_offload"] == "bit-identical"
+
+
+def test_resume_with_another_layout_is_refused_by_the_shared_check(runs):
+    for rank in runs["resume"]:
+        msg = rank["resume_mismatch_error"]
+        assert msg.startswith("cannot resume from") and "train_embeddings: checkpoint True vs now False" in msg, msg
+        assert "LisaConfig train_embeddings=True" in msg and "start a new run" in msg, msg
 
 
 def test_importance_sampling_statistics_agree_across_ranks(runs):

@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-from launch_util import ROOT, free_port
+from launch_util import ROOT, free_port, launch_env
 
 WORLD = 2
 
@@ -18,8 +17,7 @@ def test_accelerate_launch_config_runs_lisa_train(tmp_path):
            "--num_processes", str(WORLD), "--main_process_port", str(free_port()),
            "-m", "lisa_dist.train", "--backend", "fsdp2", "--steps", "3", "--interval-steps", "1", "--batch-size", "2",
            "--cpu-offload", "--gradient-checkpointing", "--output-dir", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     log = json.loads((out / "lisa_log.json").read_text())
     assert log["backend"] == "fsdp2" and log["world_size"] == WORLD

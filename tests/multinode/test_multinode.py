@@ -30,11 +30,12 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import fault_injection
 import netns_slurm
 import pytest
+from launch_checks import rank_schedules
 from launch_util import ROOT
 from netns_hosts import Cluster, Host, env_for_hosts, unavailable_reason
-from test_launchers import rank_schedules
 
 from lisa_dist.config import LisaConfig
 from lisa_dist.sampling import LayerSampler
@@ -185,7 +186,7 @@ def test_torchrun_restart_after_a_rank_on_h1_is_killed(cluster, torchrun_straigh
     out = tmp_path / "restarted"
     codes, logs = torchrun_on_hosts(
         cluster, TORCHRUN_ARGS, out,
-        {"TORCHRUN_ARGS": "--max-restarts 1", "LISA_DIST_TEST_KILL_AT_STEP": "5", "LISA_DIST_TEST_KILL_RANK": "1"})
+        {"TORCHRUN_ARGS": "--max-restarts 1", **fault_injection.env(kill_at_step=5, kill_rank=1)})
     text = "\n".join(logs)
     assert codes == [0, 0], f"exit codes {codes}:\n{text[-8000:]}"
     assert "exitcode: -9" in text, "rank 1 was not killed"

@@ -29,10 +29,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import builders  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from ds_common import close  # noqa: E402
 
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
@@ -50,20 +52,15 @@ DROPOUT = 0.2
 
 
 def build_model(layers: int = 6, init_seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(init_seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=32, tie_word_embeddings=False,
-                                        attention_dropout=DROPOUT))
+    return tiny_llama(layers, 32, seed=init_seed, vocab=VOCAB, max_positions=32, tie_word_embeddings=False,
+                      attention_dropout=DROPOUT)
 
 
 def ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": 1, "steps_per_print": 10 ** 9,
-            "gradient_clipping": 1.0, "bf16": {"enabled": False},
-            "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
-            "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
-                                                         "warmup_num_steps": 5}},
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000}}
+    return builders.ds_config(stage, MB, clip=1.0,
+                              optimizer={"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.01}},
+                              scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3,
+                                                                        "warmup_num_steps": 5}})
 
 
 def lisa(stage: int, **over) -> LisaConfig:
@@ -213,7 +210,9 @@ def phase_resume(out: Path) -> dict:
             ("gamma", lambda: engine_for(stage, activated_layers=3), ("activated_layers", "checkpoint 2 vs now 3")),
             ("seed", lambda: engine_for(stage, seed=SEED + 1), ("seed",)),
             ("interval", lambda: engine_for(stage, interval_steps=K + 1), ("interval_steps",)),
-            ("model", lambda: engine_for(stage, layers=4), ("model", "6 decoder layers", "with 4"))):
+            ("model", lambda: engine_for(stage, layers=4), ("model", "num_layers: checkpoint 6 vs now 4")),
+            ("head", lambda: engine_for(stage, train_head=False), ("train_head: checkpoint True vs now False",
+                                                                   "LisaConfig train_head=True"))):
         engine = make()
         errors[name] = expect_value_error(lambda: engine.load_checkpoint(save_dir, tag="step4"), *needles)
         close(engine)

@@ -31,7 +31,7 @@ def settled_live_bytes() -> int:
     48 bytes) on its own schedule, so a single walk right after a step sometimes still counts them;
     the second walk, a second or more later, sees the settled state. Not a tolerance: a real leak is
     in both walks."""
-    from lisa_dist.memory import live_tensor_bytes
+    from live_tensors import live_tensor_bytes
     return min(live_tensor_bytes(), live_tensor_bytes())
 
 

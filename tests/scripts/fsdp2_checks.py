@@ -25,16 +25,18 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from benchmarks.collective_count import count_collectives  # noqa: E402
+from builders import tiny_llama  # noqa: E402
+from fsdp_internals import frozen_units_keep_reduce_dtype, unit_reduce_dtype  # noqa: E402
+from live_tensors import live_tensor_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 from lisa_dist.backends.fsdp import FSDPRunner  # noqa: E402
-from lisa_dist.backends.fsdp.comm_count import count_collectives  # noqa: E402
-from lisa_dist.backends.torch_compat import unit_reduce_dtype  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.memory import count_params, live_tensor_bytes, model_state_floor  # noqa: E402  # noqa: E402
-from lisa_dist.memory import local_tensor_bytes as local_bytes
+from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
+from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
 from lisa_dist.optim import LisaOptimizer  # noqa: E402
 
 VOCAB, LAYERS, GAMMA = 256, 6, 2
@@ -43,10 +45,7 @@ RESUME_STEPS, RESUME_AT = 7, 3  # mid-interval (K=2), so the schedule position m
 
 
 def build_model(seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return LlamaForCausalLM(config).to(dtype)
+    return tiny_llama(LAYERS, 64, seed=seed, vocab=VOCAB, dtype=dtype)
 
 
 def micro_batch(step: int, rank: int, micro: int) -> Dict[str, torch.Tensor]:
@@ -134,15 +133,13 @@ def check_parity_dtype_and_comm(results: Dict, dtype: torch.dtype, opt_name: str
         active = runner.active_layers
         with count_collectives() as comm:
             losses.append(runner.train_step(rank_batches(step, rank)))
-        rs = comm.of("reduce_scatter")
-        dtypes = sorted({str(c.dtype) for c in rs})
-        assert dtypes == ["torch.float32"], f"step {step}: reduce-scatter dtypes {dtypes}, expected fp32 only"
-        sizes = sorted(c.numel for c in rs)
-        expected = sorted([root_numel] * MICRO + [layer_numel] * (GAMMA * MICRO))
+        dtypes = comm.dtypes("reduce_scatter")
+        assert dtypes == ["float32"], f"step {step}: reduce-scatter dtypes {dtypes}, expected fp32 only"
+        sizes = sorted(comm.sizes("reduce_scatter"))  # bytes of the unsharded fp32 gradient buffer
+        expected = sorted([4 * root_numel] * MICRO + [4 * layer_numel] * (GAMMA * MICRO))
         # Frozen layers send nothing: one reduce-scatter per micro-batch for the root and each active layer.
         assert sizes == expected, f"step {step}: reduce-scatter sizes {sizes}, expected {expected} (active {active})"
-        summary = comm.summary()
-        per_step.append({"step": step, "active": list(active), **summary})
+        per_step.append({"step": step, "active": list(active), **comm.summary()["other"]})
         schedule.append(list(active))
         for i, layer in enumerate(runner.model.model.layers):
             want = torch.float32 if i in runner.active_layers else None
@@ -180,24 +177,30 @@ def check_parity_dtype_and_comm(results: Dict, dtype: torch.dtype, opt_name: str
 def check_dtype_fixup_needed(results: Dict) -> None:
     """Without the fix-up, on torch 2.13 a layer activated after the first forward reduce-scatters
     in bf16: this is what check_parity_dtype_and_comm would catch if the fix-up were removed. torch
-    2.14 derives a frozen unit's reduce dtype from its frozen parameters, so there it stays fp32."""
-    from lisa_dist.backends.torch_compat import frozen_units_keep_reduce_dtype
+    2.14 derives a frozen unit's reduce dtype from its frozen parameters, so there it stays fp32.
+    The fix-up is switched off by replacing refresh_mp_dtypes where FSDPLisaOptimizer calls it."""
+    from lisa_dist.backends.fsdp import optimizer as fsdp_optimizer
     lazy_init_loses_reduce_dtype = not frozen_units_keep_reduce_dtype()
     lisa = LisaConfig(activated_layers=GAMMA, interval_steps=1, seed=0)
-    runner = FSDPRunner(build_model(), lisa, lr=1e-3, max_grad_norm=0.0, fix_mp_dtypes=False)
-    first = set(runner.active_layers)
-    seen = {}
-    for step in range(3):
-        active = set(runner.active_layers)
-        with count_collectives() as comm:
-            runner.train_step(rank_batches(step, dist.get_rank()))
-        seen[step] = sorted({str(c.dtype) for c in comm.of("reduce_scatter")})
-        if step > 0 and active - first:
-            if lazy_init_loses_reduce_dtype:
-                assert "torch.bfloat16" in seen[step], (step, active, first, seen)
-            else:
-                assert seen[step] == ["torch.float32"], (step, active, first, seen)
-    runner.close()
+    refresh_mp_dtypes = fsdp_optimizer.refresh_mp_dtypes
+    fsdp_optimizer.refresh_mp_dtypes = lambda model: None
+    try:
+        runner = FSDPRunner(build_model(), lisa, lr=1e-3, max_grad_norm=0.0)
+        first = set(runner.active_layers)
+        seen = {}
+        for step in range(3):
+            active = set(runner.active_layers)
+            with count_collectives() as comm:
+                runner.train_step(rank_batches(step, dist.get_rank()))
+            seen[step] = comm.dtypes("reduce_scatter")
+            if step > 0 and active - first:
+                if lazy_init_loses_reduce_dtype:
+                    assert "bfloat16" in seen[step], (step, active, first, seen)
+                else:
+                    assert seen[step] == ["float32"], (step, active, first, seen)
+        runner.close()
+    finally:
+        fsdp_optimizer.refresh_mp_dtypes = refresh_mp_dtypes
     results["without_fixup_reduce_dtypes"] = seen
     log(f"without the fix-up, reduce-scatter dtypes per step: {seen}")
 
@@ -324,8 +327,8 @@ def _masters_digest(runner: FSDPRunner) -> str:
     return h.hexdigest()
 
 
-def resume_runner(policy: str, seed: int = 0) -> FSDPRunner:
-    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, state_policy=policy)
+def resume_runner(policy: str, seed: int = 0, **lisa_fields) -> FSDPRunner:
+    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=5, state_policy=policy, **lisa_fields)
     return FSDPRunner(build_model(seed), lisa, lr=1e-2, weight_decay=0.01, warmup_steps=3, max_grad_norm=1.0)
 
 
@@ -374,6 +377,15 @@ def check_resume_second_half(results: Dict, workdir: Path, expected: Dict) -> No
         results[f"resume_{policy}"] = "bit-identical"
         log(f"resume ({policy}): {RESUME_AT} + {RESUME_STEPS - RESUME_AT} steps bit-identical to {RESUME_STEPS} "
             f"straight (weights, masters, moments, losses, schedule)")
+    # Frozen embeddings would change the optimizer's layout: refused with the fields and the fix named.
+    runner = resume_runner("reset", train_embeddings=False)
+    try:
+        runner.load_checkpoint(workdir / "ckpt-reset")
+    except ValueError as e:
+        results["resume_mismatch_error"] = str(e)
+    else:
+        raise AssertionError("a checkpoint written with train_embeddings=True loaded into train_embeddings=False")
+    runner.close()
 
 
 # --- importance-weighted sampling ------------------------------------------------------------------

@@ -25,9 +25,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import builders  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import (  # noqa: E402
-    LlamaConfig,
     LlamaForCausalLM,
     Trainer,
     TrainerCallback,
@@ -49,10 +50,7 @@ LAYERS = 6
 
 
 def build_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                        num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64, attention_bias=True, use_cache=False))
+    return tiny_llama(LAYERS, 64, seed=seed, vocab=VOCAB, attention_bias=True, use_cache=False)
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -80,12 +78,10 @@ def world() -> int:
 
 
 def ds_config(stage: int) -> dict:
-    return {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-            "train_batch_size": "auto", "gradient_clipping": "auto", "steps_per_print": 10 ** 9,
-            "bf16": {"enabled": False},
-            "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000,
-                                  "stage3_prefetch_bucket_size": 50_000, "stage3_param_persistence_threshold": 0,
-                                  "stage3_gather_16bit_weights_on_model_save": True}}
+    # "auto": the Trainer fills in its own batch, accumulation and clipping
+    return builders.ds_config(stage, "auto", gas="auto", train_batch="auto", clip="auto",
+                              stage3_prefetch_bucket_size=50_000, stage3_param_persistence_threshold=0,
+                              stage3_gather_16bit_weights_on_model_save=True)
 
 
 # True under `accelerate launch --use_deepspeed --deepspeed_config_file F`: accelerate's plugin, built
@@ -432,7 +428,7 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
     from torch.distributed.fsdp import FSDPModule
 
     from lisa_dist.backends.fsdp import FSDPLisaOptimizer
-    from lisa_dist.backends.torch_compat import unit_reduce_dtype
+    from fsdp_internals import unit_reduce_dtype
     from lisa_dist.integrations.hf_compat import unwrap_optimizer
 
     layers = list(model.model.layers)

@@ -30,8 +30,10 @@ import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+
 from lisa_dist.backends.deepspeed import process_group  # noqa: E402
-from lisa_dist.memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.recipe.modeling import build_model_and_tokenizer  # noqa: E402
 from lisa_dist.recipe.run_config import RunConfig  # noqa: E402
 from lisa_dist.recipe.train import BACKENDS  # noqa: E402
@@ -90,7 +92,8 @@ def check_tied_bf16(workdir: Path) -> Dict:
 
 
 def check_preset(seed: int) -> Dict:
-    run = RunConfig(model="tiny-llama", backend="fsdp2", dtype="fp32", seed=seed, steps=1, warmup_steps=0)
+    run = RunConfig(model="tiny-llama", backend="fsdp2", dtype="fp32", lisa=LisaConfig(seed=seed), steps=1,
+                    warmup_steps=0)
     built, _ = BACKENDS["fsdp2"].load(run, torch.float32)
     runner = BACKENDS["fsdp2"].runner(run, built)
     reference, _ = build_model_and_tokenizer("tiny-llama", torch.float32, seed=seed)

@@ -5,12 +5,13 @@
 Each scenario builds a fresh tiny Llama and engine, trains a few steps and records what it measured;
 any failed check raises, so the rank exits non-zero. Every rank writes OUT/rank<r>.json with
 {scenario: result}; pytest asserts on those. `--only a,b` runs a subset (the disagreement test runs
-`--only skew` with LISA_DIST_TEST_SKEW_RANK=1 and expects the launch to fail).
+`--only skew`, where rank 1 uses another seed, and expects the launch to fail).
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import math
 import os
@@ -23,10 +24,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import builders  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 
@@ -45,25 +48,13 @@ ADAMW = {"lr": LR, "betas": list(BETAS), "eps": EPS, "weight_decay": WD}
 
 # --- building blocks ------------------------------------------------------------------------------
 
-def build_model(layers: int = 6, hidden: int = 64, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
-                                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                                        max_position_embeddings=64))
+build_model = functools.partial(tiny_llama, vocab=VOCAB)
 
 
 def ds_config(stage: int, bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, scheduler: Optional[dict] = None,
               clip: float = 0.0, **zero) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
-           "train_batch_size": MB * gas * dist.get_world_size(), "steps_per_print": 10 ** 9,
-           "gradient_clipping": clip, "bf16": {"enabled": bf16},
-           "zero_optimization": {"stage": stage, "reduce_bucket_size": 50_000, "allgather_bucket_size": 50_000,
-                                 **zero}}
-    if optimizer is not None:
-        cfg["optimizer"] = optimizer
-    if scheduler is not None:
-        cfg["scheduler"] = scheduler
-    return cfg
+    return builders.ds_config(stage, MB, gas=gas, train_batch=MB * gas * dist.get_world_size(), clip=clip, bf16=bf16,
+                              optimizer=optimizer, scheduler=scheduler, **zero)
 
 
 def global_batch(step: int, gas: int) -> torch.Tensor:
@@ -470,11 +461,11 @@ def lisa_train_fp16(stage: int, out_dir: Path) -> Dict:
 
 
 def skew(stage: int) -> Dict:
-    """Run with LISA_DIST_TEST_SKEW_RANK set: must raise the disagreement error on every rank."""
+    """Rank 1 samples with another seed than rank 0: must raise the disagreement error on every rank."""
     model = build_model()
     cfg = ds_config(stage, True, optimizer={"type": "AdamW", "params": ADAMW})
     engine, _, _, _ = lds.initialize(model=model, config=cfg,
-                                     lisa=LisaConfig(activated_layers=2, interval_steps=1, seed=0))
+                                     lisa=LisaConfig(activated_layers=2, interval_steps=1, seed=dist.get_rank()))
     train(engine, model, 4, 1)
     return {"unexpected": "no disagreement detected"}
 

@@ -32,9 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import importance_checks  # noqa: E402
+from deepspeed_internals import zero3_module_hook_count  # noqa: E402
 from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
-from zero12_checks import ADAMW, BETAS, EPS, LR, WD, build_model, rank_micro_batches, reference  # noqa: E402
+from zero12_checks import ADAMW, BETAS, EPS, LR, WD, build_model, ds_config, rank_micro_batches, reference  # noqa: E402
 
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat  # noqa: E402
@@ -45,25 +46,17 @@ torch.set_num_threads(1)
 
 
 def ds3_config(bf16: bool, gas: int = 1, optimizer: Optional[dict] = None, scheduler: Optional[dict] = None,
-               clip: float = 0.0, offload_optimizer=False, offload_param: bool = False, **zero) -> dict:
-    from zero12_checks import MB
-    z = {"stage": 3, "reduce_bucket_size": 50_000, "stage3_prefetch_bucket_size": 50_000,
-         # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
-         # which would keep them whole on every rank and hide what partitioning does).
-         "stage3_param_persistence_threshold": 0, **zero}
+               clip: float = 0.0, offload_optimizer=False, offload_param=False, **zero) -> dict:
+    # 0: every parameter is partitioned (the tiny model's are all below DeepSpeed's 1e5 default,
+    # which would keep them whole on every rank and hide what partitioning does).
+    z = {"stage3_prefetch_bucket_size": 50_000, "stage3_param_persistence_threshold": 0, **zero}
     if offload_optimizer:
         z["offload_optimizer"] = offload_optimizer if isinstance(offload_optimizer, dict) else \
             {"device": "cpu", "pin_memory": False}
     if offload_param:
-        z["offload_param"] = {"device": "cpu", "pin_memory": False}
-    cfg = {"train_micro_batch_size_per_gpu": MB, "gradient_accumulation_steps": gas,
-           "train_batch_size": MB * gas * dist.get_world_size(), "steps_per_print": 10 ** 9,
-           "gradient_clipping": clip, "bf16": {"enabled": bf16}, "zero_optimization": z}
-    if optimizer is not None:
-        cfg["optimizer"] = optimizer
-    if scheduler is not None:
-        cfg["scheduler"] = scheduler
-    return cfg
+        z["offload_param"] = offload_param if isinstance(offload_param, dict) else \
+            {"device": "cpu", "pin_memory": False}
+    return ds_config(3, bf16, gas, optimizer, scheduler, clip, **z)
 
 
 def gathered_weights(model) -> torch.Tensor:
@@ -104,8 +97,8 @@ def ownership(engine, offload_id: int, hooks: int) -> Dict:
            "sub_groups": len(partitions),
            "psi_active": sum(p.ds_numel for p in expected),
            "all_partitioned": all(p.numel() == 0 for p in engine.module.parameters()),
-           "offload_same": id(offload) == offload_id, "module_hooks": _compat.zero3_module_hook_count(offload),
-           "hooks_same": _compat.zero3_module_hook_count(offload) == hooks,
+           "offload_same": id(offload) == offload_id, "module_hooks": zero3_module_hook_count(offload),
+           "hooks_same": zero3_module_hook_count(offload) == hooks,
            "linked": all(getattr(p, "_z3_optimizer", None) is zero for p in engine.module.parameters())}
     if lisa.host is not None:
         out["host_layers"] = sorted(k for k in lisa.host)
@@ -178,7 +171,7 @@ def parity(bf16: bool, policy: str, gas: int, interval: int, steps: int, optimiz
     engine, _, _, _ = lds.initialize(model=model, optimizer=opt, config=ds3_config(bf16, gas, opt_cfg, **cfg_kw),
                                      lisa=lisa)
     offload = _compat.zero3_parameter_offload(engine.optimizer)
-    hooks = _compat.zero3_module_hook_count(offload)
+    hooks = zero3_module_hook_count(offload)
     owned: List[Dict] = [ownership(engine, id(offload), hooks)]
     result = train(engine, steps, gas, on_switch=lambda: owned.append(ownership(engine, id(offload), hooks)))
     if bf16:
@@ -203,7 +196,12 @@ def parity(bf16: bool, policy: str, gas: int, interval: int, steps: int, optimiz
     if keep_as is not None:
         BASELINES[keep_as] = got
     if cfg_kw.get("offload_param"):
-        result["partitions_on_host"] = all(p.ds_tensor.device.type == "cpu" for p in engine.module.parameters())
+        from deepspeed.accelerator import get_accelerator
+        shards = [p.ds_tensor for p in engine.module.parameters()]
+        result["partitions_on_host"] = all(t.device.type == "cpu" for t in shards)
+        # detach(): a fresh tensor over the same memory; the shard object itself may carry a stale
+        # ds_pinned flag from the buffer it first lived in, which the native backend trusts.
+        result["pinned_partitions"] = [sum(bool(get_accelerator().is_pinned(t.detach())) for t in shards), len(shards)]
     result["optimizer_type"] = type(engine.basic_optimizer).__name__
     close(engine)
     return result
@@ -217,7 +215,7 @@ def leak(switches: int) -> Dict:
     cfg = ds3_config(False, optimizer={"type": "AdamW", "params": ADAMW})
     engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
     offload = _compat.zero3_parameter_offload(engine.optimizer)
-    hooks = _compat.zero3_module_hook_count(offload)
+    hooks = zero3_module_hook_count(offload)
     ids = rank_micro_batches(0, 1)[0]
     samples, step_seconds = {}, []
     probes = {10, switches // 2, switches}
@@ -236,7 +234,7 @@ def leak(switches: int) -> Dict:
                              "unexplained": live - b["optimizer_state"] - b["host_offload"]}
     assert engine.lisa.switch_index == switches
     now = _compat.zero3_parameter_offload(engine.optimizer)
-    assert now is offload and _compat.zero3_module_hook_count(now) == hooks, "parameter offload or its hooks replaced"
+    assert now is offload and zero3_module_hook_count(now) == hooks, "parameter offload or its hooks replaced"
     rest = [s["unexplained"] for s in samples.values()]
     assert max(rest) == min(rest), f"live tensor bytes grow across switches: {samples}"
     switch_seconds = sorted(e["seconds"] for e in engine.lisa.schedule_log[1:])
@@ -346,9 +344,10 @@ def loading(out_dir: Path) -> Dict:
     result = {}
     for name, model_arg in (("preset", "tiny-llama"), ("pretrained", str(sharded))):
         run = RunConfig(model=model_arg, backend="deepspeed", deepspeed=str(cfg_path), batch_size=1, dtype="fp32",
-                        warmup_steps=0, steps=1, seed=5, tokenizer=None if name == "preset" else tokenizer)
+                        warmup_steps=0, steps=1, lisa=LisaConfig(seed=5),
+                        tokenizer=None if name == "preset" else tokenizer)
         # Whole reference first: while a partitioned model lives, transformers builds under zero.Init.
-        whole = (build_model_and_tokenizer(model_arg, torch.float32, seed=run.seed)[0] if name == "preset" else
+        whole = (build_model_and_tokenizer(model_arg, torch.float32, seed=run.lisa.seed)[0] if name == "preset" else
                  transformers.AutoModelForCausalLM.from_pretrained(sharded, dtype=torch.float32))
         assert not any(hasattr(p, "ds_id") for p in whole.parameters())
         model, _ = BACKENDS["deepspeed"].load(run, torch.float32)
@@ -419,7 +418,7 @@ def fp16_loss_scale() -> Dict:
                    "hysteresis": 2, "min_loss_scale": 1}
     engine, _, _, _ = lds.initialize(model=model, config=cfg, lisa=lisa)
     offload = _compat.zero3_parameter_offload(engine.optimizer)
-    hooks = _compat.zero3_module_hook_count(offload)
+    hooks = zero3_module_hook_count(offload)
     return overflow_schedule(engine, rank_micro_batches, start, close, gathered_weights, None,
                              lambda: ownership(engine, id(offload), hooks))
 
@@ -479,7 +478,21 @@ def old_release_gaps(table: Dict[str, Callable[[], Dict]]) -> Dict[str, Callable
     from packaging.version import Version
     if Version(Version(deepspeed.__version__).base_version) >= Version("0.19"):
         table["ckpt_reentrant_false"] = lambda: parity(False, "reset", 1, 1, 4, "object", checkpointing=False)
+        table["offload_param_native_pins"] = native_pins
     return table
+
+
+def native_pins() -> Dict:
+    """offload_param with pinned shards under DeepSpeed 0.19's native pinning backend (mlock'ed host
+    memory it tracks itself; Tensor.is_pinned() does not see it, and its unpin frees the memory), the
+    one way to pin host memory on a CPU: after every switch every shard must still be pinned and the
+    weights those of the run without offload."""
+    os.environ["DS_PIN_MEMORY_BACKEND"] = "native"
+    try:
+        return parity(bf16=False, policy="reset", gas=1, interval=2, steps=6, optimizer="config",
+                      baseline="no_offload", offload_param={"device": "cpu", "pin_memory": True})
+    finally:
+        del os.environ["DS_PIN_MEMORY_BACKEND"]
 
 
 def importance_config() -> dict:

@@ -28,10 +28,18 @@ def _tool(name: str) -> str:
     return found
 
 
+SUPPORT = ROOT / "tests" / "support"
+
+
 def launch_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """The environment of a launched test process: one intra-op thread, offline, and on PYTHONPATH
+    the repository root and tests/support (the scripts import its builders and instruments by name).
+    A PYTHONPATH in `extra` goes in front of those instead of replacing them."""
+    extra = dict(extra or {})
+    path = [extra.pop("PYTHONPATH", ""), str(ROOT), str(SUPPORT), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    env.update(extra or {})
+               PYTHONPATH=os.pathsep.join(p for p in path if p))
+    env.update(extra)
     return env
 
 

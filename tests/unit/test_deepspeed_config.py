@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from version_checks import forget_version_checks
 
 from lisa_dist import LisaConfig
 
@@ -20,14 +21,14 @@ def test_probes_pass_here_and_name_a_missing_private_api(monkeypatch):
 
     from lisa_dist import versions
     from lisa_dist.backends.deepspeed import _compat
-    versions.reset_for_tests()
+    forget_version_checks()
     _compat.check_deepspeed()
-    versions.reset_for_tests()
+    forget_version_checks()
     monkeypatch.delattr(DeepSpeedZeroOptimizer, "destroy")
     with pytest.raises(versions.IncompatibleReleaseError,
                        match=r"DeepSpeedZeroOptimizer\.destroy \(last seen in deepspeed 0\.19\.8\)"):
         _compat.check_deepspeed()
-    versions.reset_for_tests()
+    forget_version_checks()
 
 @pytest.mark.parametrize("zero,extra,error,match", [
     ({"stage": 0}, {}, ValueError, "needs ZeRO stage 1, 2 or 3"),

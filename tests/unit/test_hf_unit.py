@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from version_checks import forget_version_checks
 
 from lisa_dist import LisaConfig, LisaOptimizer
 from lisa_dist.integrations import hf_compat
@@ -90,13 +91,13 @@ def test_probes_pass_here_and_name_a_missing_private_api(monkeypatch):
     import transformers.trainer
 
     from lisa_dist import versions
-    versions.reset_for_tests()
+    forget_version_checks()
     hf_compat.check()
-    versions.reset_for_tests()
+    forget_version_checks()
     monkeypatch.delattr(transformers.trainer, "save_fsdp_optimizer")
     with pytest.raises(versions.IncompatibleReleaseError, match=r"transformers\.trainer\.save_fsdp_optimizer"):
         hf_compat.check()
-    versions.reset_for_tests()
+    forget_version_checks()
 
 
 def test_callback_needs_a_lisa_config():

@@ -241,7 +241,7 @@ def test_dry_run_prints_the_known_switches_of_each_mode():
 @pytest.mark.parametrize("argv, message", [
     (["--sampling", "weighted"], "needs layer_weights"),
     (["--sampling", "weighted", "--layer-weights", "1,1"], "has 2 entries but the model has 8 decoder layers"),
-    (["--layer-weights", "1,2"], "layer_weights is only used with sampling=\"weighted\""),
+    (["--layer-weights", "1,2"], "--layer-weights is only used with sampling=\"weighted\""),
     (["--sampling", "weighted", "--layer-weights", "1,x"], "expected comma-separated numbers"),
     (["--sampling", "weighted", "--layer-weights", "1,-1,1,1,1,1,1,1"], "weights must be >= 0"),
 ])

@@ -3,10 +3,10 @@ import copy
 
 import pytest
 import torch
+from live_tensors import live_tensor_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lisa_dist import LisaConfig
-from lisa_dist.memory import live_tensor_bytes
 from lisa_dist.optim import LisaOptimizer
 
 VOCAB = 64

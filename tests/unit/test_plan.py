@@ -116,7 +116,8 @@ def test_lora_row_counts_what_peft_adds(tmp_path, rank):
 def test_lora_rank_must_be_positive():
     with pytest.raises(ValueError, match="--dry-run-lora-rank must be >= 1"):
         build_plan(parse_args(["--dry-run-lora-rank", "0"]), {})
-    args = parse_args(["--backend", "deepspeed", "--deepspeed", str(Path(__file__).parents[2] / "ds_configs" / "zero2.json")])
+    zero2 = str(Path(__file__).parents[2] / "ds_configs" / "zero2.json")
+    args = parse_args(["--backend", "deepspeed", "--deepspeed", zero2])
     plan = build_plan(args, {"WORLD_SIZE": "4"}, methods=())
     assert plan.lora_rank == 8
     psi, a = plan.counts.total, plan.lora_params

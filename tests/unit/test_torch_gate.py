@@ -5,6 +5,8 @@ from __future__ import annotations
 import types
 
 import pytest
+from fsdp_internals import frozen_units_keep_reduce_dtype
+from version_checks import forget_version_checks
 
 from lisa_dist import versions
 from lisa_dist.backends import torch_compat as _compat
@@ -12,9 +14,9 @@ from lisa_dist.backends import torch_compat as _compat
 
 @pytest.fixture(autouse=True)
 def fresh():
-    versions.reset_for_tests()
+    forget_version_checks()
     yield
-    versions.reset_for_tests()
+    forget_version_checks()
 
 
 def test_probes_pass_on_the_installed_torch():
@@ -49,7 +51,7 @@ def test_param_groups_of_both_layouts():
 
 def test_frozen_unit_reduce_dtype_by_release():
     # What check_dtype_fixup_needed asserts per release: before 2.14 the dtype is lost, from 2.14 kept.
-    assert not _compat.frozen_units_keep_reduce_dtype("2.11.0+cu130")
-    assert not _compat.frozen_units_keep_reduce_dtype("2.13.0+cpu")
-    assert _compat.frozen_units_keep_reduce_dtype("2.14.1+cu130")
-    assert _compat.frozen_units_keep_reduce_dtype("2.15.0")
+    assert not frozen_units_keep_reduce_dtype("2.11.0+cu130")
+    assert not frozen_units_keep_reduce_dtype("2.13.0+cpu")
+    assert frozen_units_keep_reduce_dtype("2.14.1+cu130")
+    assert frozen_units_keep_reduce_dtype("2.15.0")

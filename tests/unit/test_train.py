@@ -65,9 +65,9 @@ def _error(argv, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--activated-layers", "0"], "activated_layers (gamma) must be >= 1"),
+    (["--activated-layers", "0"], "--activated-layers (gamma) must be >= 1"),
     (["--activated-layers", "9"], "only 8 decoder layers"),
-    (["--interval-steps", "0"], "interval_steps (K) must be >= 1"),
+    (["--interval-steps", "0"], "--interval-steps (K) must be >= 1"),
     (["--layers-path", "model.blocks"], "layers_path"),
     (["--data", "/nonexistent/data.jsonl"], "/nonexistent/data.jsonl"),
     (["--backend", "deepspeed"], "--deepspeed CONFIG.json"),
@@ -99,7 +99,7 @@ def test_unknown_architecture(tmp_path, capsys):
 def test_console_script_exit_code(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lisa_dist.train", "--activated-layers", "-1"],
                           capture_output=True, text=True)
-    assert proc.returncode == 2 and "activated_layers" in proc.stderr
+    assert proc.returncode == 2 and "--activated-layers (gamma) must be >= 1" in proc.stderr
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+from version_checks import forget_version_checks
 
 from lisa_dist import versions
 from lisa_dist.versions import (
@@ -34,9 +35,9 @@ PINNED = ROOT / "constraints" / "tested.txt"
 @pytest.fixture(autouse=True)
 def fresh_process_state(monkeypatch):
     monkeypatch.delenv(versions.STRICT_ENV, raising=False)
-    versions.reset_for_tests()
+    forget_version_checks()
     yield
-    versions.reset_for_tests()
+    forget_version_checks()
 
 
 def _pins(path: Path) -> dict:

@@ -446,11 +446,6 @@ def zero3_parameter_offload(zero_optimizer):
     return zero_optimizer.parameter_offload
 
 
-def zero3_module_hook_count(parameter_offload) -> int:
-    """Forward and backward module hooks DeepSpeedZeRoOffload registered (parameter_offload.py)."""
-    return len(parameter_offload.forward_hooks) + len(parameter_offload.backward_hooks)
-
-
 def _defragment_in_place(tensors: List[torch.Tensor]) -> torch.Tensor:
     """DeepSpeed's defragment (runtime/zero/utils.py:215) without its host round trip and
     gc.collect(): one flat buffer on the tensors' device, each tensor re-pointed into it."""
@@ -524,32 +519,74 @@ def zero3_flat_buffers(zero_optimizer) -> List[torch.Tensor]:
 def clone_keeping_pinned(t: torch.Tensor) -> torch.Tensor:
     """A copy in its own storage, page-locked if `t` was: offload_param shards live in pinned host
     memory so their host<->device copies can be asynchronous, and a plain clone() would make every
-    layer that was ever active fall back to slow synchronous copies."""
-    if not t.is_pinned():
+    layer that was ever active fall back to slow synchronous copies. Asked through DeepSpeed's
+    accelerator, which also knows memory its native backend pinned (DS_PIN_MEMORY_BACKEND=native,
+    invisible to Tensor.is_pinned()), and pinned by it, so its pin accounting sees the copy."""
+    from deepspeed.accelerator import get_accelerator
+    accelerator = get_accelerator()
+    if not accelerator.is_pinned(t):
         return t.clone()
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t)
-    return out
+    return accelerator.pin_memory(t)  # a page-locked copy (make_copy=True)
+
+
+# The copy a dropped parameter's shard lives in (detach_zero3), referenced from the parameter: the native
+# backend frees a pinned allocation when the tensor it returned (a view of the allocation) is collected,
+# not with the storage, so `ds_tensor.data = copy` alone would leave the shard in freed memory.
+_SHARD_COPY = "_lisa_shard_copy"
+
+
+def release_shard_copies(params) -> None:
+    """After a rebuild: the shards of the parameters the new optimizer trains have moved into its flat
+    buffers; the copies they lived in while dropped can go."""
+    for p in params:
+        copy = getattr(p, _SHARD_COPY, None)
+        if copy is not None and p.ds_tensor.untyped_storage().data_ptr() != copy.untyped_storage().data_ptr():
+            delattr(p, _SHARD_COPY)
 
 
 @contextmanager
-def keep_peak_memory_stats():
-    """DeepSpeed's runtime.utils.empty_cache(), which ZeRO-1/2's optimizer constructor calls, also
-    resets the accelerator's peak-memory statistics: a rebuild would hide its own transient (and
-    every peak before it) from max_memory_allocated(). While rebuilding, it only empties the cache."""
+def rebuild_memory_policy():
+    """While a ZeRO optimizer is rebuilt at a switch:
+
+    - DeepSpeed's runtime.utils.empty_cache(), which ZeRO-1/2's constructor calls once per param group
+      (stage_1_and_2.py:449), does nothing. It also resets the peak-memory statistics (a rebuild would
+      hide its own transient, and every peak before it, from max_memory_allocated()), and on CUDA it
+      synchronizes and cudaFrees every cached block, once per group per switch, so the next step
+      cudaMallocs all its activations again.
+    - The constructor flattens a group on the accelerator when available_memory() holds the flat
+      buffer, and on CUDA that is NVML's free memory (cuda_accelerator.py:193-199), to which blocks
+      torch's allocator caches count as used: with the cache kept, they are added back (capped at
+      total - allocated, DeepSpeed's own figure without NVML), so a nearly full GPU does not take the
+      slow path through the host that the cache flush used to avoid.
+    """
     from deepspeed.accelerator import get_accelerator
     from deepspeed.runtime import utils
     from deepspeed.runtime.zero import stage_1_and_2
 
-    def empty_cache_only():
-        get_accelerator().empty_cache()
+    accelerator = get_accelerator()
+    nvml_or_total = accelerator.available_memory
+
+    def available_memory(device_index=None):
+        free = nvml_or_total(device_index)
+        allocated = accelerator.memory_allocated(device_index)
+        cached = max(0, accelerator.memory_reserved(device_index) - allocated)
+        return min(free + cached, max(free, accelerator.total_memory(device_index) - allocated))
+
+    def keep_cache():
+        pass
 
     saved = utils.empty_cache, stage_1_and_2.empty_cache
-    utils.empty_cache = stage_1_and_2.empty_cache = empty_cache_only
+    shadowed = accelerator.__dict__.get("available_memory")
+    utils.empty_cache = stage_1_and_2.empty_cache = keep_cache
+    accelerator.available_memory = available_memory
     try:
         yield
     finally:
         utils.empty_cache, stage_1_and_2.empty_cache = saved
+        if shadowed is None:
+            del accelerator.available_memory
+        else:
+            accelerator.available_memory = shadowed
 
 
 def detach_zero3(zero_optimizer) -> None:
@@ -566,23 +603,36 @@ def detach_zero3(zero_optimizer) -> None:
         hook.remove()
     zero_optimizer._grad_acc_hooks = []
     zero_optimizer._leaf_module_hooks = []
+    # The partitions of the params this optimizer owned are views into its flat bf16 buffer
+    # (defragment, 913-1018; under offload_param its pinned host buffer): give each its own storage
+    # so the buffer can go, before anything unpins that buffer (DS_PIN_MEMORY_BACKEND=native frees
+    # memory when it unpins it).
+    with torch.no_grad():
+        for p in zero3_trainable_params(zero_optimizer):
+            copy = clone_keeping_pinned(p.ds_tensor.data)
+            p.ds_tensor.data = copy
+            setattr(p, _SHARD_COPY, copy)
+            p.grad = None
     # Each of these arrived in a later release than 0.16 and has nothing to undo before it:
     # torch-style backward post hooks (0.18), Muon all-gather buffers and native unpinning (0.19).
-    for name in ("unregister_grad_acc_post_hooks", "_clear_muon_allgather_buffers", "_unpin_offload_buffers"):
+    for name in ("unregister_grad_acc_post_hooks", "_clear_muon_allgather_buffers"):
         if hasattr(zero_optimizer, name):
             getattr(zero_optimizer, name)()
+    if hasattr(zero_optimizer, "_unpin_offload_buffers"):
+        # Without the optimizer state: the moments of the groups the switch keeps are still in use (the
+        # rebuild moves them into the new optimizer), and the dropped ones are freed with their last
+        # reference, as pinned memory of either backend is.
+        state, zero_optimizer.optimizer.state = zero_optimizer.optimizer.state, {}
+        try:
+            zero_optimizer._unpin_offload_buffers()
+        finally:
+            zero_optimizer.optimizer.state = state
     if hasattr(zero_optimizer, "ipg_buckets"):  # 0.17+: per-dtype buckets
         zero_optimizer.ipg_buckets.clear()
     else:  # 0.16: one bucket
         zero_optimizer.grads_in_ipg_bucket = []
         zero_optimizer.params_in_ipg_bucket = []
         zero_optimizer._DeepSpeedZeroOptimizer_Stage3__ipg_bucket_flat_buffer = None
-    # The partitions of the params this optimizer owned are views into its flat bf16 buffer
-    # (defragment, 913-1018); give each its own storage so the buffer can go.
-    with torch.no_grad():
-        for p in zero3_trainable_params(zero_optimizer):
-            p.ds_tensor.data = clone_keeping_pinned(p.ds_tensor.data)
-            p.grad = None
     # The optimizer sits in reference cycles (its zenflow hooks are partials bound to it, 583-601),
     # so it dies only at a full gc.collect(), which costs ~1 s in a process with transformers
     # loaded. Drop its buffers now; the empty shell goes with the next automatic collection.

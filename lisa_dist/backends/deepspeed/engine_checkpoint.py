@@ -33,16 +33,11 @@ from lisa_dist.serialization import load_tensors, weights_only_loads, write_text
 from lisa_dist import rng
 from lisa_dist.backends.deepspeed import _compat, zero12
 from lisa_dist.agreement import check_agreement
+from lisa_dist.config import check_resumable
 
 SIDECAR = "lisa_checkpoint.json"
 CLIENT_KEY = "lisa"
 _FORMAT = 1
-# LisaConfig fields a resumed run must share with the saved one (layers_path may be given
-# explicitly or found automatically; the split it leads to is covered by the model fingerprint).
-_SCHEDULE_FIELDS = ("activated_layers", "interval_steps", "seed", "state_policy", "train_embeddings", "train_head",
-                    "sampling", "layer_weights")
-# What a checkpoint written before a field existed was run with.
-_FIELD_DEFAULTS = {"sampling": "uniform", "layer_weights": None}
 
 
 def host_file(rank: int) -> str:
@@ -89,19 +84,16 @@ def read_sidecar(tag_dir: Path) -> Dict[str, Any]:
 
 def check_compatible(engine, saved: Dict[str, Any], where: Path, load_optimizer_states: bool = True) -> None:
     """ValueError naming every difference between the checkpoint and this engine that a resume
-    cannot bridge; DeepSpeed would otherwise fail later with a bare KeyError or shape error."""
+    cannot bridge; DeepSpeed would otherwise fail later with a bare KeyError or shape error. The
+    LisaConfig fields and the number of decoder layers are compared by lisa_dist.config.check_resumable,
+    as for every backend; the rest here."""
     now = describe(engine)
     diffs = []
     if saved.get("format") != _FORMAT:
         diffs.append(f"checkpoint format {saved.get('format')!r} (this lisa_dist reads {_FORMAT})")
-    if saved["model_fingerprint"] != now["model_fingerprint"] or saved["num_layers"] != now["num_layers"]:
-        diffs.append(f"model: checkpoint {saved['model_class']} with {saved['num_layers']} decoder layers "
-                     f"(parameters {saved['model_fingerprint']}) vs now {now['model_class']} with "
-                     f"{now['num_layers']} (parameters {now['model_fingerprint']})")
-    for key in _SCHEDULE_FIELDS:
-        a, b = saved["lisa_config"].get(key, _FIELD_DEFAULTS.get(key)), now["lisa_config"][key]
-        if a != b:
-            diffs.append(f"{key}: checkpoint {a!r} vs now {b!r}")
+    if saved["model_fingerprint"] != now["model_fingerprint"]:
+        diffs.append(f"model: checkpoint {saved['model_class']} (parameters {saved['model_fingerprint']}) vs now "
+                     f"{now['model_class']} (parameters {now['model_fingerprint']})")
     if saved["zero_stage"] != now["zero_stage"]:
         diffs.append(f"ZeRO stage: checkpoint {saved['zero_stage']} vs now {now['zero_stage']} (use the "
                      "DeepSpeed config the checkpoint was written with)")
@@ -109,9 +101,8 @@ def check_compatible(engine, saved: Dict[str, Any], where: Path, load_optimizer_
         diffs.append(f"world size: checkpoint {saved['world_size']} ranks vs now {now['world_size']} (ZeRO "
                      "partitions masters and moments per rank: resume on the same number of ranks, or export "
                      "the weights with lisa-export and start a new run from them)")
-    if diffs:
-        raise ValueError(f"cannot resume from {where}: " + "; ".join(diffs) +
-                         ". Resume with the model and LISA settings of the run that wrote it, or start a new run")
+    check_resumable({**saved["lisa_config"], "num_layers": saved["num_layers"]}, engine.lisa.config,
+                    engine.lisa.split.num_layers, str(where), diffs)
 
 
 def _rank0() -> bool:

@@ -7,12 +7,10 @@ optimizer over [always-active, active layers] (zero12.rebuild). `engine.lisa` ex
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from lisa_dist.config import LisaConfig
@@ -22,7 +20,7 @@ from lisa_dist.memory import device_memory
 from lisa_dist.optim import refit_scheduler
 from lisa_dist.sampling import LayerSampler, sample_layers
 from lisa_dist.backends.deepspeed import _compat, engine_checkpoint, process_group, zero3, zero12
-from lisa_dist.agreement import check_agreement, schedule_seed
+from lisa_dist.agreement import check_agreement
 from lisa_dist.backends.deepspeed.importance import Calibration, engine_outlier_ratios, layer_grad_squares
 from lisa_dist.backends.deepspeed.state_bytes import optimizer_bytes
 from lisa_dist.backends.deepspeed.op_errors import explained_op_build_failures
@@ -30,12 +28,10 @@ from lisa_dist.backends.deepspeed.op_errors import explained_op_build_failures
 class LisaEngineState:
     """The LISA schedule of one engine (`engine.lisa`): what trains now and what happened so far."""
 
-    def __init__(self, config: LisaConfig, split: ParamSplit, rank: int, device: torch.device):
+    def __init__(self, config: LisaConfig, split: ParamSplit, device: torch.device):
         self.config = config
         self.split = split
-        # Only the LISA_DIST_TEST_SKEW_RANK test hook makes this differ from config.seed.
-        self.sampler = LayerSampler(split.num_layers,
-                                    dataclasses.replace(config, seed=schedule_seed(config.seed, rank)))
+        self.sampler = LayerSampler(split.num_layers, config)
         self.importance = LayerImportance(split.num_layers, config)
         self.device = device
         self.active_layers: Tuple[int, ...] = ()
@@ -87,7 +83,7 @@ class LisaEngineState:
             self.option_sets = [current.get(j, o) for j, o in enumerate(self.option_sets)]
             options = [self.option_sets[zero12.option_set_of(key)] for key, _ in new_groups]
         rebuild = zero3.rebuild if engine.zero_optimization_stage() == 3 else zero12.rebuild
-        with _compat.quiet_logs(), _compat.keep_peak_memory_stats():
+        with _compat.quiet_logs(), _compat.rebuild_memory_policy():
             rebuild(engine, self.group_keys, new_groups, self.managed, host, options)
 
     def host_bytes(self) -> int:
@@ -267,7 +263,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     process_group.release_shm_segments()
     device = process_group.rank_device()
     split = split_parameters(model, lisa)
-    state = LisaEngineState(lisa, split, dist.get_rank(), device)
+    state = LisaEngineState(lisa, split, device)
     if outlier:  # the ratios need the engine (ZeRO-3 forwards gather through it): a provisional set first
         active = sample_layers(state.sampler.config.seed, 0, split.num_layers, lisa.activated_layers)
     else:

@@ -98,6 +98,7 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
     basic.param_groups = [{**o, "params": list(params)} for o, (_, params) in zip(options, new_groups)]
     with _compat.zero3_rebuild_context(offload):
         _compat.configure_optimizer(engine, basic)
+    _compat.release_shard_copies(p for _, params in new_groups for p in params)
     _compat.set_loss_scale_state(engine.optimizer, loss_scale)
     # Building the optimizer gathers and re-partitions every trainable param to hook it, behind
     # the coordinator's back; the recorded forward trace no longer describes what is in flight.

@@ -96,7 +96,7 @@ def _offload_template(optimizer: FSDPLisaOptimizer, layout: Dict) -> Dict:
 def load(model: nn.Module, optimizer: FSDPLisaOptimizer, scheduler, directory: Path) -> int:
     sidecar = read_sidecar(directory)
     lisa = sidecar["lisa"]
-    optimizer.check_resumable(lisa, f"{directory}: LISA checkpoint")
+    optimizer.check_resumable(lisa, str(directory))
     state = {"model": get_model_state_dict(model), "optim": _template(optimizer, sidecar),
              "scheduler": scheduler.state_dict(), "step": -1}
     dcp.load(state, checkpoint_id=str(directory))
@@ -124,7 +124,7 @@ def load_optimizer(optimizer: FSDPLisaOptimizer, directory: Path) -> None:
     directory = Path(directory)
     sidecar = read_sidecar(directory)
     lisa = sidecar["lisa"]
-    optimizer.check_resumable(lisa, f"{directory}: LISA checkpoint")
+    optimizer.check_resumable(lisa, str(directory))
     state = {"optim": _template(optimizer, sidecar)}
     dcp.load(state, checkpoint_id=str(directory))
     optimizer.load_state_dict(state["optim"])

@@ -6,7 +6,7 @@ holds only this rank's shard, and the inner AdamW steps DTensors. What FSDP2 add
 
 - after every change of the trainable set, FSDP2's per-unit reduce dtype must be recomputed
   (see _compat.refresh_mp_dtypes), or layers activated after the first forward reduce in bf16;
-- ranks must agree on the active set (checked with one small collective per switch);
+- ranks must agree on the active set (lisa_dist.agreement, one small collective per switch);
 - byte counts are this rank's shard (lisa_dist.memory.local_tensor_bytes handles DTensors).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist.agreement import check_agreement
 from lisa_dist.config import LisaConfig
 from lisa_dist.optim import LisaOptimizer, _forward
 from lisa_dist.outlier import outlier_ratios
@@ -25,27 +26,20 @@ from lisa_dist.backends.fsdp.shard import default_device
 
 
 class FSDPLisaOptimizer(LisaOptimizer):
-    """LisaOptimizer for a model sharded by `shard_model`; build it after sharding.
-
-    `fix_mp_dtypes=False` skips the mixed-precision fix-up; it exists only so the tests can show
-    what goes wrong without it.
-    """
+    """LisaOptimizer for a model sharded by `shard_model`; build it after sharding."""
 
     def __init__(self, model: nn.Module, config: LisaConfig,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
-                 fix_mp_dtypes: bool = True, calibration: Optional[Iterable[Dict[str, Any]]] = None,
-                 **optimizer_kwargs):
+                 calibration: Optional[Iterable[Dict[str, Any]]] = None, **optimizer_kwargs):
         check_torch()
         # Set before super().__init__(), which performs the first switch through _switch_to.
         self._model = model
-        self._fix_mp_dtypes = fix_mp_dtypes
         super().__init__(model, config, optimizer_cls, calibration=calibration, **optimizer_kwargs)
 
     def _switch_to(self, new_active: Tuple[int, ...]) -> None:
         super()._switch_to(new_active)
-        if self._fix_mp_dtypes:
-            refresh_mp_dtypes(self._model)
-        self._check_agreement()
+        refresh_mp_dtypes(self._model)
+        check_agreement(self.switch_index, self.active_layers, default_device(), self.importance.probabilities)
 
     # --- importance statistics from shards -------------------------------------------------------
 
@@ -58,20 +52,6 @@ class FSDPLisaOptimizer(LisaOptimizer):
         """Each rank holds a disjoint row shard of every gradient: the squares sum to the full norm."""
         _all_reduce(t)
         return t
-
-    def _check_agreement(self) -> None:
-        if not dist.is_initialized() or dist.get_world_size() == 1:
-            return
-        mine = (self.switch_index, tuple(self.active_layers), self.importance.probabilities)
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        if any(x != mine for x in everyone):
-            listing = ", ".join(f"rank {r}: switch {k} layers {list(a)}"
-                                + ("" if p is None else f" probabilities {[round(x, 6) for x in p]}")
-                                for r, (k, a, p) in enumerate(everyone))
-            raise RuntimeError(f"LISA ranks disagree on the active layer set ({listing}); every rank must use "
-                               "the same LisaConfig (seed, activated_layers, interval_steps, sampling) and resume "
-                               "from the same checkpoint")
 
     # --- checkpoint support ------------------------------------------------------------------
 

@@ -56,7 +56,7 @@ class FSDPRunner(SingleRunner):
 
     def __init__(self, model: nn.Module, lisa: LisaConfig, *, lr: float, weight_decay: float = 0.0,
                  cpu_offload: bool = False, activation_checkpointing: bool = False,
-                 warmup_steps: int = 0, max_grad_norm: float = 1.0, fix_mp_dtypes: bool = True,
+                 warmup_steps: int = 0, max_grad_norm: float = 1.0,
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW,
                  load_weights: Optional[Callable[[nn.Module], None]] = None, calibration: Optional[Any] = None,
                  **optimizer_kwargs):
@@ -79,9 +79,8 @@ class FSDPRunner(SingleRunner):
             loading.materialize(self.model, torch.device("cpu") if cpu_offload else self.device)
             load_weights(self.model)
         calibration = resolve_calibration(calibration, self.rank, self.world_size)
-        self._attach_optimizer(FSDPLisaOptimizer(self.model, lisa, optimizer_cls, fix_mp_dtypes=fix_mp_dtypes,
-                                                 calibration=calibration, lr=lr, weight_decay=weight_decay,
-                                                 **optimizer_kwargs),
+        self._attach_optimizer(FSDPLisaOptimizer(self.model, lisa, optimizer_cls, calibration=calibration,
+                                                 lr=lr, weight_decay=weight_decay, **optimizer_kwargs),
                                warmup_steps, max_grad_norm)
 
     # --- training ------------------------------------------------------------------------------

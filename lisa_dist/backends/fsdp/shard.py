@@ -33,6 +33,8 @@ def shard_model(model: nn.Module, mp_bf16: bool = True, reduce_fp32: bool = True
     if not torch.distributed.is_initialized():
         raise ValueError("shard_model needs an initialised process group: launch with torchrun and call "
                          "torch.distributed.init_process_group() first (FSDPRunner does both for you)")
+    if cpu_offload:
+        check_host_backend()
     if mesh is None:
         mesh = init_device_mesh(default_device().type, (torch.distributed.get_world_size(),))
     if activation_checkpointing:
@@ -56,3 +58,19 @@ def shard_model(model: nn.Module, mp_bf16: bool = True, reduce_fp32: bool = True
                     reshard_after_forward=i < len(layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def check_host_backend() -> None:
+    """cpu_offload keeps sharded parameters and gradients on the host, and clipping all-reduces their
+    norms there: the process group needs a backend for CPU tensors. DeepSpeed's init_distributed makes
+    an NCCL-only group on GPUs, where that all-reduce fails deep inside the first step ("No backend type
+    associated with device type cpu"); a one-rank group issues no collective."""
+    import torch.distributed as dist
+    if dist.get_world_size() == 1:
+        return
+    config = str(dist.get_backend_config())
+    if "cpu:" not in config:
+        raise ValueError(f"FSDP2 cpu_offload needs a process group with a CPU backend, this one has {config!r}: "
+                         "create it with torch.distributed.init_process_group(\"cpu:gloo,cuda:nccl\") before anything "
+                         "else does (FSDPRunner and accelerate's FSDP plugin with offload do), or train without "
+                         "cpu_offload")
