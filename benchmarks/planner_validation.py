@@ -268,7 +268,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_case(case: Case, method: str, dtype: str, timeout: float = 1800) -> Dict:
+def run_case(case: Case, method: str, dtype: str, timeout: float = 900) -> Dict:
     """The case's method in fresh processes (one, or torchrun's), so no case inherits another's heap."""
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "result.json"
@@ -309,15 +309,19 @@ def markdown(result: Dict) -> str:
              "| case | model | backend x ranks | micro-batch x seq | grad ckpt | method | predicted MiB | measured MiB "
              "(per rank) | measured / predicted | phase |",
              "|---|---|---|---|---|---|---:|---:|---:|---|"]
-    for row in result["rows"]:
+    failed = [row for row in result["rows"] if "error" in row]
+    measured_rows = [row for row in result["rows"] if "error" not in row]
+    for row in measured_rows:
         measured = ", ".join(f"{r / mib:.1f}" for r in row["measured"])
         worst = max(row["ratios"], key=lambda r: abs(r - 1))
         ok = "" if abs(worst - 1) <= TOLERANCE else " **over tolerance**"
         lines.append(f"| {row['case']} | {row['model']} | {row['backend']} x {row['nproc']} | {row['batch']} x "
                      f"{row['seq']} | {'on' if row['gradient_checkpointing'] else 'off'} | {row['method']} | "
                      f"{row['predicted_rise'] / mib:.1f} | {measured} | {worst:.3f}{ok} | {row['phase']} |")
-    ok = sum(all(abs(r - 1) <= TOLERANCE for r in row["ratios"]) for row in result["rows"])
-    lines += ["", f"{ok} of {len(result['rows'])} rows within {TOLERANCE:.0%} on every rank."]
+    ok = sum(all(abs(r - 1) <= TOLERANCE for r in row["ratios"]) for row in measured_rows)
+    lines += ["", f"{ok} of {len(measured_rows)} measured rows within {TOLERANCE:.0%} on every rank."]
+    for row in failed:
+        lines.append(f"- {row['case']} {row['method']}: the run failed: `{row['error'].splitlines()[-1][:300]}`")
     return "\n".join(lines) + "\n"
 
 
@@ -343,7 +347,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     for case in wanted:
         predicted = predict(case, args.dtype, args.device)
         for method in case.methods:
-            measured = run_case(case, method, args.dtype)
+            try:
+                measured = run_case(case, method, args.dtype)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # recorded, and the other cases still run
+                rows.append({"case": case.name, "model": case.model, "method": method, "error": str(e)[-2000:]})
+                print(f"{case.name} {method}: FAILED {str(e)[-500:]}", flush=True)
+                continue
             rise = predicted[method]["rise"]
             row = {**asdict(case), "case": case.name, "method": method, "predicted_rise": rise,
                    "predicted": predicted[method], "measured": measured["rise_per_rank"],
