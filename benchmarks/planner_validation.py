@@ -333,6 +333,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--name", default="planner_validation")
+    p.add_argument("--merge", action="store_true", help="replace only these cases' rows in an existing OUT/NAME.json "
+                   "(the other rows and their command are kept; every command is recorded)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -362,10 +364,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             rows.append(row)
             print(f"{case.name} {method}: predicted {rise / 2 ** 20:.1f} MiB, measured "
                   f"{[round(m / 2 ** 20, 1) for m in measured['rise_per_rank']]} MiB", flush=True)
+    command = "PYTHONPATH=. python " + " ".join(["benchmarks/planner_validation.py", *(argv or sys.argv[1:])])
     result = {"device": args.device, "dtype": args.dtype, "machine": machine(), "versions": versions(),
-              "command": "PYTHONPATH=. python "
-              + " ".join(["benchmarks/planner_validation.py", *(argv or sys.argv[1:])]),
-              "tolerance": TOLERANCE, "rows": rows}
+              "command": command, "tolerance": TOLERANCE, "rows": rows}
+    previous = (args.out / args.name).with_suffix(".json")
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        rerun = {c.name for c in wanted}
+        result["rows"] = [r for r in old["rows"] if r["case"] not in rerun] + rows
+        result["rows"].sort(key=lambda r: [c.name for c in CASES].index(r["case"]))
+        result["command"] = old["command"] + "`, then `" + command
     write_report(args.out / args.name, result, markdown)
     return 0
 

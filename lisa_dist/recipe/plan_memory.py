@@ -42,6 +42,7 @@ DEVICES = ("cuda", "cpu")
 # DeepSpeed's defaults where a config leaves a key out (deepspeed/runtime/zero/config.py, 0.19).
 DS_DEFAULTS = {"reduce_bucket_size": 5e8, "overlap_comm": None, "contiguous_gradients": True,
                "stage3_prefetch_bucket_size": 5e7, "stage3_max_live_parameters": 1e9,
+               "stage3_max_reuse_distance": 1e9,
                "stage3_param_persistence_threshold": 1e5}
 
 
@@ -150,6 +151,26 @@ class Shape:
     head: int
     """The output embeddings' weight (gathered under ZeRO-3 at the logits, the peak's moment)."""
 
+    num_layers: int = 1
+    """Decoder layers (ZeRO-3 keeps the top ones gathered from their forward to their backward)."""
+
+
+def zero3_kept_gathered(engine: Engine, shape: Shape) -> float:
+    """Elements ZeRO-3 keeps gathered at the loss because they are used again soon: after a module runs,
+    DeepSpeed releases its parameters unless the trace shows them fetched again within
+    stage3_max_reuse_distance elements (partitioned_param_coordinator.__params_to_release, 0.19). At the
+    loss that is the head and the top layers: layer L-k is used again in backward after the k layers
+    above it are fetched twice and the head once. A model smaller than half the distance stays gathered
+    whole through the step."""
+    reuse = engine.ds("stage3_max_reuse_distance")
+    kept, above = shape.head, 0
+    for _ in range(shape.num_layers):
+        if 2 * above + shape.head > reuse:
+            break
+        kept += shape.largest_layer
+        above += shape.largest_layer
+    return kept
+
 
 @dataclass
 class PeakEstimate:
@@ -234,7 +255,8 @@ def combine(engine: Engine, states: Dict[str, float], shape: Shape, trace, adjus
         current = max(shape.head, shape.largest_layer)
         gathered = min(current + engine.ds("stage3_prefetch_bucket_size"),
                        max(current, engine.ds("stage3_max_live_parameters")))
-        buffers["gathered_parameters"] = wb * gathered
+        # ... or, when more, what is kept gathered for its reuse in backward.
+        buffers["gathered_parameters"] = wb * max(gathered, zero3_kept_gathered(engine, shape))
         buffers["fp32_gradient_partition"] = 4 * g / n if wb != 4 else 0.0
         backward += buffers["gathered_parameters"]
         step = buffers["fp32_gradient_partition"]
@@ -386,7 +408,8 @@ def estimate_method(method: str, config, lisa: LisaConfig, engine: Engine, *, ba
             optimizer = LisaOptimizer(model, pinned, torch.optim.AdamW, lr=1e-5, foreach=foreach)
         shape = Shape(trainable=trainable, largest_layer=max(layer_sizes),
                       largest_trained_layer=max(layer_sizes[i] for i in traced),
-                      outside=outside, outside_trained=always.numel, head=head_numel)
+                      outside=outside, outside_trained=always.numel, head=head_numel,
+                      num_layers=len(layer_sizes))
     elif method == "full":
         states = model_state_floor(engine.stage, psi, psi, n, wb)
         trainable = psi
@@ -396,7 +419,8 @@ def estimate_method(method: str, config, lisa: LisaConfig, engine: Engine, *, ba
                                     layers_path=lisa.layers_path)
             optimizer = LisaOptimizer(model, everything, torch.optim.AdamW, lr=1e-5, foreach=foreach)
         shape = Shape(trainable=psi, largest_layer=max(layer_sizes), largest_trained_layer=max(layer_sizes),
-                      outside=outside, outside_trained=outside, head=head_numel)
+                      outside=outside, outside_trained=outside, head=head_numel,
+                      num_layers=len(layer_sizes))
     else:
         set_trainable(model, [])
         model = apply_lora(model, lora_rank, lora_targets, adapter_fp32=engine.stage == "single")
@@ -407,7 +431,8 @@ def estimate_method(method: str, config, lisa: LisaConfig, engine: Engine, *, ba
             optimizer = torch.optim.AdamW([p for _, p in adapters], lr=1e-5, foreach=foreach)
         per_layer = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
         shape = Shape(trainable=trainable, largest_layer=max(layer_sizes), largest_trained_layer=max(per_layer),
-                      outside=outside, outside_trained=0, head=head_numel)
+                      outside=outside, outside_trained=0, head=head_numel,
+                      num_layers=len(layer_sizes))
     if optimizer is not None:
         before_step = _clip(model)
     in_layers = {id(p) for p in layers.parameters()}  # after LoRA: its adapters too

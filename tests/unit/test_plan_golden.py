@@ -100,3 +100,18 @@ def test_zero2_engine_terms_by_hand():
     # most the 2,000 trained elements, so each bucket costs 2 x 2,000 bytes there (a GPU holds 1e9).
     cpu = combine(Engine("zero2", n, 2, "cpu", {**zero, "reduce_bucket_size": 5e8}), states, shape, trace)
     assert cpu.buffers["ipg_buckets"] == 2 * 2_000 * 2
+
+
+def test_zero3_keeps_what_backward_reuses_soon():
+    """ZeRO-3 releases a module's gathered parameters after it runs unless they are fetched again within
+    stage3_max_reuse_distance elements. With a distance of 1,000, a head of 300 and layers of 200: the top
+    layer is reused after the head alone (300 <= 1,000: kept), the next after the top layer twice and the
+    head (700: kept), the third after 2 x 400 + 300 = 1,100 (released). Kept at the loss: 300 + 2 x 200."""
+    from lisa_dist.recipe.plan_memory import zero3_kept_gathered
+
+    engine = Engine("zero3", 2, 2, "cuda", {"stage3_max_reuse_distance": 1_000})
+    shape = Shape(trainable=400, largest_layer=200, largest_trained_layer=200, outside=300, outside_trained=0,
+                  head=300, num_layers=5)
+    assert zero3_kept_gathered(engine, shape) == 700
+    # A model smaller than half the distance stays gathered whole: every layer and the head.
+    assert zero3_kept_gathered(Engine("zero3", 2, 2, "cuda", {}), shape) == 300 + 5 * 200
