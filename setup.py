@@ -37,5 +37,6 @@ setup(
         # benchmarks/: plots, the LoRA rows, and the real checkpoints shipped as GGUF files.
         "bench": ["matplotlib", req("peft"), "gguf", "datasets"],
     },
-    entry_points={"console_scripts": ["lisa-train=lisa_dist.recipe.train:main", "lisa-export=lisa_dist.recipe.export:main"]},
+    entry_points={"console_scripts": ["lisa-train=lisa_dist.recipe.train:main",
+                                      "lisa-export=lisa_dist.recipe.export:main"]},
 )

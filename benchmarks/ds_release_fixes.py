@@ -2,10 +2,10 @@
 engines (no LISA), with the workaround off and on. 2 CPU ranks (gloo), inside a release's venv
 from .ci/matrix.sh:
 
-    V=~/.cache/lisa_release_matrix/deepspeed-0.18; TORCH_EXTENSIONS_DIR=$V/torch_extensions $V/bin/deepspeed --num_gpus 2 \
-        benchmarks/ds_release_fixes.py --bug gather --fix off      # and --fix on
-    V=~/.cache/lisa_release_matrix/deepspeed-0.17; TORCH_EXTENSIONS_DIR=$V/torch_extensions $V/bin/deepspeed --num_gpus 2 \
-        benchmarks/ds_release_fixes.py --bug accumulation --fix off   # and --fix on
+    V=~/.cache/lisa_release_matrix/deepspeed-0.18; TORCH_EXTENSIONS_DIR=$V/torch_extensions \
+        $V/bin/deepspeed --num_gpus 2 benchmarks/ds_release_fixes.py --bug gather --fix off      # and --fix on
+    V=~/.cache/lisa_release_matrix/deepspeed-0.17; TORCH_EXTENSIONS_DIR=$V/torch_extensions \
+        $V/bin/deepspeed --num_gpus 2 benchmarks/ds_release_fixes.py --bug accumulation --fix off   # and --fix on
 
 - gather (0.16-0.18, ZeRO-3): GatheredParameters over every parameter, repeated; counts the gathers
   whose weights differ from the first (_compat.install_zero3_gather_fix).
@@ -29,13 +29,24 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "scripts"), str(ROOT / "benchmar
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from zero3_checks import ds3_config, gathered_weights  # noqa: E402
+from zero12_checks import (  # noqa: E402
+    ADAMW,
+    BETAS,
+    EPS,
+    LR,
+    MB,
+    WD,
+    build_model,
+    ds_config,
+    flat_weights,
+    global_batch,
+    rank_micro_batches,
+)
 
 from bench_common import machine, versions  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat  # noqa: E402
 from lisa_dist.backends.deepspeed.process_group import release_shm_segments  # noqa: E402
-from zero12_checks import ADAMW, BETAS, EPS, LR, MB, WD, build_model, ds_config, flat_weights, global_batch, \
-    rank_micro_batches  # noqa: E402
-from zero3_checks import ds3_config, gathered_weights  # noqa: E402
 
 TORCH_ADAMW = {"type": "AdamW", "params": dict(ADAMW, torch_adam=True)}
 

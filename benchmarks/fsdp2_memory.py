@@ -1,6 +1,7 @@
 """FSDP2: full fine-tuning vs lisa_dist, side by side in one run.
 
-    torchrun --nproc_per_node 2 benchmarks/fsdp2_memory.py            # CPU/gloo, writes benchmarks/results/fsdp2.{json,md}
+    # CPU/gloo, writes benchmarks/results/fsdp2.{json,md}
+    torchrun --nproc_per_node 2 benchmarks/fsdp2_memory.py
     torchrun --nproc_per_node 8 benchmarks/fsdp2_memory.py --hidden 4096 --layers 32 ...   # a GPU node
 
 Rows:
@@ -34,14 +35,14 @@ import torch.distributed as dist  # noqa: E402
 from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
 
-from lisa_dist.config import LisaConfig  # noqa: E402
-from lisa_dist.backends.fsdp import FSDPRunner, init_distributed  # noqa: E402
-from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
-from collective_count import count_collectives  # noqa: E402
 from bench_common import add_model_args, build_model, machine, versions, write_report  # noqa: E402
+from collective_count import count_collectives  # noqa: E402
+from lisa_dist.backends.fsdp import FSDPRunner, init_distributed  # noqa: E402
 from lisa_dist.backends.fsdp.shard import default_device  # noqa: E402
+from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, format_bytes, model_state_floor  # noqa: E402
+from lisa_dist.memory import local_tensor_bytes as local_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,8 @@ class FullFSDP:
         params = list(self.model.parameters())
         state = [t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         # fp32 params are the masters: count them as weights and report master as 0.
-        self.peak = {"weights": local_bytes(params), "grads": local_bytes([p.grad for p in params if p.grad is not None]),
+        self.peak = {"weights": local_bytes(params),
+                     "grads": local_bytes([p.grad for p in params if p.grad is not None]),
                      "master": 0, "optimizer_state": local_bytes(state), "transient_fp32_grads": 0}
 
     def train_step(self, micro: List[Dict[str, torch.Tensor]]) -> float:
@@ -113,7 +115,8 @@ class Lisa:
         b = opt.state_bytes()
         masters = [m for p, m in opt._masters.items() if m is not p]
         # LisaOptimizer hands the inner optimizer fp32 copies of the gradients, alive during step().
-        self.peak = {"weights": local_bytes(params), "grads": local_bytes([p.grad for p in params if p.grad is not None]),
+        self.peak = {"weights": local_bytes(params),
+                     "grads": local_bytes([p.grad for p in params if p.grad is not None]),
                      "master": b["master"], "optimizer_state": b["optimizer_state"],
                      "transient_fp32_grads": local_bytes([m.grad for m in masters if m.grad is not None])}
 
@@ -223,12 +226,14 @@ def markdown(result: Dict) -> str:
         f"{m['world_size']} ranks, OMP_NUM_THREADS={m['omp_num_threads']}; {m['platform']}",
         f"Versions: python {v['python']}, torch {v['torch']}, transformers {v['transformers']}",
         f"Model: Llama, hidden {c['hidden']}, intermediate {c['intermediate']}, {c['layers']} layers, vocab "
-        f"{c['vocab']}; {c['batch']} x {c['seq']} tokens per rank per step; LISA gamma={c['gamma']}, K={c['interval']}; "
+        f"{c['vocab']}; {c['batch']} x {c['seq']} tokens per rank per step; "
+        f"LISA gamma={c['gamma']}, K={c['interval']}; "
         f"{c['steps']} timed steps per row after {c['warmup']} warm-up, rows interleaved step by step.",
         "",
         "## Model states per rank (measured at the fullest moment of the step vs the analytic floor)",
         "",
-        "| row | Psi_a / Psi | weights | grads | fp32 master | moments | total | floor | vs full | transient fp32 grad copies |",
+        "| row | Psi_a / Psi | weights | grads | fp32 master | moments | total | floor | vs full | "
+        "transient fp32 grad copies |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -247,7 +252,8 @@ def markdown(result: Dict) -> str:
         "",
         "## Step time and gradient communication per step (per rank)",
         "",
-        "| row | median step | vs full | reduce-scatter calls | reduce-scatter bytes | all-gather calls | all-gather bytes |",
+        "| row | median step | vs full | reduce-scatter calls | reduce-scatter bytes | all-gather calls | "
+        "all-gather bytes |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -264,7 +270,8 @@ def markdown(result: Dict) -> str:
         f"{result['rows'][0]['reduce_scatter_calls_per_step']}). Frozen layers are still all-gathered for forward "
         "and backward. Reduce-scatter bytes are the fp32 unsharded gradient buffer each rank puts in, all-gather "
         "bytes the unsharded parameters each rank receives (benchmarks/collective_count.py).",
-        f"Optimizer step + switch, in the steps that switched (seconds): {', '.join(f'{s:.4f}' for s in lisa.get('switch_seconds', []))}.",
+        "Optimizer step + switch, in the steps that switched (seconds): "
+        f"{', '.join(f'{s:.4f}' for s in lisa.get('switch_seconds', []))}.",
         "",
         "Control without FSDP (same model and batch, one process, best of 6): forward+backward with "
         f"{result['config']['gamma']} of {result['num_layers']} layers trainable takes "

@@ -26,9 +26,8 @@ import torch.distributed as dist
 # After PYTHONPATH: gpu_validate.sh runs the lisa_dist it installed from the prepared wheel.
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 
-from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
-
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
 from lisa_dist.backends.deepspeed import process_group  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
@@ -120,7 +119,8 @@ def markdown(result: Dict) -> str:
         m = r["device_memory"]
         lines.append(f"| ZeRO-{r['stage']} | {r['mode']} | {m.get('peak_allocated', 0) / gib:.2f} | "
                      f"{m.get('reserved', 0) / gib:.2f} | {r['median_step_seconds']:.3f} | "
-                     f"{r['median_switch_seconds'] or 0:.3f} | {r['median_first_step_after_switch_seconds'] or 0:.3f} |")
+                     f"{r['median_switch_seconds'] or 0:.3f} | "
+                     f"{r['median_first_step_after_switch_seconds'] or 0:.3f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,7 @@
 """Gradient communication per optimizer step: full fine-tuning vs lisa_dist, ZeRO-1/2/3 and FSDP2, in one launch.
 
-    deepspeed --num_gpus 2 benchmarks/grad_traffic.py          # CPU/gloo: writes benchmarks/results/grad_traffic.{json,md}
+    # CPU/gloo: writes benchmarks/results/grad_traffic.{json,md}
+    deepspeed --num_gpus 2 benchmarks/grad_traffic.py
     deepspeed --num_gpus 8 benchmarks/grad_traffic.py --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000
 
 Every collective of one steady-state optimizer step (after --warmup steps, no switch inside it) is
@@ -10,8 +11,9 @@ phase (forward, backward, step) and op type. Gradient bytes are the reductions (
 reduce-scatter) issued in the backward pass, where ZeRO and FSDP2 reduce gradients; the step's
 reductions are the gradient-norm and overflow scalars, reported apart. FSDP2 runs forward, backward
 and step inside one runner call, so all its collectives are in one phase: its gradient bytes are
-the reduce-scatters, and its other reductions (scalars) are reported apart. The goal checked: lisa's gradient bytes <= 1.05 x
-full's x Psi_a / Psi, and equal to the bytes of the active set's gradients (frozen layers send none).
+the reduce-scatters, and its other reductions (scalars) are reported apart. The goal checked:
+lisa's gradient bytes <= 1.05 x full's x Psi_a / Psi, and equal to the bytes of the active set's
+gradients (frozen layers send none).
 
 FSDP2 runs in the process group deepspeed.init_distributed made (plain gloo/NCCL), so one launch
 covers both engine families.
@@ -36,11 +38,11 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
+from collective_count import REDUCTIONS, count_collectives  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, format_bytes  # noqa: E402
-from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
-from collective_count import REDUCTIONS, count_collectives  # noqa: E402
 
 GOAL = 1.05
 ENGINES = ("zero1", "zero2", "zero3", "fsdp2")
@@ -140,9 +142,6 @@ def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
     if kind == "lisa":
         runner = FSDPRunner(build_model(args).to(weight_dtype), lisa, lr=1e-4, max_grad_norm=0.0)
         model, device = runner.model, runner.device
-
-        def train_step(micro):
-            runner.train_step(micro)
     else:
         # What an FSDP2 user writes for full fine-tuning: fp32 sharded params (the masters), bf16
         # compute, fp32 gradient reduction (benchmarks/fsdp2_memory.py's baseline).
@@ -156,18 +155,21 @@ def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
             fully_shard(layer, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(model.model.layers) - 1)
         fully_shard(model, mesh=mesh, mp_policy=mp)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
-
-        def train_step(micro):
-            for b in micro:
-                model(**b).loss.backward()
-            opt.step()
-            opt.zero_grad()
+    # Inline, not a closure over `model`: the `del model` below (which frees it before gc.collect())
+    # would leave such a closure naming a deleted variable.
     for step in range(args.warmup + 1):
         ids = batch(args, step).to(device)
         dist.barrier()
         with count_collectives() as log:
             with log.in_phase("step"):
-                train_step([{"input_ids": ids, "labels": ids}])
+                micro = [{"input_ids": ids, "labels": ids}]
+                if runner is not None:
+                    runner.train_step(micro)
+                else:
+                    for b in micro:
+                        model(**b).loss.backward()
+                    opt.step()
+                    opt.zero_grad()
     rs = log.calls.get("step", {}).get("reduce_scatter", {"calls": 0})
     row = {"engine": "fsdp2", "row": kind, "comm": log.summary(),
            # the reduce-scatters are the gradients; anything else reduced (LisaOptimizer's scalars) is reported apart
@@ -176,7 +178,8 @@ def fsdp2_row(args, kind: str, lisa: LisaConfig) -> Dict:
            "trainable_grad_bytes": sum(p.numel() * 4 for p in model.parameters() if p.requires_grad),
            "grad_dtype": "float32", "reduce_scatter_calls": rs["calls"]}
     if runner is not None:
-        row["active_layers"] = list(runner.optimizer.active_layers) if hasattr(runner.optimizer, "active_layers") else None
+        row["active_layers"] = (list(runner.optimizer.active_layers)
+                                if hasattr(runner.optimizer, "active_layers") else None)
         runner.close()
     else:
         del opt
@@ -200,7 +203,8 @@ def measure(args) -> List[Dict]:
             r.update(psi=psi, psi_active=psi if r["row"] == "full" else psi_a)
         budget = full["grad_bytes"] * psi_a / psi
         # one rank: FSDP2 issues no reduce-scatter at all, so there is nothing to compare
-        lisa_row.update(goal_bytes=GOAL * budget, vs_full_times_share=lisa_row["grad_bytes"] / budget if budget else None,
+        lisa_row.update(goal_bytes=GOAL * budget,
+                        vs_full_times_share=lisa_row["grad_bytes"] / budget if budget else None,
                         vs_full=lisa_row["grad_bytes"] / full["grad_bytes"] if budget else None,
                         all_gather_vs_full=lisa_row["param_all_gather_bytes"] / max(1, full["param_all_gather_bytes"]),
                         meets_goal=lisa_row["grad_bytes"] <= GOAL * budget)
@@ -248,7 +252,8 @@ def markdown(report: Dict) -> str:
         "reduce-scatter, FSDP2 one call per unit with a gradient (frozen units issue none). Parameter "
         "all-gathers: ZeRO-1/2 gather the updated partitions of what the optimizer owns after the step; ZeRO-3 "
         "and FSDP2 gather every layer, frozen ones too, for forward and backward, so those do not shrink with "
-        "LISA. Step scalars: the gradient-norm and overflow all-reduces inside engine.step() (FSDP2: LisaOptimizer's own scalar all-reduce).",
+        "LISA. Step scalars: the gradient-norm and overflow all-reduces inside engine.step() "
+        "(FSDP2: LisaOptimizer's own scalar all-reduce).",
     ]
     return "\n".join(lines) + "\n"
 

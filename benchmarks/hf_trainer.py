@@ -37,7 +37,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_common import add_model_args, build_model, machine, versions  # noqa: E402
-
 from lisa_dist import LayerSampler, LisaConfig  # noqa: E402
 from lisa_dist.integrations.hf import LisaCallback  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402

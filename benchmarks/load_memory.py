@@ -86,7 +86,6 @@ def write_checkpoint(directory: Path, hidden: int, layers: int, shard_size: str)
 def worker(args) -> None:
     """One rank: lisa-train's load and runner construction, with host memory measured around them."""
     import torch.distributed as dist
-
     from host_memory import host_rss_bytes, reset_peak_host_rss
 
     from lisa_dist.recipe.modeling import weights_dtype
@@ -164,7 +163,6 @@ def main(argv=None) -> int:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return 0
     from bench_common import machine, versions, write_report
-
     from lisa_dist.memory import format_bytes
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -237,8 +235,8 @@ def markdown(r: Dict) -> str:
               "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.",
               "",
               "Reading the rows: ZeRO-1/2 figures include deepspeed.initialize's fp32 state for the active "
-              "layers, which the tiny run does not subtract. `from_pretrained fp32` is far below the checkpoint because "
-              "transformers maps an fp32 checkpoint without copying: its pages become resident when first "
+              "layers, which the tiny run does not subtract. `from_pretrained fp32` is far below the checkpoint "
+              "because transformers maps an fp32 checkpoint without copying: its pages become resident when first "
               "touched (the first forward), as page cache shared by a node's ranks, so the row undercounts. "
               "ZeRO-3's figure is nearly all there once `load` returns (`delta_after_load_per_rank` in the "
               "JSON), before deepspeed.initialize: this rank's partitions plus one file's transient "

@@ -1,7 +1,7 @@
 """lisa_dist beside what users would pick instead, one run per engine, same model and data.
 
     flock /tmp/lisa_cpu.lock python benchmarks/peers.py            # writes benchmarks/results/peers.{json,md,png}
-    python benchmarks/peers.py --smoke --out /tmp/peers            # tiny model, 2 steps (tests/distributed/test_peers.py)
+    python benchmarks/peers.py --smoke --out /tmp/peers     # tiny model, 2 steps (tests/distributed/test_peers.py)
 
 Engines: single process (plain torch), DeepSpeed ZeRO-2 and ZeRO-3, FSDP2; the distributed ones run
 with 2 ranks in one `deepspeed --num_gpus 2` launch of this script (--worker), one engine after the
@@ -47,13 +47,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+
+from bench_common import add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes, versions  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, format_bytes, local_tensor_bytes  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
-from bench_common import (add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes,  # noqa: E402
-                          versions)
-from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
 ENGINES = ("single", "zero2", "zero3", "fsdp2")
 DIST_ENGINES = ENGINES[1:]
@@ -274,8 +274,9 @@ def build_fsdp2(args, method: str):
 
 def build_zero(args, method: str, stage: int):
     import deepspeed
-    import lisa_dist.backends.deepspeed as lds
     from zero_memory import ds_config  # the ZeRO benchmark's config, so the two benchmarks compare
+
+    import lisa_dist.backends.deepspeed as lds
     config = ds_config(SimpleNamespace(batch=args.batch, dtype="fp32"), str(stage))
     config["gradient_clipping"] = MAX_GRAD_NORM
     model = build_model(args)
@@ -431,6 +432,7 @@ def worker(args) -> None:
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
     from lisa_dist.backends.deepspeed.process_group import release_shm_segments
     deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name())
     release_shm_segments()

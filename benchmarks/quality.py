@@ -29,11 +29,10 @@ from typing import Dict, List
 import torch
 import transformers
 
-from lisa_dist import LisaConfig
-from lisa_dist.recipe import data
-from lisa_dist.recipe import presets
-from lisa_dist.optim import LisaOptimizer
 from bench_common import machine, optimizer_state_bytes, versions
+from lisa_dist import LisaConfig
+from lisa_dist.optim import LisaOptimizer
+from lisa_dist.recipe import data, presets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHODS = ("full", "lora", "lora_lr10x", "lisa_uniform", "lisa_outlier", "lisa_gradient")
@@ -187,7 +186,8 @@ def markdown(result: Dict) -> str:
         f"({result['train_examples']} examples; {result['heldout_examples']} held out), batch {a['batch_size']}, "
         f"max length {a['max_length']}, AdamW lr {a['lr']} (all methods), {a['warmup']} warm-up steps then linear "
         f"decay to 0, gradient clipping 1.0. LISA: gamma={a['gamma']}, K={a['interval']}, state_policy reset. "
-        f"LoRA: r=8, alpha=16, all decoder linears (lora_lr10x: peak LR {10 * a['lr']:g}). Seeds {a['seeds']} (data order and LISA schedule).",
+        f"LoRA: r=8, alpha=16, all decoder linears (lora_lr10x: peak LR {10 * a['lr']:g}). "
+        f"Seeds {a['seeds']} (data order and LISA schedule).",
         "",
         "| method | held-out loss (mean +- std) | per seed | optimizer KiB (peak) | time / full FT |",
         "|---|---|---|---|---|",
@@ -257,7 +257,8 @@ def main() -> None:
     heldout = [data.collate(heldout_examples[i:i + 16], tok.pad_token_id) for i in range(0, len(heldout_examples), 16)]
     runs = [finetune(m, s, tok, weights, train, heldout, args) for s in seeds for m in METHODS]
     result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "machine": machine(),
-              "versions": {**versions(), "peft": __import__("peft").__version__}, "config": vars(args) | {"seeds": seeds},
+              "versions": {**versions(), "peft": __import__("peft").__version__},
+              "config": vars(args) | {"seeds": seeds},
               "params": sum(v.numel() for v in weights.values()), "pretrain_loss": [pre_losses[0], pre_losses[-1]],
               "train_examples": len(train), "heldout_examples": len(heldout_examples),
               "summary": None, "runs": runs}

@@ -17,11 +17,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from lisa_dist import LisaConfig
-from lisa_dist.recipe import data
-from lisa_dist.recipe import presets
-from lisa_dist.optim import LisaOptimizer
 from bench_common import machine, optimizer_state_bytes, versions
+from lisa_dist import LisaConfig
+from lisa_dist.optim import LisaOptimizer
+from lisa_dist.recipe import data, presets
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -74,9 +74,8 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from lisa_dist import memory
-
-    from lisa_dist.integrations import hf_compat
     from lisa_dist.backends.deepspeed import _compat, loading, process_group
+    from lisa_dist.integrations import hf_compat
     from lisa_dist.recipe.ds_config import resolve_ds_config
     from lisa_dist.recipe.modeling import build_from_config_and_tokenizer, checkpoint_files
     from lisa_dist.recipe.run_config import RunConfig
@@ -154,9 +153,9 @@ def main(argv=None) -> int:
     if args.markdown_only:
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return 0
-    from bench_common import machine, versions, write_report
     from load_memory import write_checkpoint
 
+    from bench_common import machine, versions, write_report
     from lisa_dist.memory import format_bytes
 
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -169,7 +168,8 @@ def main(argv=None) -> int:
                (("big", big), ("tiny", tiny))}
         rows.append({"variant": name, "off": list(off), **got})
         print(name, [{k: format_bytes(v, "MiB", 0) for k, v in r.items()} for r in got["big"]], flush=True)
-    result = {"command": "python benchmarks/zero3_load_stages.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    result = {"command": "python benchmarks/zero3_load_stages.py "
+                         + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": machine(), "versions": versions(),
               "checkpoint": {"hidden": args.hidden, "layers": args.layers, "shard_size": args.shard_size, "bytes": size,
                              "files": len(list(big.glob("*.safetensors")))},

@@ -1,7 +1,9 @@
 """DeepSpeed ZeRO: full fine-tuning vs naive requires_grad toggling vs lisa_dist, side by side in one run.
 
-    deepspeed --num_gpus 2 benchmarks/zero_memory.py                 # CPU/gloo: writes benchmarks/results/zero_memory.{json,md,png}
-    deepspeed --num_gpus 8 benchmarks/zero_memory.py --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000  # a GPU node
+    # CPU/gloo: writes benchmarks/results/zero_memory.{json,md,png}
+    deepspeed --num_gpus 2 benchmarks/zero_memory.py
+    # a GPU node
+    deepspeed --num_gpus 8 benchmarks/zero_memory.py --hidden 4096 --intermediate 11008 --layers 32 --vocab 32000
 
 Rows, for each ZeRO stage asked for (--stages: 1, 2, 3, and 1o, 2o, 3o for the stage with
 offload_optimizer to the CPU):
@@ -38,13 +40,14 @@ import torch.distributed as dist  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from bench_common import add_model_args, build_model, destroy_engine, machine, versions  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, format_bytes, model_state_floor  # noqa: E402
 from lisa_dist.sampling import LayerSampler  # noqa: E402
-from bench_common import add_model_args, build_model, destroy_engine, machine, versions  # noqa: E402
-from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
 ROWS = ("full", "naive", "lisa")
 CATEGORIES = ("weights", "grads", "fp32_master", "optimizer_state")
@@ -287,7 +290,8 @@ def markdown(report: Dict) -> str:
         "A switch (lisa) rebuilds the ZeRO optimizer: it checks rank agreement (one all-gather), frees the old "
         "flat buffers, builds the new ones and carries the always-active group's fp32 master and moments; its "
         "time is included in the mean step, not the median. Under ZeRO-3 the parameter partitioning and its "
-        "module hooks stay; the new optimizer gathers each newly trainable parameter once to hook it. \"Frozen\" layer-steps that moved: under naive "
+        "module hooks stay; the new optimizer gathers each newly trainable parameter once to hook it. "
+        "\"Frozen\" layer-steps that moved: under naive "
         "toggling, DeepSpeed still steps parameters whose requires_grad is off (zero-filled gradients, Adam "
         "momentum and weight decay), so frozen layers drift; lisa leaves them bit-identical. Switch peak extra "
         "RSS: the kernel's resident-set counters are batched per thread, so values within about 0.25 MiB of zero "

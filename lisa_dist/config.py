@@ -25,11 +25,12 @@ class LisaConfig:
     """Seeds the layer schedule. Every rank and every resumed run with the same seed trains the same layers."""
 
     train_embeddings: bool = True
-    """Always train the input embeddings."""
+    """Always train the input embeddings (a model that ties them to the LM head must freeze both or neither)."""
 
     train_head: bool = True
     """Always train everything outside the decoder blocks except the input embeddings:
-    the LM head and the final norm (plus, for a vision-language model, its vision tower and projector)."""
+    the LM head and the final norm (plus, for a vision-language model, its vision tower and projector).
+    A model that ties the head to the input embeddings must freeze both or neither."""
 
     layers_path: Optional[str] = None
     """Dotted path of the nn.ModuleList of decoder blocks (e.g. "model.layers"); found automatically when None."""

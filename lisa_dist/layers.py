@@ -5,6 +5,7 @@ Discovery is structural (no table of model classes), so any architecture whose b
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -14,7 +15,7 @@ from torch import nn
 
 from lisa_dist.config import LisaConfig
 
-__all__ = ["DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters"]
+__all__ = ["DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters", "tied_freeze_problem"]
 
 NamedParams = list[tuple[str, nn.Parameter]]
 
@@ -183,13 +184,50 @@ def _resolve(model: nn.Module, layers_path: str, listing: str) -> DecoderLayers:
     return DecoderLayers(path=layers_path, layers=module)
 
 
+def _sides(model: nn.Module, block_prefix: str) -> tuple[set[int], set[int], tuple[str, ...]]:
+    """(ids of embedding-side parameters, ids of head-side parameters, the embeddings' name prefixes):
+    outside the decoder blocks, a parameter under the input embeddings is embedding-side and anything
+    else head-side. A tied tensor is listed once by named_parameters(); its aliases put it on both."""
+    embed = _input_embeddings(model)
+    embed_prefixes = tuple(p + "." for p in _module_paths(model, embed)) if embed is not None else ()
+    is_embed: set[int] = set()
+    is_head: set[int] = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name.startswith(block_prefix):  # inside a decoder block ("" when the model is the block list)
+            continue
+        (is_embed if name.startswith(embed_prefixes) else is_head).add(id(p))
+    return is_embed, is_head, embed_prefixes
+
+
+def tied_freeze_problem(model: nn.Module, config: LisaConfig) -> Optional[str]:
+    """Why freezing one side of a tied embedding does not freeze it, or None.
+
+    With tied weights the input embeddings and the LM head are one tensor, and a tied tensor trains
+    if either train_embeddings or train_head is set: freezing one side alone leaves it trainable
+    (for SmolLM2 or Gemma 3 that is most of LISA's always-active set). split_parameters warns with
+    this text; lisa-train refuses to start with it."""
+    if config.train_embeddings == config.train_head:
+        return None
+    found = find_decoder_layers(model, config.layers_path)
+    is_embed, is_head, _ = _sides(model, f"{found.path}." if found.path else "")
+    tied = [name for name, p in model.named_parameters() if id(p) in is_embed and id(p) in is_head]
+    if not tied:
+        return None
+    frozen, flag = (("train_embeddings", "--no-train-embeddings") if not config.train_embeddings
+                    else ("train_head", "--no-train-head"))
+    return (f"{type(model).__name__} ties its input embeddings and its LM head ({', '.join(tied)} is both), so "
+            f"{frozen}=False alone ({flag}) still trains that tensor through the other side; to freeze it set "
+            "train_embeddings=False and train_head=False (lisa-train: --no-train-embeddings and --no-train-head), "
+            "to train it set neither")
+
+
 def split_parameters(model: nn.Module, config: LisaConfig) -> ParamSplit:
     """Partition every parameter (tied ones once) into always-trained, never-trained and per-layer.
 
     Uses ``config.layers_path``, ``config.train_embeddings`` and ``config.train_head``.
     Outside the blocks, the input embeddings follow ``train_embeddings`` and everything else (LM head,
     final norm, a VLM's vision tower and projector, positional tables) follows ``train_head``; a tensor
-    tied between the two trains if either flag is set.
+    tied between the two trains if either flag is set (a warning says so when only one is).
     """
     found = find_decoder_layers(model, config.layers_path)
     block_prefix = f"{found.path}." if found.path else ""
@@ -199,20 +237,14 @@ def split_parameters(model: nn.Module, config: LisaConfig) -> ParamSplit:
             return None
         return int(name[len(block_prefix):].split(".", 1)[0])
 
-    embed = _input_embeddings(model)
-    embed_prefixes = tuple(p + "." for p in _module_paths(model, embed)) if embed is not None else ()
+    is_embed, is_head, embed_prefixes = _sides(model, block_prefix)
     if not embed_prefixes and not config.train_embeddings:
         raise ValueError(f"train_embeddings=False but {type(model).__name__} has no get_input_embeddings(), "
                          "so there is nothing to freeze; set train_embeddings=True or freeze the "
                          "embedding parameters yourself")
-
-    # A tied tensor is listed once by named_parameters(); its aliases tell which sides share it.
-    is_embed: set[int] = set()
-    is_head: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if layer_of(name) is not None:
-            continue
-        (is_embed if name.startswith(embed_prefixes) else is_head).add(id(p))
+    problem = tied_freeze_problem(model, config)
+    if problem:
+        warnings.warn(problem, stacklevel=2)
 
     always: NamedParams = []
     frozen_outside: NamedParams = []

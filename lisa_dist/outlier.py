@@ -97,21 +97,21 @@ def outlier_ratios(layers: Sequence[nn.Module], forward: Callable[[Any], Any], b
     norms = dict(zip(ordered, torch.split(flat.sqrt(), [sq_norms[m].numel() for m in ordered])))
 
     totals = torch.zeros(2 * len(per_layer), dtype=torch.float64)  # [score sums..., element counts...]
-    for l, lins in enumerate(per_layer):
+    for i, lins in enumerate(per_layer):
         for m in lins:
             a = scores(m.weight, norms[m])
-            totals[l] += a.double().sum().cpu()
-            totals[len(per_layer) + l] += a.numel()
+            totals[i] += a.double().sum().cpu()
+            totals[len(per_layer) + i] += a.numel()
     if sharded and all_reduce is not None:
         totals = totals.to(flat.device)
         all_reduce(totals)
         totals = totals.cpu()
     sums, numels = totals[:len(per_layer)], totals[len(per_layer):]
     outliers = torch.zeros(len(per_layer), dtype=torch.float64)
-    for l, lins in enumerate(per_layer):
-        bar = threshold * (sums[l] / numels[l]).item()
+    for i, lins in enumerate(per_layer):
+        bar = threshold * (sums[i] / numels[i]).item()
         for m in lins:
-            outliers[l] += (scores(m.weight, norms[m]).double() > bar).sum().cpu()
+            outliers[i] += (scores(m.weight, norms[m]).double() > bar).sum().cpu()
     if sharded and all_reduce is not None:
         outliers = outliers.to(flat.device)
         all_reduce(outliers)

@@ -81,7 +81,8 @@ MATRIX: Dict[str, Dict[str, object]] = {
                "checks": ("hf", "zero", "fsdp2"),
                "why": "the GPU image's stack (torch 2.11, transformers 5.17, accelerate 1.15)"},
     "newest": {"pins": {"torch": "2.15.0"}, "checks": ("hf", "zero", "fsdp2"),
-               "why": "torch 2.15 and the newest transformers, accelerate, trl, peft, datasets and DeepSpeed of the day"},
+               "why": "torch 2.15 and the newest transformers, accelerate, trl, peft, datasets "
+                      "and DeepSpeed of the day"},
     "torch-2.14": {"pins": {"torch": "2.14.1"}, "checks": ("fsdp2",),
                    "why": "FSDP2 on the torch release between the pinned one and the newest"},
     "deepspeed-0.17": {"pins": {"deepspeed": "0.17.6"}, "checks": ("zero",),

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from lisa_dist.backends import torch_compat
-from lisa_dist.integrations import hf_compat
-from lisa_dist.config import LisaConfig
 from lisa_dist.backends.ddp import ActiveLayerGradReducer, broadcast_layers, layer_parameter_names
+from lisa_dist.config import LisaConfig
+from lisa_dist.integrations import hf_compat
 from lisa_dist.optim import LisaOptimizer
 
 _prepared: "weakref.WeakKeyDictionary[nn.Module, LisaPrepared]" = weakref.WeakKeyDictionary()
@@ -130,7 +130,8 @@ class LisaPrepared:
         out = original_prepare(accelerator, *args, **kwargs)
         if backend == "ddp":
             wrapped = out[next(i for i, a in enumerate(args) if a is model)] if isinstance(out, tuple) else out
-            self.reducer = ActiveLayerGradReducer(optimizer.split, lambda: torch_compat.ddp_syncs_this_backward(wrapped))
+            self.reducer = ActiveLayerGradReducer(optimizer.split,
+                                                  lambda: torch_compat.ddp_syncs_this_backward(wrapped))
         self.optimizer = optimizer
         return out
 
@@ -212,7 +213,8 @@ def prepare(accelerator, *objects, lisa: LisaConfig, device_placement=None):
     hf_compat.check()
     models = [o for o in objects if isinstance(o, nn.Module)]
     if len(models) != 1:
-        raise ValueError(f"lisa_dist.integrations.accelerate.prepare needs exactly one model among the objects, got {len(models)}")
+        raise ValueError("lisa_dist.integrations.accelerate.prepare needs exactly one model among the objects, "
+                         f"got {len(models)}")
     kwargs = {} if device_placement is None else {"device_placement": device_placement}
     return LisaPrepared(lisa).run(models[0], hf_compat.original_prepare(), accelerator, objects, kwargs)
 

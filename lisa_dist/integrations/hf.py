@@ -41,9 +41,9 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
+from lisa_dist.config import LisaConfig
 from lisa_dist.integrations import hf_compat
 from lisa_dist.integrations.accelerate import LisaPrepared
-from lisa_dist.config import LisaConfig
 
 _by_model: "weakref.WeakKeyDictionary[nn.Module, LisaCallback]" = weakref.WeakKeyDictionary()
 _unattached: "weakref.WeakSet[LisaCallback]" = weakref.WeakSet()

@@ -1,5 +1,5 @@
-"""Every private or patched transformers / accelerate access of lisa_dist.integrations.hf and lisa_dist.integrations.accelerate,
-in one place, behind a version pin.
+"""Every private or patched transformers / accelerate access of lisa_dist.integrations.hf and
+lisa_dist.integrations.accelerate, in one place, behind a version pin.
 
 Neither library has a hook between "the optimizer exists" and "the engine is built", which is
 where LISA must act (docs/design.md#hugging-face-trainer-facts), so two methods are wrapped, once per process, and the
@@ -40,6 +40,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 from lisa_dist.backends import torch_compat
 from lisa_dist.versions import IncompatibleReleaseError, Probe, check_release, missing_message, require, require_attrs
 
+
 def _probes():
     import accelerate.accelerator
     import transformers.trainer
@@ -62,8 +63,9 @@ def _probes():
 
 
 def check() -> None:
-    """At lisa_dist.integrations.hf's / lisa_dist.integrations.accelerate's first use: one warning per library outside the tested
-    releases (TRL too when it is loaded), and a refusal only where a probe of what they touch fails."""
+    """At lisa_dist.integrations.hf's / lisa_dist.integrations.accelerate's first use: one warning per
+    library outside the tested releases (TRL too when it is loaded), and a refusal only where a probe
+    of what they touch fails."""
     import accelerate
     import torch
     import transformers
@@ -225,7 +227,8 @@ def backend_of(accelerator) -> str:
         return "ddp"
     if kind == DistributedType.NO or accelerator.num_processes == 1:
         return "single"
-    raise NotImplementedError(f"lisa_dist.integrations.hf does not support accelerate's {kind}; use DeepSpeed, DDP or one device")
+    raise NotImplementedError(f"lisa_dist.integrations.hf does not support accelerate's {kind}; "
+                              "use DeepSpeed, DDP or one device")
 
 
 @contextmanager

@@ -14,6 +14,7 @@ a resumed run and every data-parallel rank agree on the data without communicati
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -23,6 +24,8 @@ IGNORE_INDEX = -100
 """Label value that the Hugging Face causal-LM loss skips."""
 
 FORMATS = ("alpaca", "chat", "text")
+OVERLONG = ("truncate", "drop")
+"""What build_dataset does with an example longer than max_length: keep its head, or leave it out."""
 ACCEPTED_SHAPES = ('alpaca: {"instruction": str, "input": str (optional), "output": str}; '
                    'chat: {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}; '
                    'text: {"text": str}')
@@ -182,8 +185,15 @@ def _encode(tokenizer, text: str) -> List[int]:
 
 
 def _bos(tokenizer) -> List[int]:
-    # Tokenizers without a BOS (Qwen, GPT-2 style) simply start with the first text token.
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    """The BOS to put before alpaca and text examples: the one the tokenizer itself adds, if any.
+
+    A bos_token the tokenizer never adds is not a sequence start the model was trained with:
+    SmolLM2 names its ChatML turn opener <|im_start|> as bos_token, GPT-2 names <|endoftext|>.
+    Llama, Gemma and Mistral tokenizers add theirs and keep it; Qwen has none."""
+    bos = tokenizer.bos_token_id
+    if bos is None or list(tokenizer("a", add_special_tokens=True)["input_ids"][:1]) != [bos]:
+        return []
+    return [bos]
 
 
 def _eos(tokenizer) -> List[int]:
@@ -230,56 +240,97 @@ def _tokenize_chat(messages: Any, tokenizer) -> Tuple[List[int], List[int]]:
                              f"[:{i}] plus the generation prompt, or of messages [:{i + 1}], are not a "
                              "prefix of the tokens of the whole chat), so assistant turns cannot be "
                              "located for loss masking; use a template that only appends as turns are added")
-        labels[len(start):len(end)] = input_ids[len(start):len(end)]
+        stop = len(end)
+        # Templates put a separator after the turn's end token (ChatML's "\n" after <|im_end|>,
+        # Gemma's after <end_of_turn>); the model is never asked to produce it, and at generation
+        # time it stops at the end token, so it is not a label.
+        while stop > len(start) and not tokenizer.decode(input_ids[stop - 1:stop]).strip():
+            stop -= 1
+        labels[len(start):stop] = input_ids[len(start):stop]
     return input_ids, labels
+
+
+def alpaca_to_chat(record: Record) -> List[Record]:
+    """An Alpaca record as a user/assistant exchange: instruction (and input, after a blank line) ->
+    user, output -> assistant; what fmt="chat" trains on when given Alpaca records."""
+    instruction, inp, output = record.get("instruction"), record.get("input") or "", record.get("output")
+    if not all(isinstance(v, str) for v in (instruction, inp, output)):
+        raise ValueError("alpaca 'instruction', 'input' and 'output' must be strings, got "
+                         f"{type(instruction).__name__}, {type(inp).__name__} and {type(output).__name__}")
+    user = f"{instruction}\n\n{inp}" if inp.strip() else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def _tokenize(record: Record, tokenizer, fmt: Optional[str]) -> Tuple[List[int], List[int]]:
+    """(input_ids, labels) of one whole record; see tokenize_example."""
+    if fmt not in (None, "auto") + FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {FORMATS}")
+    detected = detect_format(record)
+    if fmt == "chat" and detected == "alpaca":
+        return _tokenize_chat(alpaca_to_chat(record), tokenizer)
+    if fmt not in (None, "auto") and detected != fmt:
+        raise ValueError(f"record has the {detected!r} shape but fmt={fmt!r} was requested; "
+                         "pass fmt='auto' or fix the record")
+    if detected == "alpaca":
+        if not isinstance(record.get("output"), str):
+            raise ValueError(f"alpaca 'output' must be a string, got {record.get('output')!r:.80}")
+        prompt = _bos(tokenizer) + _encode(tokenizer, format_alpaca_prompt(record))
+        response = _encode(tokenizer, record["output"]) + _eos(tokenizer)
+        return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+    if detected == "chat":
+        return _tokenize_chat(record.get("messages"), tokenizer)
+    if not isinstance(record.get("text"), str):
+        raise ValueError(f"text 'text' must be a string, got {record.get('text')!r:.80}")
+    input_ids = _bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer)
+    return input_ids, list(input_ids)
 
 
 def tokenize_example(record: Record, tokenizer, max_length: int, fmt: Optional[str] = None) -> Dict[str, List[int]]:
     """{"input_ids", "labels"} for one record, prompt positions masked with -100.
 
-    fmt None or "auto" detects the record's format; a named format must match it.
+    fmt None or "auto" detects the record's format; a named format must match it, except that
+    fmt="chat" also takes Alpaca records, through the tokenizer's chat template (alpaca_to_chat).
 
-    alpaca: bos + prompt + output + eos, loss on output + eos. chat: the chat template's rendering,
-    loss on assistant turns (the template supplies their end token). text: bos + text + eos, loss on
-    everything. Sequences longer than max_length lose their tail, which can leave no label at all;
-    build_dataset drops such examples.
+    alpaca: bos + prompt + output + eos, loss on output + eos (bos only where the tokenizer adds one
+    itself). chat: the chat template's rendering, loss on assistant turns up to and including their
+    end token. text: bos + text + eos, loss on everything. Sequences longer than max_length lose
+    their tail, which can leave no label at all; build_dataset counts and drops such examples.
     """
     if max_length < 1:
         raise ValueError(f"max_length must be >= 1, got {max_length}")
-    if fmt not in (None, "auto") + FORMATS:
-        raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {FORMATS}")
-    detected = detect_format(record)
-    if fmt not in (None, "auto") and detected != fmt:
-        raise ValueError(f"record has the {detected!r} shape but fmt={fmt!r} was requested; "
-                         "pass fmt='auto' or fix the record")
-    fmt = detected
-    if fmt == "alpaca":
-        if not isinstance(record.get("output"), str):
-            raise ValueError(f"alpaca 'output' must be a string, got {record.get('output')!r:.80}")
-        prompt = _bos(tokenizer) + _encode(tokenizer, format_alpaca_prompt(record))
-        response = _encode(tokenizer, record["output"]) + _eos(tokenizer)
-        input_ids, labels = prompt + response, [IGNORE_INDEX] * len(prompt) + response
-    elif fmt == "chat":
-        input_ids, labels = _tokenize_chat(record.get("messages"), tokenizer)
-    elif fmt == "text":
-        if not isinstance(record.get("text"), str):
-            raise ValueError(f"text 'text' must be a string, got {record.get('text')!r:.80}")
-        input_ids = _bos(tokenizer) + _encode(tokenizer, record["text"]) + _eos(tokenizer)
-        labels = list(input_ids)
+    input_ids, labels = _tokenize(record, tokenizer, fmt)
     return {"input_ids": input_ids[:max_length], "labels": labels[:max_length]}
 
 
-def build_dataset(path: Union[PathLike, Any], tokenizer, max_length: int = 256,
-                  fmt: str = "auto") -> List[Dict[str, List[int]]]:
-    """Tokenize every record of `path` (a file or save_to_disk folder, see SOURCES), or of a
-    `datasets.Dataset` / list of records given directly; examples with no label left after truncation
-    are dropped.
+@dataclass
+class LengthReport:
+    """What max_length did to a dataset: every example over it was cut (overlong="truncate") or left
+    out (overlong="drop"); a cut one with no label left is left out too."""
 
-    fmt="auto" detects each record's format on its own; naming a format requires every record to
-    have that shape.
-    """
+    records: int
+    kept: int
+    max_length: int
+    overlong: str
+    over: int
+    """Examples longer than max_length (before cutting)."""
+    truncated: int
+    """Over-length examples kept with their tail cut off (their last labels and EOS lost)."""
+    dropped: int
+    """Over-length examples left out: all of them under overlong="drop", else those cut to no label."""
+    longest: int
+    """Tokens in the longest example before cutting."""
+
+
+def tokenize_dataset(path: Union[PathLike, Any], tokenizer, max_length: int = 256, fmt: str = "auto",
+                     overlong: str = "truncate") -> Tuple[List[Dict[str, List[int]]], LengthReport]:
+    """build_dataset's examples and a LengthReport saying how many were over max_length and what
+    became of them."""
     if fmt != "auto" and fmt not in FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; use 'auto' or one of {FORMATS}")
+    if overlong not in OVERLONG:
+        raise ValueError(f"unknown overlong policy {overlong!r}; use one of {OVERLONG}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be >= 1, got {max_length}")
     dataset = []
     if isinstance(path, (str, Path)):
         located = _read_records(path)
@@ -288,18 +339,45 @@ def build_dataset(path: Union[PathLike, Any], tokenizer, max_length: int = 256,
         path = "dataset"
         if not located:
             raise ValueError("the dataset holds no examples")
+    over = truncated = longest = 0
     for where, record in located:
         try:
-            example = tokenize_example(record, tokenizer, max_length, fmt)
+            input_ids, labels = _tokenize(record, tokenizer, fmt)
         except ValueError as err:
             raise ValueError(f"{path}: {where}: {err}") from err
-        if any(label != IGNORE_INDEX for label in example["labels"]):
-            dataset.append(example)
+        longest = max(longest, len(input_ids))
+        if len(input_ids) > max_length:
+            over += 1
+            if overlong == "drop":
+                continue
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                continue
+            truncated += 1
+        if any(label != IGNORE_INDEX for label in labels):
+            dataset.append({"input_ids": input_ids, "labels": labels})
+    report = LengthReport(records=len(located), kept=len(dataset), max_length=max_length, overlong=overlong,
+                          over=over, truncated=truncated, dropped=over - truncated, longest=longest)
     if not dataset:
-        raise ValueError(f"{path}: none of its {len(located)} examples has a response token left within "
-                         f"max_length={max_length} (prompts fill the whole window); raise max_length "
-                         "or shorten the prompts")
-    return dataset
+        cause = (f"all of them are longer than max_length={max_length} and overlong='drop' leaves them out"
+                 if overlong == "drop" and over == len(located) else
+                 f"none has a response token left within max_length={max_length} (prompts fill the whole window)")
+        raise ValueError(f"{path}: of its {len(located)} examples, {cause}; raise max_length (the longest "
+                         f"example has {longest} tokens) or shorten the prompts")
+    return dataset, report
+
+
+def build_dataset(path: Union[PathLike, Any], tokenizer, max_length: int = 256, fmt: str = "auto",
+                  overlong: str = "truncate") -> List[Dict[str, List[int]]]:
+    """Tokenize every record of `path` (a file or save_to_disk folder, see SOURCES), or of a
+    `datasets.Dataset` / list of records given directly.
+
+    fmt="auto" detects each record's format on its own; naming a format requires every record to
+    have that shape (fmt="chat" also renders Alpaca records through the chat template). An example
+    longer than max_length keeps its first max_length tokens (overlong="truncate"; one cut to no
+    label is dropped) or is left out (overlong="drop"); tokenize_dataset also says how many.
+    """
+    return tokenize_dataset(path, tokenizer, max_length, fmt, overlong)[0]
 
 
 def collate(batch: List[Dict[str, List[int]]], pad_token_id: int) -> Dict[str, torch.Tensor]:

@@ -88,8 +88,8 @@ def build_empty_model_and_tokenizer(model: str, dtype: torch.dtype, *, tokenizer
 
 def checkpoint_files(model: str) -> Optional[List[Path]]:
     """The safetensors files of a local checkpoint directory; None for presets and other formats."""
-    from lisa_dist.recipe import presets
     from lisa_dist.loading import safetensors_files
+    from lisa_dist.recipe import presets
 
     if model in presets.PRESETS or not Path(model).is_dir() or not _has_safetensors(model):
         return None
@@ -117,8 +117,8 @@ def weights_loader(model: str, *, seed: int = 0, tokenizer: Optional[str] = None
     `build_model_and_tokenizer` would have given it: a checkpoint's, read slice by slice, or a
     preset's seeded random init (built whole: presets are small, and their init must match the
     single-process build bit for bit, which per-shard init could not)."""
-    from lisa_dist.recipe import presets
     from lisa_dist import loading
+    from lisa_dist.recipe import presets
 
     if model in presets.PRESETS:
         def fill(sharded: torch.nn.Module) -> None:
@@ -173,7 +173,8 @@ def _loading_errors(model: str, flag: str = "--model"):
     except OSError as err:
         raise ValueError(f"{flag} {model}: is not a local directory, and fetching it as a Hugging Face id failed "
                          f"({str(err).splitlines()[0]}); on a machine without the hub, download it elsewhere "
-                         f"(huggingface-cli download {model} --local-dir DIR), copy DIR here and pass {flag} DIR") from None
+                         f"(huggingface-cli download {model} --local-dir DIR), copy DIR here and pass {flag} DIR"
+                         ) from None
 
 
 def _check_local(model: str) -> None:
@@ -195,7 +196,8 @@ def check_vocabulary(model: torch.nn.Module, tokenizer, largest_id: int) -> None
         raise ValueError(f"the data tokenizes to token id {largest_id}, but the model's input embeddings have {rows} "
                          f"rows (the tokenizer has {len(tokenizer)} tokens): the tokenizer does not belong to this "
                          "model; pass the model's own tokenizer (--tokenizer), or grow the embeddings first "
-                         "(model.resize_token_embeddings(len(tokenizer)) then save_pretrained) and train that directory")
+                         "(model.resize_token_embeddings(len(tokenizer)) then save_pretrained) "
+                         "and train that directory")
 
 
 def _config(model: str, tok, trust_remote_code: bool):

@@ -232,7 +232,7 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ, device: str 
                methods: Tuple[str, ...] = METHODS) -> DryRunPlan:
     """The dry run's numbers. `device` is where the planned job runs ("cuda", or "cpu" to check the
     plan against CPU runs: plan_memory.py says what differs); `methods` limits the traced peaks."""
-    from lisa_dist.layers import split_parameters
+    from lisa_dist.layers import split_parameters, tied_freeze_problem
 
     world, world_from = resolve_world_size(env)
     stage, offload, zero = _stage_and_offload(run)
@@ -240,6 +240,9 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ, device: str 
         world, world_from = 1, "--backend single"
     config = _model_config(run)
     model = _model_skeleton(run, config)
+    problem = tied_freeze_problem(model, run.lisa)
+    if problem:  # as lisa-train itself would refuse
+        raise ValueError(problem)
     split = split_parameters(model, run.lisa)
     counts = count_params(split)
     sampler = LayerSampler(split.num_layers, run.lisa)  # raises if gamma exceeds the layer count

@@ -32,7 +32,8 @@ class Reporter:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from None
+                raise ValueError("--report-to tensorboard needs the tensorboard package: "
+                                 "pip install tensorboard") from None
             self._writer = SummaryWriter(log_dir=str(Path(out_dir) / LOG_SUBDIR))
 
     @property

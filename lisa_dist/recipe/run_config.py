@@ -49,10 +49,18 @@ class RunConfig:
     """JSONL file (Alpaca, chat or plain text); default: the shipped Alpaca-style set"""
 
     data_format: Literal["auto", "alpaca", "chat", "text"] = _opt("auto", "model and data")
-    """shape of the --data records; auto: detected from each record's keys"""
+    """shape of the --data records; auto: detected from each record's keys (Alpaca records get the
+    "### Instruction/### Response" prompt); chat: also renders Alpaca records through the tokenizer's chat
+    template (instruction and input as the user turn, output as the assistant's), the format an instruct
+    model was tuned on"""
 
-    max_length: int = _opt(128, "model and data")
-    """tokens per example, longer ones are truncated"""
+    max_length: int = _opt(512, "model and data")
+    """tokens per example; what happens to longer ones is --overlong's choice, and a line says how many there
+    were. Batches are padded to their longest example, so short data costs nothing extra"""
+
+    overlong: Literal["truncate", "drop"] = _opt("truncate", "model and data")
+    """an example longer than --max-length: truncate keeps its first max-length tokens (its end, often the
+    answer and EOS, is not trained on; one left with no response token is dropped), drop leaves it out"""
 
     dtype: Literal["auto", "bf16", "fp32", "fp16"] = _opt("auto", "model and data")
     """weights dtype; masters are always fp32. auto: bf16 on a GPU, fp32 on a CPU, where bf16 matmuls are

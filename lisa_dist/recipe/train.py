@@ -17,13 +17,22 @@ from typing import Dict, List, Optional
 import torch
 
 from lisa_dist.devices import rank_device
-from lisa_dist.recipe.ds_config import resolve_ds_config
-from lisa_dist.layers import find_decoder_layers
+from lisa_dist.layers import find_decoder_layers, tied_freeze_problem
 from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes
-from lisa_dist.recipe.modeling import (build_empty_model_and_tokenizer, build_from_config_and_tokenizer, build_model_and_tokenizer,
-                       check_model_source, check_vocabulary, checkpoint_files, weights_dtype, weights_loader)
 from lisa_dist.protocol import Runner
-from lisa_dist.recipe.run_config import RunConfig, parse_args as _parse_args
+from lisa_dist.recipe.ds_config import resolve_ds_config
+from lisa_dist.recipe.modeling import (
+    build_empty_model_and_tokenizer,
+    build_from_config_and_tokenizer,
+    build_model_and_tokenizer,
+    check_model_source,
+    check_vocabulary,
+    checkpoint_files,
+    weights_dtype,
+    weights_loader,
+)
+from lisa_dist.recipe.run_config import RunConfig
+from lisa_dist.recipe.run_config import parse_args as _parse_args
 
 
 class _Single:
@@ -122,6 +131,18 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _length_line(report) -> str:
+    """One line on the examples --max-length cut or left out (data.LengthReport), and what to change."""
+    where = f"longer than --max-length {report.max_length} tokens (the longest has {report.longest})"
+    if report.overlong == "drop":
+        return (f"data: left out {report.dropped} of {report.records} examples {where} (--overlong drop); "
+                "raise --max-length to train on them")
+    dropped = (f", and left out {report.dropped} more whose prompt fills the window" if report.dropped else "")
+    return (f"data: cut {report.truncated} of {report.records} examples {where} to their first {report.max_length}, "
+            f"so their ends (the last response tokens and EOS) are not trained on{dropped}; raise --max-length, "
+            "or pass --overlong drop to leave such examples out")
+
+
 def _median(values: List[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
@@ -171,17 +192,18 @@ def train(run: RunConfig) -> Dict:
     from tqdm import tqdm
 
     from lisa_dist.recipe import checkpoints as checkpoint
-
-    from lisa_dist.recipe import data
-
-    from lisa_dist.recipe import presets
+    from lisa_dist.recipe import data, presets
     from lisa_dist.recipe.reporting import Reporter
 
     check_model_source(run.model, run.tokenizer)
     backend = BACKENDS[run.backend]
     data_path = Path(run.data) if run.data else presets.DEFAULT_DATA
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
-    dataset = data.build_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format)
+    problem = tied_freeze_problem(model, run.lisa)
+    if problem:
+        raise ValueError(problem)
+    dataset, lengths = data.tokenize_dataset(data_path, tokenizer, max_length=run.max_length, fmt=run.data_format,
+                                             overlong=run.overlong)
     check_vocabulary(model, tokenizer, max([tokenizer.pad_token_id] + [max(e["input_ids"]) for e in dataset]))
     batches = data.BatchIterator(dataset, run.batch_size, run.lisa.seed, tokenizer.pad_token_id)
     runner = backend.runner(run, model, _calibration(run, batches))
@@ -193,6 +215,8 @@ def train(run: RunConfig) -> Dict:
         out_dir.mkdir(parents=True, exist_ok=True)
     reporter = Reporter(run.report_to, out_dir, is_main)
     if is_main:
+        if lengths.over:
+            _say(_length_line(lengths))
         _say(f"lisa-train: {run.model} | backend {run.backend} x{world} | {len(dataset)} examples from "
              f"{data_path} | gamma={run.lisa.activated_layers} K={run.lisa.interval_steps} "
              f"seed={run.lisa.seed} policy={run.lisa.state_policy} sampling={run.lisa.sampling}")

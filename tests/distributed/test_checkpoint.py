@@ -18,11 +18,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import fault_injection
 import pytest
 import torch
-import fault_injection
-from launch_util import ROOT, _tool, deepspeed_launch, free_port, launch_env, output_tail
 from safetensors.torch import load_file
+
+from launch_util import ROOT, _tool, deepspeed_launch, free_port, launch_env, output_tail
 
 CHECKS = ROOT / "tests" / "scripts" / "checkpoint_checks.py"
 TINY = ["--steps", "6", "--interval-steps", "2", "--batch-size", "2", "--max-length", "32", "--log-every", "100"]

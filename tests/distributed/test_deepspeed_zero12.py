@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from importance_asserts import assert_importance_statistics_agree
 from launch_util import ROOT, deepspeed_launch, output_tail
-from plan_asserts import assert_dry_run_predicts
-
 from lisa_dist import LisaConfig
 from lisa_dist.sampling import LayerSampler
+from plan_asserts import assert_dry_run_predicts
 
 SCRIPT = ROOT / "tests" / "scripts" / "zero12_checks.py"
 WORLD = 2

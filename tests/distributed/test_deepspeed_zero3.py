@@ -14,12 +14,12 @@ import subprocess
 import time
 
 import pytest
+
 from importance_asserts import assert_importance_statistics_agree
 from launch_util import ROOT, _tool, deepspeed_launch, free_port, launch_env, output_tail
-from plan_asserts import assert_dry_run_predicts
-
 from lisa_dist import LisaConfig
 from lisa_dist.sampling import LayerSampler
+from plan_asserts import assert_dry_run_predicts
 
 SCRIPT = ROOT / "tests" / "scripts" / "zero3_checks.py"
 WORLD = 2

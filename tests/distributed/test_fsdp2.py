@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from fsdp_internals import frozen_units_keep_reduce_dtype
+
 from launch_util import ROOT, torchrun_launch
 from plan_asserts import assert_dry_run_predicts
 
@@ -54,7 +55,8 @@ def test_optimizer_memory_is_the_active_share_and_flat(runs):
     for rank in runs["main"]:
         m = rank["memory"]
         assert m["switches"] == 100
-        assert m["in_step_master_plus_state_bytes"] - m["adamw_step_counter_bytes"] == m["floor_master_plus_state_bytes"]
+        assert (m["in_step_master_plus_state_bytes"] - m["adamw_step_counter_bytes"]
+                == m["floor_master_plus_state_bytes"])
         assert m["live_tensor_bytes_step10"] == m["live_tensor_bytes_step100"]
         assert m["in_step_master_plus_state_bytes"] < m["full_finetune_master_plus_state_bytes"]
 

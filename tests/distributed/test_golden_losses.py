@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+
 from launch_util import ROOT, _tool, free_port, launch_env, output_tail
 
 GOLDEN = ROOT / "tests" / "golden" / "train_losses.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from launch_util import ROOT, deepspeed_launch, output_tail
 
 SCRIPT = ROOT / "benchmarks" / "grad_traffic.py"

@@ -16,8 +16,8 @@ import subprocess
 import sys
 
 import pytest
-from launch_util import ROOT, accelerate_launch, deepspeed_launch, launch_env, output_tail, torchrun_launch
 
+from launch_util import ROOT, accelerate_launch, deepspeed_launch, launch_env, output_tail, torchrun_launch
 from lisa_dist import LisaConfig
 from lisa_dist.sampling import LayerSampler
 

@@ -14,6 +14,7 @@ import json
 import subprocess
 
 import pytest
+
 from builders import write_checkpoint
 from launch_util import ROOT, _tool, free_port, launch_env, output_tail
 

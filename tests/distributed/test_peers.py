@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+
 from launch_util import ROOT, launch_env
 
 METHODS = ("full", "lora_r8", "lora_r64", "naive", "lisa", "lisa_no_emb")

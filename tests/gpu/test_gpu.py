@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from launch_util import ROOT, deepspeed_launch, output_tail
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: the gpu tier needs one")

@@ -13,7 +13,8 @@ WORLD = 2
 def test_accelerate_launch_config_runs_lisa_train(tmp_path):
     """launch/accelerate_fsdp2.yaml as documented in its header, with CPU offload and checkpointing."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "launch" / "accelerate_fsdp2.yaml"),
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "launch" / "accelerate_fsdp2.yaml"),
            "--num_processes", str(WORLD), "--main_process_port", str(free_port()),
            "-m", "lisa_dist.train", "--backend", "fsdp2", "--steps", "3", "--interval-steps", "1", "--batch-size", "2",
            "--cpu-offload", "--gradient-checkpointing", "--output-dir", str(out)]

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
+
 from launch_checks import TIMEOUT, TRAIN_ARGS, assert_job_ok, rank_schedules, run, start, stop
 from launch_util import ROOT, free_port, launch_env
-
 from lisa_dist.config import LisaConfig
 from lisa_dist.memory import model_state_floor
 from lisa_dist.sampling import LayerSampler
@@ -74,12 +74,14 @@ def test_dry_run_command_lines(tmp_path):
         f"deepspeed --hostfile {hosts} --num_gpus 8 --master_port 29500 --module lisa_dist.train "
         "--backend deepspeed --deepspeed ds_configs/zero2.json --model a\\ b")
     assert dry("launch/torchrun.sh", {"NNODES": "2", "NPROC_PER_NODE": "8", "MASTER_ADDR": "node0",
-                                      "BACKEND": "deepspeed", "DS_CONFIG": "ds_configs/zero3.json"}, "--steps", "3") == (
+                                      "BACKEND": "deepspeed", "DS_CONFIG": "ds_configs/zero3.json"},
+               "--steps", "3") == (
         "torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint node0:29500 --rdzv_id lisa "
         "-m lisa_dist.train --backend deepspeed --deepspeed ds_configs/zero3.json --steps 3")
     static = dry("launch/torchrun.sh", {"RDZV_BACKEND": "static", "NODE_RANK": "1"})
     assert "--node_rank 1 --rdzv_backend static" in static and static.endswith("--backend fsdp2")
-    mpi = dry("launch/mpirun.sh", {"NP": "16", "HOSTFILE": str(hosts), "MPIRUN_ARGS": "--oversubscribe"}, "--steps", "3")
+    mpi = dry("launch/mpirun.sh", {"NP": "16", "HOSTFILE": str(hosts), "MPIRUN_ARGS": "--oversubscribe"},
+              "--steps", "3")
     assert mpi.startswith(f"mpirun -np 16 --hostfile {hosts} --bind-to none -x PATH ")
     assert mpi.endswith("-m lisa_dist.train --backend deepspeed --deepspeed ds_configs/zero2.json --steps 3")
 

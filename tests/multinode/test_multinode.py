@@ -31,14 +31,14 @@ from pathlib import Path
 from typing import Dict, List, Sequence
 
 import fault_injection
-import netns_slurm
 import pytest
+
+import netns_slurm
 from launch_checks import rank_schedules
 from launch_util import ROOT
-from netns_hosts import Cluster, Host, env_for_hosts, unavailable_reason
-
 from lisa_dist.config import LisaConfig
 from lisa_dist.sampling import LayerSampler
+from netns_hosts import Cluster, Host, env_for_hosts, unavailable_reason
 
 TINY_LAYERS, K = 8, 2
 TINY = ["--interval-steps", str(K), "--batch-size", "2", "--max-length", "32", "--log-every", "2"]
@@ -120,7 +120,8 @@ def run_on(host: Host, cmd: Sequence[str], env: Dict[str, str], log: Path, timeo
 def torchrun_on_hosts(cluster: Cluster, args: Sequence[str], out_dir: Path, env: Dict[str, str],
                       timeout: float = TIMEOUT):
     """launch/torchrun.sh on every host at once; returns (exit codes, per-host logs)."""
-    env = env_for_hosts({"BACKEND": "deepspeed", "DS_CONFIG": "ds_configs/zero2.json", "NNODES": str(len(cluster.hosts)),
+    env = env_for_hosts({"BACKEND": "deepspeed", "DS_CONFIG": "ds_configs/zero2.json",
+                         "NNODES": str(len(cluster.hosts)),
                          "NPROC_PER_NODE": "1", "MASTER_ADDR": cluster[0].name, "MASTER_PORT": "29400",
                          "RDZV_ID": out_dir.name, **env})
     cmd = ["bash", "launch/torchrun.sh", *args, "--output-dir", str(out_dir)]
@@ -300,7 +301,8 @@ def test_torchrun_fsdp2_on_hosts_whose_name_is_loopback(tmp_path):
     hosts = Cluster(2, tmp_path / "hosts", self_on_loopback=True)
     try:
         for host in hosts.hosts:
-            probe = host.run(["bash", "-c", "getent ahostsv4 $(hostname) | head -n 1; source launch/netif.sh; gloo_ifname h0"],
+            probe = host.run(["bash", "-c",
+                              "getent ahostsv4 $(hostname) | head -n 1; source launch/netif.sh; gloo_ifname h0"],
                              cwd=ROOT)
             assert probe.stdout.split()[::3] == ["127.0.1.1", "eth0"], probe.stdout + probe.stderr
         out = tmp_path / "run"
@@ -388,7 +390,8 @@ def test_slurm_70b_a100_recipe_two_nodes_with_tiny_model(slurm, tmp_path):
     transformers.AutoModelForCausalLM.from_config(presets.PRESETS["tiny-llama"](tokenizer)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
-    log = sbatch_on_h0(slurm, "launch/slurm/llama2_70b_a100_80g.sbatch", {"MODEL": str(model_dir), "NPROC_PER_NODE": "1"},
+    log = sbatch_on_h0(slurm, "launch/slurm/llama2_70b_a100_80g.sbatch",
+                       {"MODEL": str(model_dir), "NPROC_PER_NODE": "1"},
                        ["--gpus-per-node=0"], [*SHORT_ARGS, "--output-dir", str(out)], tmp_path)
     assert "terminate called" not in log
     assert f"lisa-train: {model_dir} | backend deepspeed x2" in log

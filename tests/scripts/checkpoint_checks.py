@@ -34,10 +34,9 @@ from transformers import LlamaForCausalLM  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import builders  # noqa: E402
+import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from builders import tiny_llama  # noqa: E402
 from ds_common import close  # noqa: E402
-
-import lisa_dist.backends.deepspeed as lds  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 
 torch.set_num_threads(1)

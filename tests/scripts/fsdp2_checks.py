@@ -25,14 +25,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from benchmarks.collective_count import count_collectives  # noqa: E402
-from builders import tiny_llama  # noqa: E402
 from fsdp_internals import frozen_units_keep_reduce_dtype, unit_reduce_dtype  # noqa: E402
 from live_tensors import live_tensor_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
+from benchmarks.collective_count import count_collectives  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from lisa_dist.backends.fsdp import FSDPRunner  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402

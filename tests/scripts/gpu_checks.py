@@ -43,12 +43,12 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 sys.path.append(str(Path(__file__).resolve().parents[2]))
 sys.path.append(str(Path(__file__).resolve().parents[1] / "support"))
 
-import builders  # noqa: E402
-from builders import tiny_llama  # noqa: E402
 from live_tensors import live_tensor_bytes  # noqa: E402
 
+import builders  # noqa: E402
 import lisa_dist  # noqa: E402
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat, process_group  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.memory import device_memory  # noqa: E402
@@ -315,9 +315,9 @@ def flat_memory(switches: int, hidden: int, layers: int, vocab: int) -> Dict:
 # --- FSDP2 -----------------------------------------------------------------------------------------
 
 def fsdp2() -> Dict:
-    from lisa_dist.backends.fsdp import FSDPRunner
     from fsdp_internals import unit_reduce_dtype
 
+    from lisa_dist.backends.fsdp import FSDPRunner
     from lisa_dist.backends.torch_compat import fsdp_units
 
     out, checks = {}, {}

@@ -25,8 +25,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import builders  # noqa: E402
-from builders import tiny_llama  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import (  # noqa: E402
     LlamaForCausalLM,
@@ -35,6 +33,9 @@ from transformers import (  # noqa: E402
     TrainingArguments,
     get_linear_schedule_with_warmup,
 )
+
+import builders  # noqa: E402
+from builders import tiny_llama  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
@@ -259,7 +260,8 @@ def gather_reads(reads: List[int]) -> List[List[int]]:
     return everyone
 
 
-def reference(start, lisa: LisaConfig, decay_names: set, reads: List[List[int]], data: Tokens, steps: int) -> torch.Tensor:
+def reference(start, lisa: LisaConfig, decay_names: set, reads: List[List[int]], data: Tokens,
+              steps: int) -> torch.Tensor:
     """LisaOptimizer on one process over the global batch of every optimizer step, with Trainer's
     decay/no-decay groups and linear schedule: what the Trainer run must match."""
     ref = copy.deepcopy(start)
@@ -375,7 +377,8 @@ def main_run(backend: str, out: Path) -> Dict:
         ignored = set(trainer.model_wrapped.parameters_to_ignore)
         layer_numel = [sum(p.numel() for p in layer.parameters()) for layer in trainer.model.model.layers]
         want_numel = sum(layer_numel[i] for active in probe.trained for i in active)
-        result["ddp"] = {"ignored_is_layers": ignored == layer_names, "reduced_numel": cb.prepared.reducer.reduced_numel,
+        result["ddp"] = {"ignored_is_layers": ignored == layer_names,
+                         "reduced_numel": cb.prepared.reducer.reduced_numel,
                          "expected_numel": want_numel}
         assert ignored == layer_names and cb.prepared.reducer.reduced_numel == want_numel, result["ddp"]
     reads = gather_reads(data.read)
@@ -425,10 +428,10 @@ def check_fsdp2_layout(model, optimizer, active_layers) -> Dict:
     """The model Trainer trains is sharded the lisa_dist.backends.fsdp way (a unit per decoder layer, the
     root for the rest, not accelerate's wrap policy), its optimizer is an FSDPLisaOptimizer, frozen
     layers hold no gradient, and every active unit reduce-scatters in fp32 after the switches."""
+    from fsdp_internals import unit_reduce_dtype
     from torch.distributed.fsdp import FSDPModule
 
     from lisa_dist.backends.fsdp import FSDPLisaOptimizer
-    from fsdp_internals import unit_reduce_dtype
     from lisa_dist.integrations.hf_compat import unwrap_optimizer
 
     layers = list(model.model.layers)
@@ -511,7 +514,8 @@ def sft(backend: str, out: Path) -> Dict:
     ds = Dataset.from_list([{"text": r["text"]} for r in rows])
     extra = backend_args(backend)
     args = SFTConfig(output_dir=str(out / "sft"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
-                     max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                     max_steps=4, learning_rate=LR, weight_decay=WD, logging_steps=1, save_strategy="no", report_to=[],
+                     use_cpu=True,
                      disable_tqdm=True, max_length=32, optim="adamw_torch", bf16=False, **extra)
     lisa = LisaConfig(activated_layers=1, interval_steps=2, seed=1)
     cb = LisaCallback(lisa)

@@ -18,10 +18,10 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
-from ds_common import close
 from zero12_checks import BETAS, EPS, LR, WD, build_model, global_batch, rank_micro_batches
 
 import lisa_dist.backends.deepspeed as lds
+from ds_common import close
 from lisa_dist.config import LisaConfig
 from lisa_dist.optim import LisaOptimizer
 from lisa_dist.outlier import outlier_ratios

@@ -31,7 +31,6 @@ import transformers  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
-
 from lisa_dist.backends.deepspeed import process_group  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.recipe.modeling import build_model_and_tokenizer  # noqa: E402

@@ -28,12 +28,12 @@ from transformers import LlamaForCausalLM  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import builders  # noqa: E402
-from builders import tiny_llama  # noqa: E402
-from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 
+import builders  # noqa: E402
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from builders import tiny_llama  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402
@@ -319,7 +319,8 @@ def memory(stage: int, offload: Optional[dict] = None) -> Dict:
               "lisa": lisa_bytes, "lisa_in_step": in_step, "naive": naive_bytes,
               "lisa_over_floor": lisa_bytes["model_state"] / floor["total"],
               "lisa_in_step_over_floor": in_step["model_state"] / floor["total"],
-              "naive_optimizer_over_full": opt_bytes(naive_bytes) / (full_floor["master"] + full_floor["optimizer_state"]),
+              "naive_optimizer_over_full":
+                  opt_bytes(naive_bytes) / (full_floor["master"] + full_floor["optimizer_state"]),
               "lisa_optimizer_over_naive": opt_bytes(lisa_bytes) / opt_bytes(naive_bytes), **dry_run}
     assert result["lisa_over_floor"] <= 1.1 and result["lisa_in_step_over_floor"] <= 1.1, result
     assert result["naive_optimizer_over_full"] >= 0.99, result

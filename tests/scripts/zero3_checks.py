@@ -33,11 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import importance_checks  # noqa: E402
 from deepspeed_internals import zero3_module_hook_count  # noqa: E402
-from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from plan_prediction import dry_run_prediction  # noqa: E402
 from zero12_checks import ADAMW, BETAS, EPS, LR, WD, build_model, ds_config, rank_micro_batches, reference  # noqa: E402
 
 import lisa_dist.backends.deepspeed as lds  # noqa: E402
+from ds_common import allow_fp16_on_cpu, close, compare, naive_toggling_bytes, run_scenarios, settled_live_bytes  # noqa: E402
 from lisa_dist.backends.deepspeed import _compat  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.memory import count_params, model_state_floor  # noqa: E402

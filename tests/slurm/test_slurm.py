@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Sequence
 
 import pytest
+
 from launch_checks import TRAIN_ARGS, assert_job_ok, requires_slurm, run
 from launch_util import free_port, launch_env
 
@@ -79,5 +80,6 @@ def test_slurm_70b_recipes_dry_run(tmp_path, recipe, backend_args):
     assert line.startswith("srun --ntasks-per-node=1 ")
     assert "torchrun --nnodes 1 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint " in line
     assert (f"-m lisa_dist.train {backend_args} --model /models/Llama-2-70b-hf "
-            "--max-length 4096 --batch-size 1 --gradient-checkpointing --lr 1e-5 --warmup-steps 20 --activated-layers 2") in line
+            "--max-length 4096 --batch-size 1 --gradient-checkpointing --lr 1e-5 --warmup-steps 20 "
+            "--activated-layers 2") in line
     assert line.endswith("--steps 9")

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
-from launch_util import ROOT
 
+from launch_util import ROOT
 from lisa_dist.config import LisaConfig
 from lisa_dist.sampling import LayerSampler
 

@@ -19,6 +19,7 @@ from lisa_dist.recipe.data import (
     detect_format,
     format_alpaca_prompt,
     load_jsonl,
+    tokenize_dataset,
     tokenize_example,
 )
 from lisa_dist.recipe.presets import (
@@ -180,6 +181,93 @@ def test_partially_truncated_examples_are_dropped(tok, tmp_path):
     short = json.dumps({"instruction": "Say x.", "input": "", "output": "x"})
     dataset = build_dataset(write(tmp_path / "d.jsonl", [long_prompt, short]), tok, max_length=20)
     assert len(dataset) == 1 and trained_text(tok, dataset[0]) == "x</s>"
+
+
+def test_over_length_examples_are_counted_cut_or_dropped(tok, tmp_path):
+    long_prompt = json.dumps({"instruction": "word " * 50, "input": "", "output": "x"})
+    long_answer = json.dumps({"instruction": "Say x.", "input": "", "output": "x " * 40})
+    short = json.dumps({"instruction": "Say x.", "input": "", "output": "x"})
+    path = write(tmp_path / "d.jsonl", [long_prompt, long_answer, short, short])
+    full = len(tokenize_example(json.loads(long_answer), tok, 10_000)["input_ids"])
+    cut, report = tokenize_dataset(path, tok, max_length=20)
+    # The long answer is kept without its end and EOS; the long prompt has no label left and goes.
+    assert (report.records, report.kept, report.over, report.truncated, report.dropped) == (4, 3, 2, 1, 1)
+    assert report.longest == full and report.overlong == "truncate"
+    n_short = len(tokenize_example(json.loads(short), tok, 10_000)["input_ids"])
+    assert [len(e["input_ids"]) for e in cut] == [20, n_short, n_short] and cut[0]["input_ids"][-1] != tok.eos_token_id
+    kept, report = tokenize_dataset(path, tok, max_length=20, overlong="drop")
+    assert (report.kept, report.over, report.truncated, report.dropped) == (2, 2, 0, 2)
+    assert all(e["input_ids"][-1] == tok.eos_token_id for e in kept)
+    assert build_dataset(path, tok, max_length=20, overlong="drop") == kept
+    with pytest.raises(ValueError, match="all of them are longer than max_length=5 and overlong='drop'"):
+        build_dataset(path, tok, max_length=5, overlong="drop")
+    with pytest.raises(ValueError, match="overlong"):
+        build_dataset(path, tok, overlong="cut")
+
+
+def test_alpaca_records_through_the_chat_template(tok):
+    record = {"instruction": "Add the two numbers.", "input": "12 + 7", "output": "19"}
+    ex = tokenize_example(record, tok, 128, fmt="chat")
+    messages = [{"role": "user", "content": "Add the two numbers.\n\n12 + 7"}, {"role": "assistant", "content": "19"}]
+    assert tok.decode(ex["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
+    assert trained_text(tok, ex) == "19</s>"
+    no_input = tokenize_example({"instruction": "Name a colour.", "output": "red"}, tok, 128, fmt="chat")
+    assert "<|user|>\nName a colour.</s>" in tok.decode(no_input["input_ids"])
+    # auto keeps the Alpaca prompt, so existing runs train on what they did before.
+    assert "### Instruction" in tok.decode(tokenize_example(record, tok, 128)["input_ids"])
+    with pytest.raises(ValueError, match="'text' shape but fmt='chat'"):
+        tokenize_example({"text": "hello"}, tok, 128, fmt="chat")
+
+
+def _without_bos(tok):
+    """The preset tokenizer with a post-processor that adds nothing, its bos_token still named (as
+    SmolLM2's <|im_start|> or GPT-2's <|endoftext|> are)."""
+    import copy
+
+    import transformers
+    from tokenizers import processors
+
+    backend = copy.deepcopy(tok.backend_tokenizer)
+    backend.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B")
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                                 pad_token="<pad>")
+    assert plain("a")["input_ids"] == tok("a")["input_ids"][1:] and plain.bos_token_id == tok.bos_token_id
+    return plain
+
+
+def test_bos_only_where_the_tokenizer_adds_one(tok):
+    record = {"instruction": "Say hi.", "output": "hi"}
+    assert tokenize_example(record, tok, 64)["input_ids"][0] == tok.bos_token_id
+    plain = _without_bos(tok)
+    ids = tokenize_example(record, plain, 64)["input_ids"]
+    assert ids == tokenize_example(record, tok, 64)["input_ids"][1:]
+    assert tokenize_example({"text": "hello"}, plain, 64)["input_ids"][0] != plain.bos_token_id
+
+
+def test_chat_labels_stop_at_the_turn_end_token(tok):
+    # A ChatML-style template: a newline follows each turn's end token, as in SmolLM2's and Gemma's.
+    chatml = copy_with_template(tok, "{% for m in messages %}<|{{ m.role }}|>\n{{ m.content }}</s>\n{% endfor %}"
+                                     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you"}]}
+    ex = tokenize_example(record, chatml, 128)
+    assert tok.decode(ex["input_ids"]).endswith("See you</s>\n")
+    spans, current = [], []
+    for token, label in zip(ex["input_ids"], ex["labels"]):
+        if label != IGNORE_INDEX:
+            current.append(token)
+        elif current:
+            spans.append(tok.decode(current))
+            current = []
+    assert spans + ([tok.decode(current)] if current else []) == ["Hello</s>", "See you</s>"]
+
+
+def copy_with_template(tok, template: str):
+    import copy
+
+    out = copy.deepcopy(tok)
+    out.chat_template = template
+    return out
 
 
 def test_json_array_file(tok, tmp_path):

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 import torch
-from launch_util import ROOT
 
+from launch_util import ROOT
 from lisa_dist.recipe.ds_config import resolve_ds_config
 from lisa_dist.recipe.modeling import weights_dtype
 from lisa_dist.recipe.run_config import RunConfig, parse_args
@@ -71,4 +71,5 @@ def test_fp16_on_an_accelerator_without_fp16_exits_2_before_building_the_model()
 
 def test_dry_run_counts_fp16_weights_at_2_bytes():
     from lisa_dist.recipe.plan import _weight_bytes
-    assert _weight_bytes(RunConfig(backend="deepspeed", deepspeed=ZERO2, dtype="fp16")) == (2, "fp16 weights (--dtype fp16)")
+    assert _weight_bytes(RunConfig(backend="deepspeed", deepspeed=ZERO2, dtype="fp16")) == (
+        2, "fp16 weights (--dtype fp16)")

@@ -65,7 +65,8 @@ def test_no_decay_group_keeps_weight_decay_zero_across_switches():
             assert torch.equal(p, norms[n]), n
     sets = len(opt.param_groups) // 2
     active = opt.param_groups[sets:]
-    assert sum(len(g["params"]) for g in active) == sum(1 for _ in model.model.layers[opt.active_layers[0]].parameters())
+    assert sum(len(g["params"]) for g in active) == sum(
+        1 for _ in model.model.layers[opt.active_layers[0]].parameters())
 
 
 def test_from_optimizer_takes_class_defaults_and_groups():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ import transformers as T
 from torch import nn
 
 from lisa_dist import LisaConfig, find_decoder_layers, split_parameters
+from lisa_dist.layers import tied_freeze_problem
 
 TOKENS = dict(vocab_size=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 TEXT = dict(TOKENS, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -152,7 +154,19 @@ def test_tied_embedding_counted_once(train_embeddings: bool, train_head: bool, t
     model = build("gemma")
     tied = model.get_input_embeddings().weight
     assert model.lm_head.weight is tied
-    split = split_parameters(model, LisaConfig(train_embeddings=train_embeddings, train_head=train_head))
+    config = LisaConfig(train_embeddings=train_embeddings, train_head=train_head)
+    # One side frozen alone leaves the tied tensor trainable: say so, naming both settings and flags.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        split = split_parameters(model, config)
+    problem = tied_freeze_problem(model, config)
+    if train_embeddings == train_head:
+        assert problem is None and not caught
+    else:
+        assert [str(w.message) for w in caught] == [problem]
+        for needle in ("model.embed_tokens.weight", "train_embeddings=False and train_head=False",
+                       "--no-train-embeddings and --no-train-head"):
+            assert needle in problem
     assert_exact_partition(model, split)
     assert [id(p) for p in split.always_params].count(id(tied)) == int(tied_trains)
     assert [id(p) for _, p in split.frozen_outside].count(id(tied)) == int(not tied_trains)

@@ -134,7 +134,8 @@ def test_optimizer_state_is_that_of_the_active_set_not_all_layers():
     train(model, opt, 21)  # mid-interval: every active layer has stepped once since the switch
     psi_a = sum(p.numel() for p in opt.split.always_params) + 2 * sum(p.numel() for _, p in opt.split.per_layer[0])
     b = opt.state_bytes()
-    assert b["master"] == 4 * psi_a and b["optimizer_state"] == 8 * psi_a + 4 * len(opt._masters)  # + a 0-dim fp32 step per tensor
+    # + a 0-dim fp32 step per tensor
+    assert b["master"] == 4 * psi_a and b["optimizer_state"] == 8 * psi_a + 4 * len(opt._masters)
     full = sum(p.numel() for p in model.parameters())
     assert b["master"] + b["optimizer_state"] < 0.8 * 12 * full
 

@@ -26,7 +26,8 @@ def test_probes_pass_on_the_installed_torch():
 def test_a_missing_private_method_is_named(monkeypatch):
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
     monkeypatch.delattr(FSDPParamGroup, "_init_mp_dtypes")
-    with pytest.raises(versions.IncompatibleReleaseError, match=r"FSDPParamGroup\._init_mp_dtypes \(last seen in torch"):
+    with pytest.raises(versions.IncompatibleReleaseError,
+                       match=r"FSDPParamGroup\._init_mp_dtypes \(last seen in torch"):
         _compat.check_torch()
 
 

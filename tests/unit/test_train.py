@@ -121,8 +121,10 @@ def small_vocab_model(tmp_path_factory):
     # The hub client's OSError for an id it cannot fetch (offline here; with no route to the hub
     # the same error comes after its retries).
     (["--tokenizer", "some-org/missing-tokenizer"],
-     ["fetching it as a Hugging Face id failed", "huggingface-cli download some-org/missing-tokenizer --local-dir DIR"]),
-    (["--model", "SMALL_VOCAB"], ["the data tokenizes to token id", "but the model's input embeddings have 64 rows (the tokenizer has",
+     ["fetching it as a Hugging Face id failed",
+      "huggingface-cli download some-org/missing-tokenizer --local-dir DIR"]),
+    (["--model", "SMALL_VOCAB"], ["the data tokenizes to token id",
+                                  "but the model's input embeddings have 64 rows (the tokenizer has",
                                   "resize_token_embeddings"]),
 ])
 def test_model_and_tokenizer_errors_exit_2_without_traceback(argv, messages, tmp_path, small_vocab_model):
@@ -135,3 +137,67 @@ def test_model_and_tokenizer_errors_exit_2_without_traceback(argv, messages, tmp
     assert "Traceback" not in proc.stderr
     for message in messages:
         assert message in proc.stderr
+
+
+def test_over_length_examples_get_one_line_and_can_be_dropped(tmp_path, capsys):
+    # The shipped examples are 13 to 47 tokens; at 24 some prompts fill the window, others lose their ends.
+    from lisa_dist.recipe.data import tokenize_dataset
+    _, cut = tokenize_dataset(presets.DEFAULT_DATA, presets.default_tokenizer(), max_length=24)
+    _, dropped = tokenize_dataset(presets.DEFAULT_DATA, presets.default_tokenizer(), max_length=24, overlong="drop")
+    assert cut.truncated > 0 and cut.dropped > 0 and dropped.dropped == cut.over
+    args = FAST + ["--steps", "1", "--no-save", "--no-plots", "--max-length", "24", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("data:")]
+    assert lines == [f"data: cut {cut.truncated} of 1200 examples longer than --max-length 24 tokens (the longest has "
+                     f"{cut.longest}) to their first 24, so their ends (the last response tokens and EOS) are not "
+                     f"trained on, and left out {cut.dropped} more whose prompt fills the window; raise --max-length, "
+                     "or pass --overlong drop to leave such examples out"]
+    assert main(args + ["--overlong", "drop"]) == 0
+    out = capsys.readouterr().out
+    assert f"data: left out {dropped.dropped} of 1200 examples longer than --max-length 24" in out
+    assert f"| {1200 - dropped.dropped} examples from" in out
+    assert main(FAST + ["--steps", "1", "--no-save", "--no-plots", "--output-dir", str(tmp_path)]) == 0
+    assert "data:" not in capsys.readouterr().out  # nothing over the default length: no line
+
+
+def test_alpaca_data_through_the_chat_template(tmp_path):
+    out = tmp_path / "run"
+    assert main(FAST + ["--steps", "2", "--no-save", "--no-plots", "--data-format", "chat",
+                        "--output-dir", str(out)]) == 0
+    assert json.loads((out / "lisa_log.json").read_text())["losses"]
+
+
+@pytest.fixture(scope="module")
+def tied_model(tmp_path_factory):
+    """A checkpoint whose LM head is its input embedding (tie_word_embeddings, as SmolLM2 and Gemma 3)."""
+    tok = presets.default_tokenizer()
+    path = tmp_path_factory.mktemp("tied") / "model"
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=True)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("flag", ["--no-train-embeddings", "--no-train-head"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_freezing_one_side_of_a_tied_embedding_is_refused(flag, dry_run, tied_model, capsys):
+    code, err = _error(["--model", str(tied_model), flag] + (["--dry-run"] if dry_run else []), capsys)
+    assert code == 2
+    assert "ties its input embeddings and its LM head (model.embed_tokens.weight is both)" in err
+    assert f"alone ({flag})" in err and "--no-train-embeddings and --no-train-head" in err
+
+
+def test_freezing_both_sides_of_a_tied_embedding_freezes_it(tied_model, tmp_path):
+    out = tmp_path / "run"
+    assert main(FAST + ["--model", str(tied_model), "--steps", "2", "--no-train-embeddings", "--no-train-head",
+                        "--no-plots", "--output-dir", str(out)]) == 0
+    before = transformers.AutoModelForCausalLM.from_pretrained(tied_model)
+    after = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(after.model.embed_tokens.weight, before.model.embed_tokens.weight)
+    assert after.lm_head.weight is after.model.embed_tokens.weight
+    active = json.loads((out / "lisa_log.json").read_text())["schedule"][0]["active_layers"]
+    for i in active:
+        assert not torch.equal(after.model.layers[i].mlp.up_proj.weight, before.model.layers[i].mlp.up_proj.weight)

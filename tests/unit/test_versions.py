@@ -87,7 +87,8 @@ def test_inside_the_range_is_silent():
             check_release(lib.name, lib.newest)
 
 
-@pytest.mark.parametrize("library,release,side", [("transformers", "5.99.0", "newer"), ("accelerate", "1.99.0", "newer"),
+@pytest.mark.parametrize("library,release,side", [("transformers", "5.99.0", "newer"),
+                                                  ("accelerate", "1.99.0", "newer"),
                                                   ("torch", "2.10.1+cu128", "older"), ("deepspeed", "0.18.3", "older"),
                                                   ("deepspeed", "0.20.0", "newer")])
 def test_outside_the_range_warns_once_and_goes_on(library, release, side):
@@ -106,7 +107,8 @@ def test_outside_the_range_warns_once_and_goes_on(library, release, side):
 def test_strict_mode_refuses_untested_releases(monkeypatch):
     monkeypatch.setenv(versions.STRICT_ENV, "1")
     check_release("transformers", LIBRARIES["transformers"].newest)
-    with pytest.raises(IncompatibleReleaseError, match=r"transformers 5\.99\.0 .*LISA_DIST_STRICT_VERSIONS=1 refuses it"):
+    with pytest.raises(IncompatibleReleaseError,
+                       match=r"transformers 5\.99\.0 .*LISA_DIST_STRICT_VERSIONS=1 refuses it"):
         check_release("transformers", "5.99.0")
 
 
@@ -208,11 +210,12 @@ def test_support_table_renders_what_the_legs_wrote():
     ])
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines() if line.startswith("| `")}
-    head = [c.strip() for c in next(l for l in table.splitlines() if l.startswith("| leg")).split("|")[1:-1]]
+    head = [c.strip() for c in next(line for line in table.splitlines() if line.startswith("| leg")).split("|")[1:-1]]
     good, bad = dict(zip(head[1:], rows["`good`"])), dict(zip(head[1:], rows["`bad`"]))
     assert good["Trainer / accelerate"] == "passed (3 passed)" and good["FSDP2"] == "-"
     assert bad["FSDP2"] == "**FAILED** (1 passed)"
-    assert bad["transformers"] == "5.99.0 (warns)" and bad["peft"] == "-" and good["transformers"] == newest["transformers"]
+    assert bad["transformers"] == "5.99.0 (warns)" and bad["peft"] == "-"
+    assert good["transformers"] == newest["transformers"]
 
 
 def test_supported_releases_page_is_the_rendering_of_the_committed_results():

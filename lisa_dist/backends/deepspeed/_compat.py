@@ -38,7 +38,8 @@ def _module_probes() -> List[Probe]:
                                     "model_parameters")),
         Probe("deepspeed.runtime.engine.DeepSpeedEngine._zero3_consolidated_16bit_state_dict",
               lambda: callable(engine.DeepSpeedEngine._zero3_consolidated_16bit_state_dict)),
-        Probe("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.destroy", lambda: callable(zero12().destroy)),
+        Probe("deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer.destroy",
+              lambda: callable(zero12().destroy)),
         Probe("deepspeed.runtime.zero.stage3.DeepSpeedZeroOptimizer_Stage3.initialize_ds_offload",
               lambda: "initialize_ds_offload" in zero3().__dict__),
         Probe("deepspeed.runtime.zero.stage3.defragment (or DeepSpeedZeroOptimizer_Stage3.defragment)",
@@ -322,10 +323,10 @@ def gradient_buffers(zero_optimizer) -> Dict[str, List[torch.Tensor]]:
 
     "partition": gradients of this rank's partition (ZeRO-2's contiguous `grads_in_partition`, the
     reduced `averaged_gradients`; under offload_optimizer the fp32 partitions' .grad on the host,
-    stage_1_and_2.py:3126, and the fp32 host accumulators of gradient accumulation); "buckets": reduction and offload staging buffers (`ipg_buckets`, sized by
-    reduce_bucket_size; under offload the largest-param gradient buffers and the host bit16 copy of
-    the partition the updated weights travel back through, 560-575), framework workspace rather
-    than model state.
+    stage_1_and_2.py:3126, and the fp32 host accumulators of gradient accumulation); "buckets":
+    reduction and offload staging buffers (`ipg_buckets`, sized by reduce_bucket_size; under
+    offload the largest-param gradient buffers and the host bit16 copy of the partition the
+    updated weights travel back through, 560-575), framework workspace rather than model state.
     """
     partition: List[torch.Tensor] = []
     if getattr(zero_optimizer, "grads_in_partition", None) is not None:

@@ -29,11 +29,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from lisa_dist.serialization import load_tensors, weights_only_loads, write_text_atomic
 from lisa_dist import rng
-from lisa_dist.backends.deepspeed import _compat, zero12
 from lisa_dist.agreement import check_agreement
+from lisa_dist.backends.deepspeed import _compat, zero12
 from lisa_dist.config import check_resumable
+from lisa_dist.serialization import load_tensors, weights_only_loads, write_text_atomic
 
 SIDECAR = "lisa_checkpoint.json"
 CLIENT_KEY = "lisa"

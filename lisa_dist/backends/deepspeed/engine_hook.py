@@ -13,17 +13,18 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from lisa_dist.agreement import check_agreement
+from lisa_dist.backends.deepspeed import _compat, engine_checkpoint, process_group, zero3, zero12
+from lisa_dist.backends.deepspeed.importance import Calibration, engine_outlier_ratios, layer_grad_squares
+from lisa_dist.backends.deepspeed.op_errors import explained_op_build_failures
+from lisa_dist.backends.deepspeed.state_bytes import optimizer_bytes
 from lisa_dist.config import LisaConfig
 from lisa_dist.importance import LayerImportance
 from lisa_dist.layers import ParamSplit, split_parameters
 from lisa_dist.memory import device_memory
 from lisa_dist.optim import refit_scheduler
 from lisa_dist.sampling import LayerSampler, sample_layers
-from lisa_dist.backends.deepspeed import _compat, engine_checkpoint, process_group, zero3, zero12
-from lisa_dist.agreement import check_agreement
-from lisa_dist.backends.deepspeed.importance import Calibration, engine_outlier_ratios, layer_grad_squares
-from lisa_dist.backends.deepspeed.state_bytes import optimizer_bytes
-from lisa_dist.backends.deepspeed.op_errors import explained_op_build_failures
+
 
 class LisaEngineState:
     """The LISA schedule of one engine (`engine.lisa`): what trains now and what happened so far."""
@@ -143,7 +144,8 @@ def _check_ds_config(ds_config: dict) -> None:
     stage = int(zero.get("stage", 0))
     if stage not in (1, 2, 3):
         raise ValueError(
-            f"lisa_dist.backends.deepspeed.initialize needs ZeRO stage 1, 2 or 3, the DeepSpeed config has stage {stage}; "
+            "lisa_dist.backends.deepspeed.initialize needs ZeRO stage 1, 2 or 3, "
+            f"the DeepSpeed config has stage {stage}; "
             "set \"zero_optimization\": {\"stage\": 2} (stage 0 keeps a full optimizer per rank: use "
             "lisa_dist.optim.LisaOptimizer with plain data parallelism instead)")
     offload = zero.get("offload_optimizer") or {}
@@ -189,7 +191,8 @@ def _regroup_client_optimizer(optimizer: torch.optim.Optimizer, lr_scheduler: An
     old = len(optimizer.param_groups)
     sets = [zero12.option_set_of(key) for key, _ in groups]
     optimizer.param_groups = [{**option_sets[j], "params": list(params)} for j, (_, params) in zip(sets, groups)]
-    schedulers = ([lr_scheduler] if lr_scheduler is not None and not callable(lr_scheduler) else []) + list(other_schedulers)
+    schedulers = (([lr_scheduler] if lr_scheduler is not None and not callable(lr_scheduler) else [])
+                  + list(other_schedulers))
     for scheduler in schedulers:
         bound = getattr(scheduler, "optimizer", None)
         if bound is not None and bound is not optimizer:

@@ -10,8 +10,8 @@ from typing import Any, Callable, Iterable, List, Union
 import torch
 import torch.distributed as dist
 
-from lisa_dist.outlier import local_scores, outlier_ratios, resolve_calibration
 from lisa_dist.backends.deepspeed import _compat
+from lisa_dist.outlier import local_scores, outlier_ratios, resolve_calibration
 
 Calibration = Union[Iterable[Any], Callable[[int, int], Iterable[Any]]]
 

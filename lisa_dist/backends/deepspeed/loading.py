@@ -50,8 +50,8 @@ def load_partitioned(ds_config: dict, build: Callable[[], Tuple[nn.Module, Any]]
     import transformers
     from transformers.integrations.deepspeed import HfDeepSpeedConfig
 
-    from lisa_dist.memory import large_host_blocks_mapped
     from lisa_dist.backends.deepspeed import _compat, process_group
+    from lisa_dist.memory import large_host_blocks_mapped
 
     _compat.check_deepspeed()
     _compat.install_zero3_gather_fix()

@@ -9,11 +9,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lisa_dist.config import LisaConfig
-from lisa_dist.memory import count_params, model_state_floor
 from lisa_dist.backends.deepspeed import _compat, process_group
 from lisa_dist.backends.deepspeed.engine_hook import initialize
 from lisa_dist.backends.deepspeed.state_bytes import model_state_bytes, optimizer_bytes
+from lisa_dist.config import LisaConfig
+from lisa_dist.memory import count_params, model_state_floor
 
 
 class DeepSpeedRunner:

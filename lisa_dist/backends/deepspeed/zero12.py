@@ -155,7 +155,8 @@ def rebuild(engine, old_keys: Sequence[GroupKey], new_groups: Sequence[Tuple[Gro
         # does it for good, hence the hint.
         warnings.warn("the previous ZeRO optimizer's flat buffers are still referenced after the LISA switch; "
                       "they stay allocated until that reference goes (keep the optimizer returned by "
-                      "lisa_dist.backends.deepspeed.initialize rather than engine.optimizer)", RuntimeWarning, stacklevel=2)
+                      "lisa_dist.backends.deepspeed.initialize rather than engine.optimizer)",
+                      RuntimeWarning, stacklevel=2)
 
     trainable = {id(p) for _, params in new_groups for p in params}
     for p in managed:

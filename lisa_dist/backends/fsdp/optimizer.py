@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch import nn
 
 from lisa_dist.agreement import check_agreement
+from lisa_dist.backends.fsdp.shard import default_device
+from lisa_dist.backends.torch_compat import check_torch, refresh_mp_dtypes
 from lisa_dist.config import LisaConfig
 from lisa_dist.optim import LisaOptimizer, _forward
 from lisa_dist.outlier import outlier_ratios
-from lisa_dist.backends.torch_compat import check_torch, refresh_mp_dtypes
-from lisa_dist.backends.fsdp.shard import default_device
 
 
 class FSDPLisaOptimizer(LisaOptimizer):

@@ -10,14 +10,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lisa_dist.config import LisaConfig
-from lisa_dist.devices import rank_device
-from lisa_dist.outlier import resolve_calibration
-from lisa_dist.backends.single import SingleRunner
 from lisa_dist import loading
 from lisa_dist.backends.fsdp import dcp_checkpoint
 from lisa_dist.backends.fsdp.optimizer import FSDPLisaOptimizer
 from lisa_dist.backends.fsdp.shard import default_device, shard_model
+from lisa_dist.backends.single import SingleRunner
+from lisa_dist.config import LisaConfig
+from lisa_dist.devices import rank_device
+from lisa_dist.outlier import resolve_calibration
 
 
 def init_distributed() -> bool:

@@ -8,9 +8,9 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+from lisa_dist.backends.torch_compat import check_torch
 from lisa_dist.devices import rank_device
 from lisa_dist.layers import find_decoder_layers
-from lisa_dist.backends.torch_compat import check_torch
 
 
 def default_device() -> torch.device:
