@@ -314,7 +314,11 @@ def apply_lora(model: nn.Module, rank: int, targets: str, adapter_fp32: bool) ->
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target, lora_dropout=0.0)
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing
         warnings.simplefilter("ignore", FutureWarning)
-        lora = peft.get_peft_model(model, config, autocast_adapter_dtype=adapter_fp32)
+        try:
+            lora = peft.get_peft_model(model, config, autocast_adapter_dtype=adapter_fp32)
+        except ValueError as e:  # peft names the modules it did not find
+            raise ValueError(f"--dry-run-lora-targets {targets}: {e} Use all-linear or names of the model's "
+                             "linear layers, e.g. q_proj,v_proj") from None
     if not adapter_fp32:
         dtype = next(p for p in model.parameters() if not p.requires_grad).dtype
         for p in lora.parameters():

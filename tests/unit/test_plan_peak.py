@@ -109,3 +109,9 @@ def test_lora_targets(targets, expected):
         assert plan.lora_params > per_layer * config.num_hidden_layers
     else:
         assert plan.lora_params == per_layer * config.num_hidden_layers
+
+
+def test_unknown_lora_targets_name_the_flag(capsys):
+    assert main(["--dry-run", "--dry-run-lora-targets", "foo_proj", "--batch-size", "1", "--max-length", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "--dry-run-lora-targets foo_proj" in err and "foo_proj" in err and "Traceback" not in err
