@@ -1,30 +1,29 @@
-"""Peak host memory per rank while lisa-train loads a sharded safetensors checkpoint, per backend.
+"""Peak host memory per rank of a real `lisa-train` run, loading through its first step, FSDP2 and ZeRO-3.
 
     python benchmarks/load_memory.py        # CPU/gloo; writes benchmarks/results/load_memory.{json,md}
 
-Writes two checkpoints with save_pretrained(max_shard_size=...): a big Llama (--hidden/--layers,
-about 0.6 GB in fp32) and the tiny preset, then for each backend row launches
-`torchrun --nproc_per_node N` of this script's worker at N = 1 and 2. A worker does what lisa-train
-does before its first step (the backend's `load`, then its runner: FSDP2 sharding and filling, or
-deepspeed.initialize) and records its peak RSS (VmHWM, reset just before loading) minus its RSS
-just before. The big run minus the tiny run is what the checkpoint costs a rank; fitted as
-a + b / N over the two world sizes, it predicts a rank's cost at 8 ranks for a 70B bf16 checkpoint
-with both terms scaled by the size ratio (conservative for a where a is one file's transient,
-which depends on max_shard_size rather than on the model's size).
+Writes a big checkpoint (Llama, 12 layers, hidden 768, intermediate 2048, vocab 32000, untied, fp32:
+512 MiB in ~40 MB safetensors files) and two tiny ones (2 layers, hidden 64: the shipped 1024-token
+vocabulary, and the big one's 32000), then launches lisa-train on each as a user does (torchrun for
+FSDP2, the deepspeed launcher with ds_configs/zero3.json for ZeRO-3) with the flags of
+rank_memory.USER_FLAGS: one step, one active layer, frozen embeddings and head, fp32. Each rank's
+/proc status is sampled from outside until the run exits (benchmarks/rank_memory.py): peak RSS
+(VmHWM) and the largest anonymous and file-backed RSS seen. The big run minus a tiny run is what
+the checkpoint costs a rank; against the 32k tiny run the logits of the 32000-word vocabulary
+(activations, not the checkpoint) cancel out too.
 
-Host memory is the device memory on CPU: ZeRO-1/2 need every weight on every rank's device, so
-their rows cannot fall with N here (on GPUs from_pretrained puts them on the device instead).
+Host memory is the device memory on CPU: the rows are the GPU run's device memory plus its host
+memory, so on GPUs the host figure is smaller.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,41 +33,29 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ROWS = [  # (name, backend, deepspeed config, dtype)
-    ("fsdp2 fp32", "fsdp2", None, "fp32"),
-    ("fsdp2 bf16", "fsdp2", None, "bf16"),
-    ("zero2 fp32", "deepspeed", "ds_configs/zero2.json", "fp32"),
-    ("zero2 bf16", "deepspeed", "ds_configs/zero2.json", "bf16"),
-    ("zero3 fp32", "deepspeed", "ds_configs/zero3.json", "fp32"),
-    # What each rank paid before: transformers' from_pretrained of the whole model, no runner.
-    ("from_pretrained fp32 (reference)", "from_pretrained", None, "fp32"),
-    ("from_pretrained bf16 (reference)", "from_pretrained", None, "bf16"),
+ROWS = [  # (name, lisa-train --backend, --deepspeed)
+    ("FSDP2", "fsdp2", None),
+    ("ZeRO-3", "deepspeed", "ds_configs/zero3.json"),
 ]
-LLAMA2_70B_BF16_BYTES = 68_976_648_192 * 2  # launch/configs/llama2-70b, as the dry run counts it
-
-
-def mib(b: float) -> str:
-    """A table cell in whole MiB, the unit its column names."""
-    from lisa_dist.memory import format_bytes  # imported late, like everything the workers measure around
-    return format_bytes(b, "MiB", 0, suffix=False)
+BASELINES = ("tiny", "tiny_v32k")
+# Side by side at 2 ranks, 5 steps on the big checkpoint: glibc's adaptive threshold (lisa-train before
+# memory.map_large_host_blocks) and two fixed ones; each backend's own is recipe/train.py's host_block.
+HOST_BLOCKS = ("glibc", str(256 * 1024), str(1024 ** 2))
+HOST_BLOCK_STEPS = 5
+TARGET = 0.6  # issue 23: at most 0.6x the checkpoint above the tiny run at 2 ranks
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=12)
-    p.add_argument("--shard-size", default="100MB", help="save_pretrained max_shard_size")
-    p.add_argument("--worlds", default="1,2")
-    p.add_argument("--workdir", type=Path, default=Path("/tmp/lisa_load_memory"))
+    p.add_argument("--worlds", default="1,2,3")
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lisa_user_load_memory"))
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load_memory")
     p.add_argument("--markdown-only", action="store_true", help="re-render OUT.md from OUT.json")
-    p.add_argument("--worker", nargs=4, metavar=("MODEL", "BACKEND", "DS_CONFIG", "DTYPE"), help=argparse.SUPPRESS)
-    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def write_checkpoint(directory: Path, hidden: int, layers: int, shard_size: str) -> int:
-    """A seeded Llama saved as sharded safetensors (fp32) with the shipped tokenizer; returns its bytes."""
+def write_checkpoint(directory: Path, layers: int, hidden: int, intermediate: int, vocab: int) -> int:
+    """A seeded untied fp32 Llama saved as ~40 MB safetensors files with the shipped tokenizer; returns its bytes."""
     import torch
     import transformers
 
@@ -76,171 +63,138 @@ def write_checkpoint(directory: Path, hidden: int, layers: int, shard_size: str)
 
     if not (directory / "config.json").is_file():
         tok = presets.default_tokenizer()
-        config = presets.tiny_llama_config(len(tok), num_layers=layers, hidden_size=hidden)
+        config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                                          num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+                                          num_key_value_heads=max(1, hidden // 64), max_position_embeddings=512,
+                                          tie_word_embeddings=False, use_cache=False, pad_token_id=tok.pad_token_id,
+                                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
         torch.manual_seed(0)
-        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(directory, max_shard_size=shard_size)
+        transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(
+            directory, max_shard_size="40MB")
         tok.save_pretrained(directory)
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def worker(args) -> None:
-    """One rank: lisa-train's load and runner construction, with host memory measured around them."""
-    import torch.distributed as dist
-    from host_memory import host_rss_bytes, reset_peak_host_rss
+def checkpoints(workdir: Path) -> Dict[str, Dict]:
+    from lisa_dist.recipe import presets
 
-    from lisa_dist.recipe.modeling import weights_dtype
-    from lisa_dist.recipe.run_config import RunConfig
-    from lisa_dist.recipe.train import BACKENDS
-
-    model_dir, backend_name, ds_config, dtype = args.worker
-    if backend_name == "from_pretrained":
-        import transformers
-        dist.init_process_group("gloo")
-        before = host_rss_bytes()
-        reset_peak_host_rss()
-        start = time.perf_counter()
-        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(dtype))
-        peak = host_rss_bytes("VmHWM") - before
-        result = {"rank": dist.get_rank(), "world": dist.get_world_size(), "rss_before": before, "peak_load": peak,
-                  "peak": peak, "seconds": time.perf_counter() - start}
-        values = [None] * dist.get_world_size()
-        dist.all_gather_object(values, result)
-        if dist.get_rank() == 0:
-            args.result.write_text(json.dumps(values))
-        del model
-        dist.destroy_process_group()
-        return
-    run = RunConfig(model=model_dir, backend=backend_name, deepspeed=None if ds_config == "-" else ds_config,
-                    dtype=dtype, steps=1, batch_size=1)
-    backend = BACKENDS[backend_name]
-    before = host_rss_bytes()
-    reset_peak_host_rss()
-    start = time.perf_counter()
-    model, _ = backend.load(run, weights_dtype(dtype))
-    after_load = host_rss_bytes("VmHWM")
-    runner = backend.runner(run, model)
-    seconds = time.perf_counter() - start
-    peak = host_rss_bytes("VmHWM")
-    result = {"rank": runner.rank, "world": runner.world_size, "rss_before": before,
-              "peak_load": after_load - before, "peak": peak - before, "seconds": seconds}
-    values: List[Dict] = [None] * runner.world_size
-    dist.all_gather_object(values, result)
-    if runner.rank == 0:
-        args.result.write_text(json.dumps(values))
-    del model
-    runner.close()
-
-
-def launch(model_dir: Path, backend: str, ds_config, dtype: str, world: int, result: Path) -> List[Dict]:
-    sys.path.insert(0, str(ROOT / "tests" / "support"))
-    from launch_util import _tool, free_port, launch_env
-
-    cmd = [_tool("torchrun"), f"--nproc_per_node={world}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
-           str(Path(__file__).resolve()), "--worker", str(model_dir), backend, ds_config or "-", dtype,
-           "--result", str(result)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return json.loads(result.read_text())
-
-
-def fit(deltas: Dict[int, float]) -> Dict[str, float]:
-    """a + b / N through the measured world sizes (least squares when there are more than two)."""
-    import numpy as np
-
-    worlds = sorted(deltas)
-    x = np.array([[1.0, 1.0 / n] for n in worlds])
-    (a, b), *_ = np.linalg.lstsq(x, np.array([deltas[n] for n in worlds]), rcond=None)
-    return {"a": float(a), "b": float(b)}
+    vocab = len(presets.default_tokenizer())
+    shapes = {"big": (12, 768, 2048, 32000), "tiny": (2, 64, 176, vocab), "tiny_v32k": (2, 64, 176, 32000)}
+    out = {}
+    for name, (layers, hidden, intermediate, v) in shapes.items():
+        path = workdir / name
+        out[name] = {"path": str(path), "layers": layers, "hidden": hidden, "intermediate": intermediate,
+                     "vocab": v, "bytes": write_checkpoint(path, layers, hidden, intermediate, v),
+                     "files": None}
+        out[name]["files"] = len(list(path.glob("*.safetensors")))
+    return out
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.worker:
-        worker(args)
-        return 0
     if args.markdown_only:  # re-render the Markdown from a JSON written earlier
         args.out.with_suffix(".md").write_text(markdown(json.loads(args.out.with_suffix(".json").read_text())))
         return 0
+    from rank_memory import FIELDS, USER_FLAGS, extra_per_rank, measure_lisa_train
+
     from bench_common import machine, versions, write_report
     from lisa_dist.memory import format_bytes
 
     args.workdir.mkdir(parents=True, exist_ok=True)
-    big, tiny = args.workdir / f"llama_h{args.hidden}_l{args.layers}", args.workdir / "tiny"
-    sizes = {"big": write_checkpoint(big, args.hidden, args.layers, args.shard_size),
-             "tiny": write_checkpoint(tiny, 128, 8, args.shard_size)}
-    worlds = [int(w) for w in args.worlds.split(",")]
+    ckpts = checkpoints(args.workdir)
+    size = ckpts["big"]["bytes"]
     rows = []
-    for name, backend, ds_config, dtype in ROWS:
-        row = {"row": name, "backend": backend, "deepspeed": ds_config, "dtype": dtype, "by_world": {}}
-        for world in worlds:
-            got = {which: launch(d, backend, ds_config, dtype, world, args.workdir / "result.json")
-                   for which, d in (("big", big), ("tiny", tiny))}
-            per_rank = [b["peak"] - t["peak"] for b, t in zip(got["big"], got["tiny"])]
-            row["by_world"][world] = {"delta_peak_per_rank": per_rank,
-                                      "delta_after_load_per_rank": [b["peak_load"] - t["peak_load"]
-                                                                    for b, t in zip(got["big"], got["tiny"])],
-                                      "raw": got}
+    for name, backend, ds_config in ROWS:
+        row = {"row": name, "backend": backend, "deepspeed": ds_config, "by_world": {}}
+        for world in [int(w) for w in args.worlds.split(",")]:
+            runs = {which: measure_lisa_train(backend, world, Path(ckpts[which]["path"]), ds_config=ds_config)
+                    for which in (*BASELINES, "big")}
+            extra = {b: extra_per_rank(runs["big"], runs[b]) for b in BASELINES}
+            row["by_world"][world] = {"runs": runs, "extra": extra,
+                                      "ratio": {b: max(extra[b]["VmHWM"]) / size for b in BASELINES}}
             print(f"{name} x{world}: peak RSS over the tiny run per rank "
-                  f"{', '.join(mib(d) for d in per_rank)} MiB (checkpoint {format_bytes(sizes['big'], 'MiB', 0)})",
-                  flush=True)
-        model_bytes = sizes["big"] * (0.5 if dtype == "bf16" else 1.0)  # what the loaded weights take
-        f = fit({w: max(v["delta_peak_per_rank"]) for w, v in row["by_world"].items()})
-        scale = LLAMA2_70B_BF16_BYTES / model_bytes
-        row["fit"] = f
-        row["predicted_70b_bf16_8_ranks_bytes"] = (f["a"] + f["b"] / 8) * scale
+                  f"{', '.join(format_bytes(d, 'MiB', 0) for d in extra['tiny']['VmHWM'])} "
+                  f"({row['by_world'][world]['ratio']['tiny']:.2f}x the checkpoint), over the 32k tiny run "
+                  f"{row['by_world'][world]['ratio']['tiny_v32k']:.2f}x", flush=True)
         rows.append(row)
+    from lisa_dist.recipe.train import BACKENDS
+
+    flags = [*USER_FLAGS]
+    flags[flags.index("--steps") + 1] = str(HOST_BLOCK_STEPS)
+    host_blocks = []
+    for name, backend, ds_config in ROWS:
+        for value in HOST_BLOCKS:
+            run = measure_lisa_train(backend, 2, Path(ckpts["big"]["path"]), flags=flags, ds_config=ds_config,
+                                     host_block=value)
+            host_blocks.append({"row": name, "host_block": value, "default": str(BACKENDS[backend].host_block),
+                                "run": run})
+            print(f"{name} host block {value}: peak RSS per rank "
+                  f"{', '.join(format_bytes(p['VmHWM'], 'MiB', 0) for p in run['peaks'])}, "
+                  f"steps {[round(t, 2) for t in run['step_seconds']]}", flush=True)
     result = {"command": "python benchmarks/load_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "versions": versions(),
-              "checkpoint": {"hidden": args.hidden, "layers": args.layers, "shard_size": args.shard_size,
-                             "bytes": sizes["big"], "files": len(list(big.glob("*.safetensors"))),
-                             "tiny_bytes": sizes["tiny"]},
-              "rows": rows}
+              "machine": machine(), "versions": versions(), "checkpoints": ckpts, "flags": list(USER_FLAGS),
+              "fields": list(FIELDS), "target": TARGET, "rows": rows,
+              "host_blocks": host_blocks}
     write_report(args.out, result, markdown)
     return 0
+
+
+def _mib(values) -> str:
+    from lisa_dist.memory import format_bytes
+    return ", ".join(format_bytes(v, "MiB", 0, suffix=False) for v in values)
 
 
 def markdown(r: Dict) -> str:
     from lisa_dist.memory import format_bytes
 
-    c, m, v = r["checkpoint"], r["machine"], r["versions"]
-    worlds = sorted({int(w) for row in r["rows"] for w in row["by_world"]})
-    head = " | ".join(f"N={w} per rank (MiB)" for w in worlds)
+    c, m, v = r["checkpoints"], r["machine"], r["versions"]
+    big, size = c["big"], c["big"]["bytes"]
     lines = [
-        "# Host memory while loading a sharded checkpoint",
+        "# Host memory of lisa-train per rank: loading through the first step",
         "",
-        f"Command: `{r['command']}` (CPU, gloo, torchrun).",
+        f"Command: `{r['command']}` (CPU, gloo; torchrun for FSDP2, the deepspeed launcher for ZeRO-3).",
         f"Machine: {m['cpu']}, {m['cpus_visible']} CPUs visible, OMP_NUM_THREADS={m['omp_num_threads']}, "
         f"{m['platform']}. Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
-        f"Checkpoint: Llama hidden {c['hidden']}, {c['layers']} layers, fp32, {format_bytes(c['bytes'], 'MiB', 0)} in "
-        f"{c['files']} safetensors files (save_pretrained max_shard_size={c['shard_size']}); the same run on the "
-        f"tiny preset's checkpoint ({format_bytes(c['tiny_bytes'], 'MiB', 1)}) is subtracted.",
-        "Each figure: a rank's peak RSS from just before the backend's load to the end of its runner's "
-        "construction (FSDP2 sharding and filling, deepspeed.initialize), minus the same on the tiny checkpoint.",
+        f"Checkpoint: Llama, {big['layers']} layers, hidden {big['hidden']}, intermediate {big['intermediate']}, "
+        f"vocab {big['vocab']}, untied, fp32: {format_bytes(size, 'MiB', 0)} in {big['files']} safetensors files. "
+        f"Baselines: the same run on a tiny checkpoint ({c['tiny']['layers']} layers, hidden {c['tiny']['hidden']}) "
+        f"with the shipped {c['tiny']['vocab']}-word vocabulary (`tiny`) and with the big one's "
+        f"{c['tiny_v32k']['vocab']} (`tiny 32k`, whose logits are as large as the big run's).",
+        f"lisa-train flags: `{' '.join(r['flags'])}`. Each figure: a rank's peak over the whole run (sampled "
+        "from /proc every 50 ms from outside: VmHWM, and the largest RssAnon and RssFile seen) minus the same "
+        "rank's on the baseline; the ratio is the largest rank's peak over the checkpoint's size.",
         "",
-        f"| row | {head} | fit a + b/N (MiB) | predicted, 70B bf16 at N=8 (GiB) |",
-        "|---|" + "---|" * len(worlds) + "---|---|",
+        "| backend | ranks | peak RSS over tiny, per rank (MiB) | x ckpt | anon (MiB) | file-backed (MiB) "
+        "| peak RSS over tiny 32k (MiB) | x ckpt | step s (big) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
-        cells = " | ".join(", ".join(mib(d) for d in row["by_world"][str(w)]["delta_peak_per_rank"])
-                           if str(w) in row["by_world"] else
-                           ", ".join(mib(d) for d in row["by_world"][w]["delta_peak_per_rank"])
-                           for w in worlds)
-        f = row["fit"]
-        lines.append(f"| {row['row']} | {cells} | {mib(f['a'])} + {mib(f['b'])}/N | "
-                     f"{format_bytes(row['predicted_70b_bf16_8_ranks_bytes'], 'GiB', 1, suffix=False)} |")
-    lines += ["", "Prediction: (a + b/8) x (70B bf16 bytes / the loaded weights' bytes); an over-estimate where a is "
-              "one file's transient, which depends on max_shard_size, not on the model's size. On GPUs the "
-              "ZeRO-1/2 weights and the FSDP2 shards land on the device, so their host figures there are smaller.",
+        for world, w in sorted(row["by_world"].items(), key=lambda kv: int(kv[0])):
+            e, e32 = w["extra"]["tiny"], w["extra"]["tiny_v32k"]
+            steps = w["runs"]["big"]["step_seconds"] or []
+            lines.append(f"| {row['row']} | {world} | {_mib(e['VmHWM'])} | {w['ratio']['tiny']:.2f} | "
+                         f"{_mib(e['RssAnon'])} | {_mib(e['RssFile'])} | {_mib(e32['VmHWM'])} | "
+                         f"{w['ratio']['tiny_v32k']:.2f} | {', '.join(f'{s:.2f}' for s in steps)} |")
+    lines += ["", f"Target (issue 23): at most {r['target']}x the checkpoint above the tiny run at 2 ranks.", "",
+              "## The host-block threshold, side by side",
               "",
-              "Reading the rows: ZeRO-1/2 figures include deepspeed.initialize's fp32 state for the active "
-              "layers, which the tiny run does not subtract. `from_pretrained fp32` is far below the checkpoint "
-              "because transformers maps an fp32 checkpoint without copying: its pages become resident when first "
-              "touched (the first forward), as page cache shared by a node's ranks, so the row undercounts. "
-              "ZeRO-3's figure is nearly all there once `load` returns (`delta_after_load_per_rank` in the "
-              "JSON), before deepspeed.initialize: this rank's partitions plus one file's transient "
-              "(benchmarks/results/zero3_load_stages.md breaks it down by stage).", ""]
+              f"lisa-train maps every host block at or above its backend's threshold on its own "
+              f"(`lisa_dist.memory.map_large_host_blocks`), so freed blocks go back to the OS instead of staying in "
+              f"glibc's heap. The big run at 2 ranks for {HOST_BLOCK_STEPS} steps "
+              f"(`--steps {HOST_BLOCK_STEPS}`, otherwise the flags above) through "
+              "`benchmarks/lisa_train_host_block.py`, one threshold after another; `glibc` is glibc's adaptive "
+              "threshold, what lisa-train had before. Step times are CPU times of a shared 2-core machine: "
+              "compare within a backend.",
+              "",
+              "| backend | threshold | peak RSS per rank (MiB) | median step s (steps 2-5) | lisa-train's |",
+              "|---|---|---|---|---|"]
+    for h in r.get("host_blocks", []):
+        median = statistics.median(h["run"]["step_seconds"][1:])
+        label = h["host_block"] if h["host_block"] == "glibc" else format_bytes(int(h["host_block"]), "KiB", 0)
+        lines.append(f"| {h['row']} | {label} | {_mib(p['VmHWM'] for p in h['run']['peaks'])} | {median:.2f} | "
+                     f"{'yes' if h['host_block'] == h['default'] else ''} |")
+    lines.append("")
     return "\n".join(lines)
 
 

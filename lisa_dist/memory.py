@@ -105,10 +105,23 @@ def local_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 _GLIBC_MMAP_THRESHOLD_MAX = 32 * 1024 ** 2  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+_LARGE_HOST_BLOCK = 1024 ** 2
+_process_threshold: Optional[int] = None  # set by map_large_host_blocks: the threshold for the rest of the process
+
+
+def _glibc():
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl has neither)
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 @contextmanager
-def large_host_blocks_mapped(threshold: int = 1024 ** 2) -> Iterator[None]:
+def large_host_blocks_mapped(threshold: int = _LARGE_HOST_BLOCK) -> Iterator[None]:
     """While active, glibc gives every host allocation of `threshold` bytes or more its own mapping,
     so freeing it hands its pages straight back to the OS (a no-op without glibc).
 
@@ -117,23 +130,45 @@ def large_host_blocks_mapped(threshold: int = 1024 ** 2) -> Iterator[None]:
     and freeing tensor after tensor of a few MiB (a layer's weights, whole or sliced) then peaks well
     above what it holds, by an amount that depends on the order of allocation, so differently on
     each rank (building under zero.Init: benchmarks/results/zero3_load_stages.md). Disabling the
-    adaptation cannot be undone, so on exit the threshold stays at glibc's adaptive ceiling, where a
-    long-running process usually ends anyway, with the trim threshold the adaptation pairs with it."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 (glibc has both; musl has neither)
-    except (OSError, AttributeError):
+    adaptation cannot be undone, so on exit the threshold stays at glibc's adaptive ceiling, with the
+    trim threshold the adaptation pairs with it, unless `map_large_host_blocks` made the mapping
+    process-wide (lisa-train), in which case it stays."""
+    libc = _glibc()
+    if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    libc.mallopt(_M_MMAP_THRESHOLD, min(threshold, _process_threshold or threshold))
     try:
         yield
     finally:
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
+        if _process_threshold is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _process_threshold)
+        else:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
+            libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
         libc.malloc_trim(0)
+
+
+def map_large_host_blocks(threshold: int) -> None:
+    """For the rest of the process, every host allocation of `threshold` bytes or more gets its own
+    mapping (glibc; a no-op elsewhere): what `large_host_blocks_mapped` does while loading, kept
+    for training, where host memory is the device's on CPUs. lisa-train calls it at its start with
+    its backend's threshold (recipe/train.py).
+
+    Left to glibc's adaptive threshold (up to 32 MiB), the blocks of the first training step that
+    are below 32 MiB come from its heap: FSDP2's per-layer all-gather buffers and unsharded
+    parameters, ZeRO-3's gathered parameters, activations. They are freed in another order than
+    they were allocated, so the heap grows past what is live and keeps the freed pages: on the
+    512 MiB checkpoint of benchmarks/load_memory.py at 2 ranks FSDP2 ranks peaked 600-800 MiB higher
+    than with 1 MiB. Mapped blocks go back to the OS on free, at the cost of a page-fault pass over
+    each new one, which a CPU step pays for the blocks it allocates between the threshold and 32 MiB
+    (benchmarks/results/load_memory.md: the thresholds measured side by side)."""
+    global _process_threshold
+    libc = _glibc()
+    if libc is None:
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+    _process_threshold = threshold
 
 
 def device_memory() -> Dict[str, int]:

@@ -154,7 +154,8 @@ class LisaPrepared:
         defaults = {k: v for k, v in user_optimizer.defaults.items() if k in accepted}
         weight_dtype = next(model.parameters()).dtype
         shard_model(model, mp_bf16=options["bf16"] or weight_dtype == torch.bfloat16, reduce_fp32=True,
-                    cpu_offload=options["cpu_offload"], layers_path=self.lisa.layers_path)
+                    cpu_offload=options["cpu_offload"], layers_path=self.lisa.layers_path,
+                    train_embeddings=self.lisa.train_embeddings, train_head=self.lisa.train_head)
         optimizer = FSDPLisaOptimizer(model, self.lisa, type(user_optimizer), groups=groups, **defaults)
         for scheduler in (a for a in args if isinstance(a, torch.optim.lr_scheduler.LRScheduler)):
             optimizer.adopt_scheduler(scheduler, user_optimizer)

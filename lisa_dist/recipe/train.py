@@ -18,7 +18,7 @@ import torch
 
 from lisa_dist.devices import rank_device
 from lisa_dist.layers import find_decoder_layers, tied_freeze_problem
-from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes
+from lisa_dist.memory import device_memory, format_bytes, host_peak_rss_bytes, map_large_host_blocks
 from lisa_dist.protocol import Runner
 from lisa_dist.recipe.ds_config import resolve_ds_config
 from lisa_dist.recipe.modeling import (
@@ -36,6 +36,8 @@ from lisa_dist.recipe.run_config import parse_args as _parse_args
 
 
 class _Single:
+    host_block = 1024 ** 2  # memory.map_large_host_blocks; FSDP2's, unmeasured here
+
     @staticmethod
     def load(run: RunConfig, dtype):
         model, tokenizer = _build(run, dtype)
@@ -50,6 +52,11 @@ class _Single:
 
 
 class _DeepSpeed:
+    # memory.map_large_host_blocks: with 256 KiB ZeRO-3's first step peaked about 90 MiB per rank lower
+    # than with 1 MiB on the 512 MiB checkpoint at 2 ranks (a run before the results file); its CPU step
+    # cost 18% more than glibc's threshold, under FSDP2's 30% (benchmarks/results/load_memory.md).
+    host_block = 256 * 1024
+
     @staticmethod
     def load(run: RunConfig, dtype):
         from lisa_dist.backends.deepspeed.loading import load_partitioned
@@ -75,6 +82,11 @@ class _DeepSpeed:
 
 
 class _FSDP2:
+    # memory.map_large_host_blocks: 1 MiB kept 95% of 256 KiB's saving on FSDP2 (peak 1034 against 991 MiB
+    # per rank, 1879 with glibc's threshold) for 18% more CPU step time where 256 KiB took 30%
+    # (benchmarks/results/load_memory.md).
+    host_block = 1024 ** 2
+
     @staticmethod
     def load(run: RunConfig, dtype):
         # Parameters on the meta device: the runner shards the empty model, then fills each shard.
@@ -197,6 +209,7 @@ def train(run: RunConfig) -> Dict:
 
     check_model_source(run.model, run.tokenizer)
     backend = BACKENDS[run.backend]
+    map_large_host_blocks(backend.host_block)  # freed host blocks go back to the OS, not into glibc's heap
     data_path = Path(run.data) if run.data else presets.DEFAULT_DATA
     model, tokenizer = backend.load(run, weights_dtype(run.dtype))
     problem = tied_freeze_problem(model, run.lisa)

@@ -156,13 +156,57 @@ def check_zero3(workdir: Path) -> Dict:
     return out
 
 
+def check_gloo_all_gather() -> Dict:
+    """_compat.gloo_all_gather_in_place against torch's all_gather_into_tensor on this gloo group: equal
+    results for dtypes, odd sizes, a subgroup, async handles, and the input already being this rank's slice
+    of the output (how ZeRO-3 calls it); DeepSpeed's all-gathers routed to it; and the peak RSS a gather into a
+    64 MiB output adds (gloo's own all-gather receives into a second output-sized tensor)."""
+    import deepspeed.comm as ds_dist
+    from deepspeed.comm import comm as ds_comm
+
+    from lisa_dist.backends.deepspeed._compat import gloo_all_gather_in_place
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    subgroup = dist.new_group(list(range(world)))
+    unequal = []
+    for dtype, n, group, async_op in ((torch.float32, 1000, None, False), (torch.bfloat16, 7, None, True),
+                                      (torch.int64, 33, subgroup, False), (torch.float16, 4096, subgroup, True)):
+        torch.manual_seed(rank)
+        inp = (torch.randn(n) * 100).to(dtype)
+        expected = torch.empty(n * world, dtype=dtype)
+        dist.all_gather_into_tensor(expected, inp, group=group)
+        got = torch.full((n * world,), -1).to(dtype)
+        work = gloo_all_gather_in_place(got, inp, group=group, async_op=async_op)
+        if async_op:
+            work.wait()
+        aliased = torch.zeros(n * world, dtype=dtype)
+        aliased.narrow(0, rank * n, n).copy_(inp)
+        gloo_all_gather_in_place(aliased, aliased.narrow(0, rank * n, n), group=group)
+        via_deepspeed = torch.zeros(n * world, dtype=dtype)
+        ds_dist.all_gather_into_tensor(via_deepspeed, inp, group=group)
+        for what, t in (("in_place", got), ("aliased", aliased), ("deepspeed", via_deepspeed)):
+            if not torch.equal(t, expected):
+                unequal.append(f"{what} {dtype} n={n} async={async_op}")
+    big = 64 * 1024 ** 2 // 4 // world
+    inp, out = torch.ones(big), torch.zeros(big * world)
+    dist.barrier()
+    reset_peak_host_rss()
+    before = host_rss_bytes()
+    gloo_all_gather_in_place(out, inp)
+    added = host_rss_bytes("VmHWM") - before
+    dist.destroy_process_group(subgroup)
+    return {"unequal": unequal, "routed": bool(getattr(ds_comm.cdb.all_gather_function, "_lisa_in_place", False)),
+            "peak_added": added, "output_bytes": out.numel() * 4, "gathered_ok": bool((out == 1).all())}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
     process_group.ensure_initialized()  # DeepSpeed's start (gloo here), shared with FSDP2's checks
     results = {"rss": check_rss_and_bits(args.workdir), "tied_bf16": check_tied_bf16(args.workdir),
-               "preset": check_preset(seed=3), "zero3": check_zero3(args.workdir)}
+               "preset": check_preset(seed=3), "zero3": check_zero3(args.workdir),
+               "gloo_all_gather": check_gloo_all_gather()}
     (args.workdir / f"rank{dist.get_rank()}.json").write_text(json.dumps(results, indent=1))
     dist.barrier()
     dist.destroy_process_group()

@@ -264,6 +264,7 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     ds_comm.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
                              dist_init_required=dist_init_required, **port_kwargs)
     process_group.release_shm_segments()
+    _compat.install_gloo_all_gather_in_place()
     device = process_group.rank_device()
     split = split_parameters(model, lisa)
     state = LisaEngineState(lisa, split, device)

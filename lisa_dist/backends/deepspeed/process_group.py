@@ -34,6 +34,8 @@ def ensure_initialized() -> None:
                                    distributed_port=master_port())
         _STARTED_HERE = True
     release_shm_segments()
+    from lisa_dist.backends.deepspeed import _compat
+    _compat.install_gloo_all_gather_in_place()
 
 
 def release_shm_segments() -> None:

@@ -74,7 +74,8 @@ class FSDPRunner(SingleRunner):
                              "load it with dtype=torch.bfloat16 (or --dtype bf16)")
         self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
                                  cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
-                                 layers_path=lisa.layers_path)
+                                 layers_path=lisa.layers_path, train_embeddings=lisa.train_embeddings,
+                                 train_head=lisa.train_head)
         if empty:
             loading.materialize(self.model, torch.device("cpu") if cpu_offload else self.device)
             load_weights(self.model)
