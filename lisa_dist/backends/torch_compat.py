@@ -12,7 +12,7 @@ refuses only when a probe of what it touches fails (`check_torch`).
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -86,6 +86,37 @@ def refresh_mp_dtypes(model: nn.Module) -> None:
     for unit in fsdp_units(model):
         for group in _param_groups(unit):
             group._init_mp_dtypes()
+
+
+def _dispatch_mode_class():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    return TorchDispatchMode
+
+
+_TRACE_PROBES = (
+    Probe("torch.utils._python_dispatch.TorchDispatchMode", lambda: callable(_dispatch_mode_class())),
+    Probe("torch.ops.aten._scaled_dot_product_flash_attention_for_cpu",
+          lambda: callable(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default)),
+)
+
+
+def dispatch_mode_class():
+    """torch's base class for a mode that sees every operator call below autograd (forward, backward and
+    optimizer ops alike, with their outputs): what the dry run's memory trace counts allocations with.
+    No public API shows the backward's allocations on the meta device."""
+    require("torch", "trace", _TRACE_PROBES)
+    return _dispatch_mode_class()
+
+
+def fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Optional[torch.Tensor],
+                    is_causal: bool, scale: Optional[float], dropout_p: float = 0.0) -> torch.Tensor:
+    """The fused attention kernel (flash attention for CPUs) called directly: on the meta device
+    `scaled_dot_product_attention` always takes the math path, which keeps the S x S probabilities for
+    backward, while CPUs and GPUs run a fused kernel that keeps the output and a logsumexp row. It takes
+    grouped key/value heads as they are (GQA) and a boolean or additive mask."""
+    require("torch", "trace", _TRACE_PROBES)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
 
 
 def ddp_ignore_parameters(model, names: Sequence[str]) -> None:

@@ -4,9 +4,13 @@ Resolves the world size from the launcher's environment, builds the model skelet
 device (no storage is allocated, so a 70B config takes seconds on a laptop) to count Psi (every
 parameter) and Psi_a (always-active parameters + the gamma largest decoder layers), and prints the
 analytic per-rank model-state floor of docs/design.md#memory-floors for full fine-tuning, for LISA and for
-LoRA (PEFT `target_modules="all-linear"` at rank --dry-run-lora-rank), plus the first switches of the
-layer schedule. Activations, gathered ZeRO-3 buckets, communication
-buffers and the CUDA context come on top of these numbers.
+LoRA (PEFT on --dry-run-lora-targets at rank --dry-run-lora-rank), then the per-rank PEAK of a
+training step of each (lisa_dist/recipe/plan_memory.py): the model states, plus a step of
+--batch-size x --max-length tokens traced on the meta device (activations saved for backward, the
+logits and the loss's upcast copies, recomputation under --gradient-checkpointing, gradients and
+optimizer temporaries), plus the engine's buffers (DeepSpeed buckets and gathered parameters from the
+ds config, FSDP2's all-gathered units), and the first switches of the layer schedule. The CUDA
+context, NCCL's buffers and the allocator's fragmentation come on top.
 """
 from __future__ import annotations
 
@@ -18,6 +22,14 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from lisa_dist.memory import ParamCounts, byte_unit, count_params, format_bytes, model_state_floor
+from lisa_dist.recipe.plan_memory import (
+    METHODS,
+    Engine,
+    MethodPlan,
+    always_active_cost,
+    estimate_method,
+    lisa_state_floor,
+)
 from lisa_dist.recipe.run_config import RunConfig
 from lisa_dist.sampling import LayerSampler
 
@@ -54,6 +66,17 @@ class DryRunPlan:
     lora: Dict[str, float] = field(default_factory=dict)
     by_stage: Dict[str, Tuple[float, float, float]] = field(default_factory=dict)
     """stage -> (full, LISA, LoRA) total bytes per rank at this world size, without offload."""
+    batch_size: int = 1
+    seq_len: int = 1
+    gradient_checkpointing: bool = False
+    device: str = "cuda"
+    methods: Dict[str, MethodPlan] = field(default_factory=dict)
+    """"full", "lisa", "lora" -> the step's peak per rank (plan_memory.PeakEstimate) and its sizes."""
+
+    def peak(self, method: str) -> float:
+        """Per-rank peak on the accelerator: offloaded states live in host memory instead."""
+        estimate = self.methods[method].peak
+        return estimate.peak - sum(estimate.states[c] for c in self.offload)
 
 
 def _positive_int(env: Mapping[str, str], name: str) -> Optional[int]:
@@ -97,9 +120,10 @@ def resolve_world_size(env: Mapping[str, str] = os.environ) -> Tuple[int, str]:
     return 1, "default; set WORLD_SIZE, or NNODES and NPROC_PER_NODE, to plan a multi-rank job"
 
 
-def _stage_and_offload(run: RunConfig) -> Tuple[str, Tuple[str, ...]]:
+def _stage_and_offload(run: RunConfig) -> Tuple[str, Tuple[str, ...], Dict]:
+    """(stage, model-state categories offloaded to the host, the DeepSpeed zero_optimization section)."""
     if run.backend != "deepspeed":
-        return run.backend, ()
+        return run.backend, (), {}
     path = Path(run.deepspeed)
     if not path.is_file():
         raise ValueError(f"--deepspeed {run.deepspeed}: no such file (see ds_configs/)")
@@ -117,7 +141,7 @@ def _stage_and_offload(run: RunConfig) -> Tuple[str, Tuple[str, ...]]:
         offload += ("master", "optimizer_state")
     if stage == 3 and offloaded("offload_param"):
         offload += ("weights",)
-    return f"zero{stage}", offload
+    return f"zero{stage}", offload, zero
 
 
 def _weight_bytes(run: RunConfig) -> Tuple[int, str]:
@@ -130,18 +154,24 @@ def _weight_bytes(run: RunConfig) -> Tuple[int, str]:
     return 2, "bf16 weights" + (" (--dtype auto on GPUs)" if run.dtype == "auto" else "")
 
 
-def _model_skeleton(run: RunConfig):
-    """The model on the meta device: shapes and parameter names only, no storage, no download of weights."""
-    import torch
+def _model_config(run: RunConfig):
+    """The model's config: a preset's, or read from a save_pretrained directory (only its config.json)
+    or a hub id; no weights are downloaded."""
     import transformers
 
     from lisa_dist.recipe import presets
 
     if run.model in presets.PRESETS:
-        config = presets.PRESETS[run.model](presets.default_tokenizer())
-    else:
-        # A directory written by save_pretrained (only its config.json is read) or a hub id.
-        config = transformers.AutoConfig.from_pretrained(run.model, trust_remote_code=run.trust_remote_code)
+        return presets.PRESETS[run.model](presets.default_tokenizer())
+    return transformers.AutoConfig.from_pretrained(run.model, trust_remote_code=run.trust_remote_code)
+
+
+def _model_skeleton(run: RunConfig, config=None):
+    """The model on the meta device: shapes and parameter names only, no storage, no download of weights."""
+    import torch
+    import transformers
+
+    config = config if config is not None else _model_config(run)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=run.trust_remote_code)
     return model
@@ -198,14 +228,18 @@ def lora_state_floor(stage: str, psi: int, adapter: int, world_size: int, weight
     return model_state_floor(stage, psi + adapter, adapter, world_size, weight_bytes)
 
 
-def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPlan:
+def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ, device: str = "cuda",
+               methods: Tuple[str, ...] = METHODS) -> DryRunPlan:
+    """The dry run's numbers. `device` is where the planned job runs ("cuda", or "cpu" to check the
+    plan against CPU runs: plan_memory.py says what differs); `methods` limits the traced peaks."""
     from lisa_dist.layers import split_parameters, tied_freeze_problem
 
     world, world_from = resolve_world_size(env)
-    stage, offload = _stage_and_offload(run)
+    stage, offload, zero = _stage_and_offload(run)
     if stage == "single":
         world, world_from = 1, "--backend single"
-    model = _model_skeleton(run)
+    config = _model_config(run)
+    model = _model_skeleton(run, config)
     problem = tied_freeze_problem(model, run.lisa)
     if problem:  # as lisa-train itself would refuse
         raise ValueError(problem)
@@ -220,19 +254,37 @@ def build_plan(run: RunConfig, env: Mapping[str, str] = os.environ) -> DryRunPla
     if run.dry_run_lora_rank < 1:
         raise ValueError(f"--dry-run-lora-rank must be >= 1, got {run.dry_run_lora_rank}")
     lora_params = lora_adapter_params(model, run.dry_run_lora_rank)
+    gamma_layers = psi_active - counts.always
+
+    def lisa_floor(at_stage: str) -> Dict[str, float]:
+        always = always_active_cost(split, run.lisa, at_stage, world, weight_bytes)
+        return lisa_state_floor(at_stage, counts.total, gamma_layers, always, world, weight_bytes)
+
     plan = DryRunPlan(
         model=run.model, architecture=type(model).__name__, layers_path=split.layers_path, counts=counts,
         psi_active=psi_active, world_size=world, world_size_source=world_from, stage=stage,
         weight_bytes=weight_bytes, weights_desc=weights_desc, offload=offload, intervals=intervals,
         schedule=schedule, schedule_note=note,
         full=model_state_floor(stage, counts.total, counts.total, world, weight_bytes),
-        lisa=model_state_floor(stage, counts.total, psi_active, world, weight_bytes),
+        lisa=lisa_floor(stage),
         lora_rank=run.dry_run_lora_rank, lora_params=lora_params,
-        lora=lora_state_floor(stage, counts.total, lora_params, world, weight_bytes))
+        lora=lora_state_floor(stage, counts.total, lora_params, world, weight_bytes),
+        batch_size=run.batch_size, seq_len=run.max_length, gradient_checkpointing=run.gradient_checkpointing,
+        device=device)
+    engine = Engine(stage, world, weight_bytes, device, zero)
+    for method in methods:
+        plan.methods[method] = estimate_method(
+            method, config, run.lisa, engine, batch_size=run.batch_size, seq_len=run.max_length,
+            gradient_checkpointing=run.gradient_checkpointing, lora_rank=run.dry_run_lora_rank,
+            lora_targets=run.dry_run_lora_targets, fp16=run.dtype == "fp16", trust_remote_code=run.trust_remote_code)
+    if "lora" in plan.methods:
+        # PEFT's own count on the chosen modules (equal to lora_adapter_params for all-linear).
+        plan.lora_params = plan.methods["lora"].trainable
+        plan.lora = lora_state_floor(stage, counts.total, plan.lora_params, world, weight_bytes)
     for other in ("zero1", "zero2", "zero3", "fsdp2"):
         plan.by_stage[other] = (model_state_floor(other, counts.total, counts.total, world, weight_bytes)["total"],
-                                model_state_floor(other, counts.total, psi_active, world, weight_bytes)["total"],
-                                lora_state_floor(other, counts.total, lora_params, world, weight_bytes)["total"])
+                                lisa_floor(other)["total"],
+                                lora_state_floor(other, counts.total, plan.lora_params, world, weight_bytes)["total"])
     return plan
 
 
@@ -285,9 +337,9 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
             device, host = _split(floor, plan.offload)
             lines.append(f"  {name}: {format_bytes(device, unit, 2)} on the accelerator + "
                          f"{format_bytes(host, unit, 2)} host memory")
-    lines.append(f"LISA / full   {plan.lisa['total'] / plan.full['total']:.3f}    "
-                 f"LoRA / full {plan.lora['total'] / plan.full['total']:.3f}    "
-                 f"LISA / LoRA {plan.lisa['total'] / plan.lora['total']:.3f}")
+    lines.append(f"model states: LISA/full {plan.lisa['total'] / plan.full['total']:.3f}, "
+                 f"LoRA/full {plan.lora['total'] / plan.full['total']:.3f}, "
+                 f"LISA/LoRA {plan.lisa['total'] / plan.lora['total']:.3f}")
     if plan.world_size > 1:  # at one rank every stage is the same
         lines += ["", f"every stage at {plan.world_size} ranks ({unit} per rank, no offload)",
                   f"{'':14}{'full FT':>8} {'LISA':>8} {'LoRA':>8}"]
@@ -295,6 +347,7 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
             mark = "  <- this run" if stage == plan.stage else ""
             lines.append(f"{STAGE_NAMES[stage].replace('DeepSpeed ', ''):14}{cell(full)} {cell(lisa)} "
                          f"{cell(lora)}{mark}")
+    lines += _peak_lines(plan, run)
     sampling = "" if run.lisa.sampling == "uniform" else f", sampling {run.lisa.sampling}"
     lines += ["", f"schedule (seed {seed}, gamma {gamma}, K {K}{sampling}): {plan.intervals} intervals over "
                   f"{run.steps} steps"]
@@ -305,6 +358,47 @@ def format_plan(plan: DryRunPlan, run: RunConfig) -> str:
     elif plan.intervals > len(plan.schedule):
         lines.append(f"  ... {plan.intervals - len(plan.schedule)} more")
     return "\n".join(lines)
+
+
+PEAK_NAMES = {"full": "full FT", "lisa": "LISA g={gamma}", "lora": "LoRA r={rank}"}
+
+
+def _peak_lines(plan: DryRunPlan, run: RunConfig) -> List[str]:
+    if not plan.methods:
+        return []
+    unit = byte_unit(max(plan.peak(m) for m in plan.methods))
+
+    def num(n: float, width: int) -> str:
+        return f"{format_bytes(n, unit, 2, suffix=False):>{width}}"
+
+    lisa = run.lisa
+    trained = [w for w, on in (("embeddings", lisa.train_embeddings), ("head", lisa.train_head)) if on]
+    where = "on the accelerator, " if plan.offload else ""
+    lines = ["", f"peak per rank in {unit} {where}for a step of micro-batch {plan.batch_size} x {plan.seq_len} tokens, "
+                 f"gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'}",
+             "  = model states between steps + what the step adds at its peak: activations and logits traced on the",
+             f"  meta device, gradients, optimizer temporaries and {STAGE_NAMES[plan.stage]}'s buffers "
+             "(lisa_dist/recipe/plan_memory.py)",
+             f"{'':14}{'resident':>9} {'+ step':>8} {'= peak':>8}   {'activations':>11}  peak at",
+             ]
+    for method, estimate in ((m, plan.methods[m].peak) for m in METHODS if m in plan.methods):
+        host = sum(estimate.states[c] for c in plan.offload)
+        name = PEAK_NAMES[method].format(gamma=lisa.activated_layers, rank=plan.lora_rank)
+        lines.append(f"{name:14}{num(estimate.resident - host, 9)} {num(estimate.rise, 8)} "
+                     f"{num(plan.peak(method), 8)}   {num(estimate.activations, 11)}  {estimate.phase}")
+    if "lisa" in plan.methods:
+        layers = plan.methods["lisa"].traced_layers
+        lines.append(f"  LISA traced with layers {list(layers)} active and {' and '.join(trained) or 'nothing'} "
+                     "always trained: the costliest switch")
+    if any(plan.methods[m].peak.math_attention for m in plan.methods):
+        lines.append("  note: attention ran through the math path (S x S probabilities kept), so activations are an "
+                     "upper bound; the model does not dispatch through transformers' attention interface")
+    if "lisa" in plan.methods and "lora" in plan.methods:
+        ratio = f"LISA / LoRA = {plan.peak('lisa') / plan.peak('lora'):.2f}"
+        if "full" in plan.methods:
+            ratio += f"    (LISA / full = {plan.peak('lisa') / plan.peak('full'):.2f}, peaks per rank)"
+        lines.append(ratio)
+    return lines
 
 
 def dry_run_report(run: RunConfig, env: Mapping[str, str] = os.environ) -> str:

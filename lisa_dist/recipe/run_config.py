@@ -152,11 +152,16 @@ class RunConfig:
     (a fresh start if there is none)"""
 
     dry_run: bool = _opt(False, "output")
-    """print world size, per-rank memory estimate (full vs LISA) and the first switches, from the model's
-    config on the meta device (no weights loaded), then exit"""
+    """print world size, the per-rank peak memory of full fine-tuning, LISA and LoRA (model states, the
+    activations and logits of a --batch-size x --max-length step traced on the meta device, the engine's
+    buffers) and the first switches, from the model's config (no weights loaded), then exit"""
 
     dry_run_lora_rank: int = _opt(8, "output")
     """LoRA rank of the dry run's comparison row (PEFT on all linear layers but the head, base weights frozen)"""
+
+    dry_run_lora_targets: str = _opt("all-linear", "output")
+    """modules the dry run's LoRA row adapts: all-linear (every linear layer of the decoder, PEFT's
+    target_modules="all-linear") or comma-separated module names, e.g. q_proj,v_proj"""
 
     def __post_init__(self):
         _check_types(self)

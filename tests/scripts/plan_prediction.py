@@ -26,6 +26,6 @@ def dry_run_prediction(model, lisa: LisaConfig, backend: str, world: int, dtype:
             extra["deepspeed"] = str(path)
         run = RunConfig(model=d, backend=backend, dtype=dtype, lisa=LisaConfig(
             activated_layers=lisa.activated_layers, interval_steps=lisa.interval_steps, seed=lisa.seed), **extra)
-        plan = build_plan(run, {"WORLD_SIZE": str(world)})
+        plan = build_plan(run, {"WORLD_SIZE": str(world)}, methods=())  # the floors only
     return {"stage": plan.stage, "world_size": plan.world_size, "psi": plan.counts.total,
             "psi_active": plan.psi_active, "full": plan.full, "lisa": plan.lisa, "lora": plan.lora}

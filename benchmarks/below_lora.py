@@ -1,0 +1,277 @@
+"""LISA at or below LoRA's peak memory on modern vocabularies (issue #25): the recommended setting,
+measured on real checkpoints beside peft LoRA r=16, and planned for Llama-3-8B on 8 ranks.
+
+    export LISA_DIST_CACHE=...      # benchmarks/real_assets.py's cache (checkpoints, GSM split)
+    flock /tmp/lisa_cpu.lock python benchmarks/below_lora.py memory --model gemma3-270m
+    flock /tmp/lisa_cpu.lock python benchmarks/below_lora.py memory --model smollm2-135m
+    flock /tmp/lisa_cpu.lock python benchmarks/llama3_8b_plan.py     # the planner's Llama-3-8B table
+    python benchmarks/below_lora.py report    # benchmarks/results/below_lora.{json,md}
+
+The recommended setting is RECOMMENDED below: LISA with gamma=2 and the vocabulary matrices (input
+embeddings, LM head and final norm) frozen, so LISA trains two whole decoder layers at a time and
+nothing else. `memory` writes one part per model under benchmarks/results/below_lora/; `report`
+runs PLANNER_COMMAND (the dry run for Llama-3-8B with that setting, 8 ranks, ZeRO-2), reads its
+printed `LISA / LoRA` ratio, and joins it with the parts and benchmarks/results/llama3_8b_plan.json.
+
+memory: one process, one fp32 copy of the checkpoint per method (loaded fresh), the methods one after
+the other in the order of --methods, the same real batches for each (the GSM-Symbolic training split
+of real_assets.gsm_split, tokenized and masked as lisa-train does, --batch sequences of up to
+--max-length tokens). For each method, the rise of the process's peak resident set (VmHWM, reset after
+loading the model, minus the resident set then) over building the optimizer and --steps training steps
+(forward, backward, clipping at 1.0, optimizer step). Methods:
+
+- frozen: the recommended setting, `LisaOptimizer(model, LisaConfig(**RECOMMENDED), torch.optim.AdamW)`.
+- frozen-switching: the same with interval_steps=2, so the measured steps cross switches.
+- full: LISA with today's defaults (gamma 2, embeddings and head trained densely).
+- lora: peft LoRA r=16, alpha 32, no dropout, on every linear layer but the head ("all-linear"), AdamW.
+
+The default order measures the recommended setting first, in a process that has not yet freed
+anything: glibc keeps some freed heap, which a later method's rise would not count.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
+
+from bench_common import machine, versions, write_report  # noqa: E402
+from lisa_dist.config import LisaConfig  # noqa: E402
+
+RECOMMENDED = {"activated_layers": 2, "interval_steps": 20, "seed": 0, "train_embeddings": False,
+               "train_head": False}
+"""LisaConfig field values of the recommended setting (every other field at its default)."""
+
+LISA_TRAIN_ARGS = ["--activated-layers", "2", "--interval-steps", "20", "--seed", "0", "--no-train-embeddings",
+                   "--no-train-head"]
+"""The same setting as lisa-train flags."""
+
+PLANNER_COMMAND = ("env WORLD_SIZE=8 python -m lisa_dist.train --dry-run --model launch/configs/llama3-8b "
+                   "--backend deepspeed --deepspeed ds_configs/zero2.json --max-length 4096 --batch-size 1 "
+                   "--dry-run-lora-rank 16 " + " ".join(LISA_TRAIN_ARGS))
+"""The dry run for Llama-3-8B with the recommended setting: 8 ranks, ZeRO-2, micro-batch 1 x 4096 tokens,
+no gradient checkpointing, beside LoRA r=16 on every linear layer (run from the repository root;
+`lisa-train` is the same entry point as `python -m lisa_dist.train`)."""
+
+METHODS = ("frozen", "frozen-switching", "full", "lora")
+MODELS = ("smollm2-135m", "gemma3-270m")
+PARTS = ROOT / "benchmarks" / "results" / "below_lora"
+LORA_RANK = 16
+MAX_GRAD_NORM = 1.0
+
+
+def lisa_config(method: str) -> LisaConfig:
+    if method == "frozen":
+        return LisaConfig(**RECOMMENDED)
+    if method == "frozen-switching":
+        return LisaConfig(**{**RECOMMENDED, "interval_steps": 2})
+    return LisaConfig(activated_layers=RECOMMENDED["activated_layers"], interval_steps=RECOMMENDED["interval_steps"])
+
+
+def load_model(name: str):
+    import real_assets
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(real_assets.checkpoint(name), dtype=torch.float32)
+
+
+def train_batches(name: str, batch: int, max_length: int, count: int, seed: int = 0) -> List[Dict[str, torch.Tensor]]:
+    """`count` batches of `batch` examples from the GSM-Symbolic training split, in a seeded order."""
+    import random
+
+    import real_assets
+
+    from lisa_dist.recipe import data
+    from lisa_dist.recipe.modeling import _tokenizer
+
+    tok = _tokenizer(str(real_assets.checkpoint(name)), None, False)  # lisa-train's own (pad = eos when missing)
+    train, _, _ = real_assets.gsm_split()
+    dataset = data.build_dataset(train, tok, max_length=max_length)
+    order = list(range(len(dataset)))
+    random.Random(f"below-lora:{seed}").shuffle(order)
+    return [data.collate([dataset[i] for i in order[b * batch:(b + 1) * batch]], tok.pad_token_id)
+            for b in range(count)]
+
+
+def _trim() -> None:
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def measure(name: str, method: str, batches) -> Dict:
+    from lisa_dist.optim import LisaOptimizer
+
+    model = load_model(name)
+    _trim()
+    reset_peak_host_rss()
+    start = host_rss_bytes()
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+                                                 target_modules="all-linear"))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    else:
+        optimizer = LisaOptimizer(model, lisa_config(method), torch.optim.AdamW, lr=1e-5)
+    model.train()
+    times, losses = [], []
+    for b in batches:
+        t = time.perf_counter()
+        loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_GRAD_NORM)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        del loss
+        times.append(time.perf_counter() - t)
+    peak = host_rss_bytes("VmHWM")
+    state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+                if torch.is_tensor(t))
+    row = {"model": name, "method": method, "rss_start_bytes": start, "peak_rss_bytes": peak,
+           "rise_bytes": peak - start, "optimizer_state_bytes": state,
+           "median_step_seconds": statistics.median(times), "losses": losses}
+    if method != "lora":
+        row["lisa_config"] = {k: getattr(optimizer.config, k) for k in ("activated_layers", "interval_steps",
+                                                                        "train_embeddings", "train_head")}
+    del optimizer, model
+    _trim()
+    return row
+
+
+def memory(args) -> Dict:
+    batches = train_batches(args.model, args.batch, args.max_length, args.steps)
+    tokens = [int(b["attention_mask"].sum()) for b in batches]
+    rows = []
+    for method in args.method_list:
+        row = measure(args.model, method, batches)
+        rows.append(row)
+        print(f"{args.model} {method}: peak RSS rise {row['rise_bytes'] / 2 ** 30:.2f} GiB, "
+              f"{row['median_step_seconds']:.1f} s/step", flush=True)
+    return {"rows": rows, "tokens_per_batch": tokens, "widths": [int(b["input_ids"].shape[1]) for b in batches]}
+
+
+def run_planner() -> Dict:
+    """PLANNER_COMMAND from the repository root, as a user runs it; its output and printed ratio."""
+    argv = shlex.split(PLANNER_COMMAND)
+    env_assign = [a for a in argv[1:] if "=" in a and not a.startswith("-")][:1]
+    env = dict(os.environ, **dict(a.split("=", 1) for a in env_assign),
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    cmd = [sys.executable, *argv[argv.index("python") + 1:]]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
+    ratio = float(re.search(r"LISA / LoRA = ([0-9.]+)", out).group(1))
+    peaks = {}
+    for name, key in (("full FT", "full"), ("LISA g=", "lisa"), ("LoRA r=", "lora")):
+        line = next(line for line in out.splitlines() if line.startswith(name) and line.rstrip().endswith(
+            ("backward", "optimizer step")))
+        peaks[key] = float(line[14:].split()[2])
+    return {"command": PLANNER_COMMAND, "lisa_over_lora": ratio, "peaks_gib": peaks, "output": out}
+
+
+def report(parts: Path) -> Dict:
+    measured = {}
+    for path in sorted(parts.glob("memory-*.json")):
+        part = json.loads(path.read_text())
+        measured[part["config"]["model"]] = part
+    planner = run_planner()
+    plan8b = ROOT / "benchmarks" / "results" / "llama3_8b_plan.json"
+    table = json.loads(plan8b.read_text()) if plan8b.exists() else None
+    rows = []
+    for model, part in measured.items():
+        lora = next((r["rise_bytes"] for r in part["rows"] if r["method"] == "lora"), None)
+        for r in part["rows"]:
+            rows.append({"model": model, "method": r["method"], "rise_bytes": r["rise_bytes"],
+                         "rise_over_lora": r["rise_bytes"] / lora if lora else None,
+                         "batch": part["config"]["batch"], "max_length": part["config"]["max_length"],
+                         "steps": part["config"]["steps"], "command": part["command"]})
+    result = {"planner_command": PLANNER_COMMAND, "lisa_config": RECOMMENDED, "lisa_train_args": LISA_TRAIN_ARGS,
+              "rows": rows, "planner": planner, "measured": measured, "llama3_8b_plan": table,
+              "quality": "not measured for this setting: no held-out loss or exact match of LISA with frozen "
+                         "embeddings and head against LoRA r=16 exists in this repository yet"}
+    return result
+
+
+def markdown(result: Dict) -> str:
+    gib = 2 ** 30
+    lines = ["# LISA at or below LoRA's peak memory: the recommended setting", "",
+             f"Setting: `LisaConfig(**{json.dumps(result['lisa_config'])})`, lisa-train flags "
+             f"`{' '.join(result['lisa_train_args'])}`.", "",
+             "## Planned: Llama-3-8B, 8 ranks", "", f"`{result['planner_command']}`", "",
+             f"Peak per rank (GiB): full FT {result['planner']['peaks_gib']['full']:.2f}, LISA "
+             f"{result['planner']['peaks_gib']['lisa']:.2f}, LoRA r=16 {result['planner']['peaks_gib']['lora']:.2f}; "
+             f"printed `LISA / LoRA = {result['planner']['lisa_over_lora']:.2f}`.", "",
+             "## Measured: one process, fp32, real GSM-Symbolic batches, rise of peak RSS", ""]
+    for model, part in result["measured"].items():
+        cfg = part["config"]
+        lines += [f"### {model}", "", f"Command: `{part['command']}` ({cfg['batch']} sequences of up to "
+                  f"{cfg['max_length']} tokens, {cfg['steps']} steps). Machine: {part['machine']['cpu']}; "
+                  + ", ".join(f"{k} {v}" for k, v in part["versions"].items()), "",
+                  "| method | peak RSS rise GiB | optimizer state GiB | s/step | rise / LoRA's |",
+                  "|---|---:|---:|---:|---:|"]
+        lora = next((r["rise_bytes"] for r in part["rows"] if r["method"] == "lora"), None)
+        for r in part["rows"]:
+            rel = f"{r['rise_bytes'] / lora:.2f}" if lora else ""
+            lines.append(f"| {r['method']} | {r['rise_bytes'] / gib:.2f} | {r['optimizer_state_bytes'] / gib:.3f} | "
+                         f"{r['median_step_seconds']:.1f} | {rel} |")
+        lines.append("")
+    lines += ["## Quality", "", result["quality"] + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=("memory", "report"))
+    p.add_argument("--model", choices=MODELS, default="gemma3-270m")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}, in order")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--parts", type=Path, default=PARTS)
+    args = p.parse_args(argv)
+    args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in args.method_list if m not in METHODS]
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    if args.mode == "report":
+        result = report(args.parts)
+        write_report(ROOT / "benchmarks" / "results" / "below_lora", result, markdown)
+        return
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    started = time.perf_counter()
+    result = memory(args)
+    part = {"mode": "memory", "command": " ".join(["python benchmarks/below_lora.py", *argv]),
+            "machine": {**machine(), "torch_threads": torch.get_num_threads()}, "versions": versions(),
+            "config": {"model": args.model, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
+                       "methods": args.method_list, "lora_rank": LORA_RANK},
+            "wall_seconds": time.perf_counter() - started, **result}
+    args.parts.mkdir(parents=True, exist_ok=True)
+    path = args.parts / f"memory-{args.model}.json"
+    path.write_text(json.dumps(part, indent=1))
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
