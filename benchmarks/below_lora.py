@@ -5,6 +5,8 @@ measured on real checkpoints beside peft LoRA r=16, and planned for Llama-3-8B o
     flock /tmp/lisa_cpu.lock python benchmarks/below_lora.py memory --model gemma3-270m
     flock /tmp/lisa_cpu.lock python benchmarks/below_lora.py memory --model smollm2-135m
     flock /tmp/lisa_cpu.lock python benchmarks/llama3_8b_plan.py     # the planner's Llama-3-8B table
+    flock /tmp/lisa_cpu.lock python benchmarks/below_lora.py quality --model smollm2-135m --steps 60 \
+        --methods frozen,full,lora     # held-out loss after the same training
     python benchmarks/below_lora.py report    # benchmarks/results/below_lora.{json,md}
 
 The recommended setting is RECOMMENDED below: LISA with gamma=2 and the vocabulary matrices (input
@@ -208,8 +210,10 @@ def report(parts: Path) -> Dict:
                          "steps": part["config"]["steps"], "command": part["command"]})
     result = {"planner_command": PLANNER_COMMAND, "lisa_config": RECOMMENDED, "lisa_train_args": LISA_TRAIN_ARGS,
               "rows": rows, "planner": planner, "measured": measured, "llama3_8b_plan": table,
-              "quality": "not measured for this setting: no held-out loss or exact match of LISA with frozen "
-                         "embeddings and head against LoRA r=16 exists in this repository yet"}
+              "quality": {}}
+    for path in sorted(parts.glob("quality-*.json")):
+        part = json.loads(path.read_text())
+        result["quality"][part["config"]["model"]] = part
     return result
 
 
@@ -236,19 +240,102 @@ def markdown(result: Dict) -> str:
             lines.append(f"| {r['method']} | {r['rise_bytes'] / gib:.2f} | {r['optimizer_state_bytes'] / gib:.3f} | "
                          f"{r['median_step_seconds']:.1f} | {rel} |")
         lines.append("")
-    lines += ["## Quality", "", result["quality"] + ".", ""]
+    lines += ["## Held-out loss after the same training (20 held-out GSM8K problems, masked as --eval-data)", ""]
+    if not result["quality"]:
+        lines += ["Not measured yet: `python benchmarks/below_lora.py quality --model MODEL --steps N`.", ""]
+    for model, part in result["quality"].items():
+        cfg = part["config"]
+        lines += [f"### {model}", "", f"Command: `{part['command']}` ({cfg['batch']} sequences of up to "
+                  f"{cfg['max_length']} tokens per step, {cfg['steps']} steps, linear warm-up over a tenth then "
+                  f"decay to 0, clipping {MAX_GRAD_NORM}; {part['wall_seconds'] / 60:.0f} min). Machine: "
+                  f"{part['machine']['cpu']}; " + ", ".join(f"{k} {v}" for k, v in part["versions"].items()), "",
+                  "| method | peak lr | held-out loss | vs base | train s |", "|---|---:|---:|---:|---:|"]
+        base = part["rows"][0]["heldout"]["loss"]
+        for r in part["rows"]:
+            lines.append(f"| {r['method']} | {r.get('lr', '')} | {r['heldout']['loss']:.4f} | "
+                         f"{r['heldout']['loss'] / base:.3f} | {r.get('train_seconds', 0):.0f} |")
+        lines.append("")
     return "\n".join(lines)
+
+
+def _schedule(optimizer, steps: int):
+    """Linear warm-up over the first tenth, then linear decay to 0: the same for every method."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup)))
+
+
+def heldout(model, name: str, max_length: int) -> Dict:
+    """Mean loss over the supervised tokens of the 20 held-out GSM8K originals, tokenized and masked as
+    lisa-train's --eval-data does (lisa_dist.evaluation.loss_sums, the code behind it)."""
+    import real_assets
+
+    from lisa_dist.evaluation import loss_sums
+    from lisa_dist.recipe import data
+    from lisa_dist.recipe.modeling import _tokenizer
+
+    tok = _tokenizer(str(real_assets.checkpoint(name)), None, False)
+    _, originals, _ = real_assets.gsm_split()
+    dataset = data.build_dataset(originals, tok, max_length=max_length)
+    batches = [data.collate(dataset[i:i + 4], tok.pad_token_id) for i in range(0, len(dataset), 4)]
+    total, count = loss_sums(model, batches, torch.device("cpu"))
+    return {"loss": total / count, "tokens": count, "examples": len(dataset)}
+
+
+def quality(args) -> Dict:
+    """Each method from the same checkpoint over the same --steps batches, then the held-out loss."""
+    from lisa_dist.optim import LisaOptimizer
+
+    batches = train_batches(args.model, args.batch, args.max_length, args.steps)
+    base = load_model(args.model)
+    rows = [{"model": args.model, "method": "base", "heldout": heldout(base, args.model, args.max_length)}]
+    del base
+    for method in args.method_list:
+        lr = args.lora_lr if method == "lora" else args.lr
+        torch.manual_seed(0)  # LoRA's random init
+        model = load_model(args.model)
+        if method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+                                                     target_modules="all-linear"))
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+            scheduler = _schedule(optimizer, args.steps)
+        else:
+            optimizer = LisaOptimizer(model, lisa_config(method), torch.optim.AdamW, lr=lr)
+            scheduler = _schedule(optimizer, args.steps)
+        model.train()
+        losses, started = [], time.perf_counter()
+        for b in batches:
+            loss = model(**b).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+        row = {"model": args.model, "method": method, "lr": lr, "steps": args.steps,
+               "train_seconds": time.perf_counter() - started, "train_losses": losses,
+               "heldout": heldout(model, args.model, args.max_length)}
+        rows.append(row)
+        print(f"{args.model} {method} lr {lr:g}: held-out loss {row['heldout']['loss']:.4f} "
+              f"(base {rows[0]['heldout']['loss']:.4f}), {row['train_seconds']:.0f} s", flush=True)
+        del optimizer, model
+        _trim()
+    return {"rows": rows}
 
 
 def main(argv=None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("memory", "report"))
+    p.add_argument("mode", choices=("memory", "quality", "report"))
     p.add_argument("--model", choices=MODELS, default="gemma3-270m")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}, in order")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--steps", type=int, default=6, help="training steps (memory: 6; quality: e.g. 60)")
+    p.add_argument("--lr", type=float, default=1e-4, help="quality: LISA's peak learning rate")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="quality: LoRA's peak learning rate")
     p.add_argument("--parts", type=Path, default=PARTS)
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -261,14 +348,15 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     started = time.perf_counter()
-    result = memory(args)
-    part = {"mode": "memory", "command": " ".join(["python benchmarks/below_lora.py", *argv]),
+    result = memory(args) if args.mode == "memory" else quality(args)
+    part = {"mode": args.mode, "command": " ".join(["python benchmarks/below_lora.py", *argv]),
             "machine": {**machine(), "torch_threads": torch.get_num_threads()}, "versions": versions(),
             "config": {"model": args.model, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
-                       "methods": args.method_list, "lora_rank": LORA_RANK},
+                       "methods": args.method_list, "lora_rank": LORA_RANK,
+                       **({"lr": args.lr, "lora_lr": args.lora_lr} if args.mode == "quality" else {})},
             "wall_seconds": time.perf_counter() - started, **result}
     args.parts.mkdir(parents=True, exist_ok=True)
-    path = args.parts / f"memory-{args.model}.json"
+    path = args.parts / f"{args.mode}-{args.model}.json"
     path.write_text(json.dumps(part, indent=1))
     print(f"wrote {path}", flush=True)
 

@@ -44,14 +44,18 @@ def test_meta_trace_counts_what_cpu_kernels_allocate():
 
 def test_planner_predicts_a_measured_step_within_15_percent():
     """The plan's rise (what a step adds at its peak above what was resident) against the resident
-    memory a real step of lisa-train's single-process runner (LISA) and of peft + AdamW (LoRA) adds."""
+    memory a real step of lisa-train's single-process runner (LISA) and of peft + AdamW (LoRA) adds.
+
+    Each measurement runs in a fresh process (run_case), as the benchmark does: in this long-lived
+    one, what earlier tests left in the allocator's heap and its thread pools moved the measured rise
+    by up to 40% (1.39x once in CI after the whole suite)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from planner_validation import Case, measure, predict
+    from planner_validation import Case, predict, run_case
 
     case = Case("unit", "tiny-llama", "single", ["lisa", "lora"], batch=4, seq=256)
     predicted = predict(case, "fp32", "cpu")
     for method in case.methods:
-        (measured,) = measure(case, method, "fp32")
+        (measured,) = run_case(case, method, "fp32", timeout=300)["rise_per_rank"]
         ratio = measured / predicted[method]["rise"]
         assert abs(ratio - 1) <= 0.15, (method, measured, predicted[method])
 
