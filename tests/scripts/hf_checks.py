@@ -57,8 +57,8 @@ def build_model(seed: int = 0) -> LlamaForCausalLM:
 class Tokens(torch.utils.data.Dataset):
     """Fixed random sequences; remembers which rows this process read, in order."""
 
-    def __init__(self, n: int = 256):
-        g = torch.Generator().manual_seed(123)
+    def __init__(self, n: int = 256, seed: int = 123):
+        g = torch.Generator().manual_seed(seed)
         self.rows = torch.randint(0, VOCAB, (n, SEQ), generator=g)
         self.read: List[int] = []
 
@@ -686,18 +686,10 @@ def ds_sections(backend: str, out: Path) -> Dict:
             "moved_checks": probe.moved_checks, "steps_with_lr": stepped}
 
 
-class HeldOut(torch.utils.data.Dataset):
-    """Fixed random sequences, none of them Tokens' rows; every row has SEQ - 1 label tokens, so
-    Trainer's mean of batch means is the token-weighted mean."""
-
-    def __init__(self, n: int = 12):
-        self.rows = torch.randint(0, VOCAB, (n, SEQ), generator=torch.Generator().manual_seed(7))
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.rows[i], "labels": self.rows[i]}
+def held_out_set() -> Tokens:
+    """Fixed random sequences of another seed, none of them the training set's rows; every row has
+    SEQ - 1 label tokens, so Trainer's mean of batch means is the token-weighted mean."""
+    return Tokens(12, seed=7)
 
 
 class EvalRecorder(TrainerCallback):
@@ -712,7 +704,7 @@ class EvalRecorder(TrainerCallback):
         self.seen.append((state.global_step, metrics["eval_loss"], full_weights(self.trainer)))
 
 
-def held_out_loss(weights: torch.Tensor, held_out: HeldOut) -> float:
+def held_out_loss(weights: torch.Tensor, held_out: Tokens) -> float:
     """The held-out loss of these weights in one process, outside Trainer: a plain model, one batch."""
     model = build_model()
     torch.nn.utils.vector_to_parameters(weights.float(), model.parameters())
@@ -730,7 +722,7 @@ def evaluation(backend: str, out: Path) -> Dict:
     steps = 4
     start = build_model()
     model = copy.deepcopy(start)
-    data, held_out = Tokens(), HeldOut()
+    data, held_out = Tokens(), held_out_set()
     cb, recorder = LisaCallback(lisa), EvalRecorder()
     probe = Probe(cb, model, decay_parameter_names(model))
     trainer = Trainer(model=model, args=training_args(out / "eval", backend, steps, eval_strategy="steps", eval_steps=2,
@@ -761,7 +753,7 @@ def evaluate_first(backend: str, out: Path) -> Dict:
     its own sharding; ZeRO-3: an inference engine train() keeps; DDP: marked prepared, never wrapped),
     so LISA refuses with the fix (eval_on_start=True); one device evaluates and trains as usual."""
     model = build_model()
-    held_out = HeldOut()
+    held_out = held_out_set()
     cb = LisaCallback(LisaConfig(activated_layers=2, interval_steps=2, seed=3))
     trainer = Trainer(model=model, args=training_args(out / "evaluate_first", backend, 2, per_device_eval_batch_size=2),
                       train_dataset=Tokens(), eval_dataset=held_out, callbacks=[cb])
