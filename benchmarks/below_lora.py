@@ -121,33 +121,43 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def measure(name: str, method: str, batches) -> Dict:
-    from lisa_dist.optim import LisaOptimizer
-
-    model = load_model(name)
-    _trim()
-    reset_peak_host_rss()
-    start = host_rss_bytes()
+def with_optimizer(model, method: str, lr: float):
+    """(model, optimizer) for a method: peft LoRA r=16 on every linear layer with AdamW over its
+    adapters, or LisaOptimizer with the method's LisaConfig."""
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
                                                  target_modules="all-linear"))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
-    else:
-        optimizer = LisaOptimizer(model, lisa_config(method), torch.optim.AdamW, lr=1e-5)
+        return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    from lisa_dist.optim import LisaOptimizer
+
+    return model, LisaOptimizer(model, lisa_config(method), torch.optim.AdamW, lr=lr)
+
+
+def train_step(model, optimizer, batch, scheduler=None) -> float:
+    """Forward, backward, clipping at MAX_GRAD_NORM, optimizer (and scheduler) step; the loss."""
+    loss = model(**batch).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_GRAD_NORM)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def measure(name: str, method: str, batches) -> Dict:
+    model = load_model(name)
+    _trim()
+    reset_peak_host_rss()
+    start = host_rss_bytes()
+    model, optimizer = with_optimizer(model, method, 1e-4 if method == "lora" else 1e-5)
     model.train()
     times, losses = [], []
     for b in batches:
         t = time.perf_counter()
-        loss = model(**b).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_GRAD_NORM)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        del loss
+        losses.append(train_step(model, optimizer, b))
         times.append(time.perf_counter() - t)
     peak = host_rss_bytes("VmHWM")
     state = sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
@@ -284,8 +294,6 @@ def heldout(model, name: str, max_length: int) -> Dict:
 
 def quality(args) -> Dict:
     """Each method from the same checkpoint over the same --steps batches, then the held-out loss."""
-    from lisa_dist.optim import LisaOptimizer
-
     batches = train_batches(args.model, args.batch, args.max_length, args.steps)
     base = load_model(args.model)
     rows = [{"model": args.model, "method": "base", "heldout": heldout(base, args.model, args.max_length)}]
@@ -293,27 +301,11 @@ def quality(args) -> Dict:
     for method in args.method_list:
         lr = args.lora_lr if method == "lora" else args.lr
         torch.manual_seed(0)  # LoRA's random init
-        model = load_model(args.model)
-        if method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            model = get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
-                                                     target_modules="all-linear"))
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-            scheduler = _schedule(optimizer, args.steps)
-        else:
-            optimizer = LisaOptimizer(model, lisa_config(method), torch.optim.AdamW, lr=lr)
-            scheduler = _schedule(optimizer, args.steps)
+        model, optimizer = with_optimizer(load_model(args.model), method, lr)
+        scheduler = _schedule(optimizer, args.steps)
         model.train()
-        losses, started = [], time.perf_counter()
-        for b in batches:
-            loss = model(**b).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+        started = time.perf_counter()
+        losses = [train_step(model, optimizer, b, scheduler) for b in batches]
         row = {"model": args.model, "method": method, "lr": lr, "steps": args.steps,
                "train_seconds": time.perf_counter() - started, "train_losses": losses,
                "heldout": heldout(model, args.model, args.max_length)}
