@@ -106,7 +106,8 @@ def _subset(text: str, allowed: Sequence[str], flag: str) -> List[str]:
 # --- the methods' common parts ------------------------------------------------------------------
 
 def lisa_config(args, method: str) -> LisaConfig:
-    return LisaConfig(activated_layers=args.gamma, interval_steps=args.interval, seed=0,
+    # benchmarks/real_models.py runs several seeds through NaiveToggle; this benchmark has one.
+    return LisaConfig(activated_layers=args.gamma, interval_steps=args.interval, seed=getattr(args, "seed", 0),
                       train_embeddings=method != "lisa_no_emb")
 
 
@@ -223,10 +224,12 @@ class DeepSpeedRow:
         self.state: Dict[str, int] = {}
         self.measure = False
 
-    def step(self, b: Dict[str, torch.Tensor]) -> None:
+    def step(self, b: Dict[str, torch.Tensor]) -> float:
+        """One optimizer step; returns this rank's loss."""
         import lisa_dist.backends.deepspeed as lds
         b = {k: v.to(self.engine.device) for k, v in b.items()}
-        self.engine.backward(self.engine(**b).loss)
+        loss = self.engine(**b).loss
+        self.engine.backward(loss)
         if self.measure:
             s = lds.model_state_bytes(self.engine)
             self.state = {"weights": s["weights"], "grads": s["grads"] + s["grad_partitions"],
@@ -235,6 +238,7 @@ class DeepSpeedRow:
         self.steps += 1
         if self.toggle is not None:
             self.toggle.after_step(self.steps)
+        return loss.item()
 
     def close(self) -> None:
         destroy_engine(self.engine)
