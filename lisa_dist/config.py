@@ -34,20 +34,6 @@ class LisaConfig:
     the LM head and the final norm (plus, for a vision-language model, its vision tower and projector).
     A model that ties the head to the input embeddings must freeze both or neither."""
 
-    embedding_update: str = "dense"
-    """How trained input embeddings and LM head are updated: "dense" trains the whole vocab x hidden
-    matrices (a dense gradient, fp32 master and two Adam moments of that size); "rows" keeps them frozen
-    and trains a delta for the rows of the tokens fed in training, at most `embedding_rows` of them
-    (embedding lookup plus delta; head logits plus hidden x delta added in place), so gradient, master
-    and moments are embedding_rows x hidden and no dense vocabulary gradient ever exists. Tokens never
-    fed keep their pretrained rows. A tied embedding/head has one delta. See lisa_dist/vocab_rows.py
-    and docs/below-lora.md."""
-
-    embedding_rows: int = 8192
-    """embedding_update="rows": how many vocabulary rows can train. Tokens take rows in the order they
-    are first fed; once all are taken, new tokens keep their pretrained rows (with a warning). Costs
-    about 16 x hidden bytes per row (per side when the head is untied) under mixed precision."""
-
     embedding_update: EmbeddingUpdate = "dense"
     """How trained input embeddings and LM head are updated: "dense" trains the whole vocab x hidden
     matrices (a dense gradient, fp32 master and two Adam moments of that size); "rows" keeps them frozen
@@ -114,13 +100,6 @@ class LisaConfig:
         if self.state_policy not in STATE_POLICIES:
             raise ValueError(
                 f"LisaConfig.state_policy must be one of {STATE_POLICIES}, got {self.state_policy!r}")
-        if self.embedding_update not in EMBEDDING_UPDATES:
-            raise ValueError(f"LisaConfig.embedding_update must be one of {EMBEDDING_UPDATES}, got "
-                             f"{self.embedding_update!r}")
-        if self.embedding_rows <= 0:
-            raise ValueError(f"LisaConfig.embedding_rows must be >= 1, got {self.embedding_rows}; it bounds the "
-                             "vocabulary rows embedding_update=\"rows\" trains (a fine-tuning set feeds a few "
-                             "thousand distinct tokens)")
         if self.embedding_update not in EMBEDDING_UPDATES:
             raise ValueError(f"LisaConfig.embedding_update must be one of {EMBEDDING_UPDATES}, got "
                              f"{self.embedding_update!r}")

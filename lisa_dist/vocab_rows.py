@@ -16,11 +16,15 @@ pretrained rows: their head rows get no "push down" from the softmax either.
 
 The deltas live in a submodule of the model (``lisa_vocab_rows``), so every engine treats them as
 ordinary always-active parameters (ZeRO-1/2 partitions, reduces and clips them; FSDP2 puts them in
-the root unit). ZeRO-3 is refused (`unsupported`): it partitions parameters in place and gathers them
-per module, and these hooks run inside the embedding and head modules' calls. A slot is taken by a token the first time it is fed in a training forward (grad enabled,
-module in train mode); on several ranks each training forward gathers the new token ids of every
-rank first, so all ranks assign the same slots in the same order. ``rows`` (token id per slot, -1
-free) is a persistent buffer, so model checkpoints carry the assignment and resume exactly.
+the root unit). ZeRO-3 is refused (`unsupported`): it partitions parameters in place and gathers
+them per module, and these hooks run inside the embedding and head modules' calls.
+
+A slot is taken by a token the first time it is fed in a training forward (grad enabled and the
+deltas trainable; train/eval mode is not looked at, as HF models leave from_pretrained in eval
+mode); on several ranks each training forward gathers the new token ids of every rank first, so all
+ranks assign the same slots in the same order. Under gradient accumulation a token's head row thus
+gets gradient from the first micro-batch that feeds it on any rank onwards. ``rows`` (token id per
+slot, -1 free) is a persistent buffer, so model checkpoints carry the assignment and resume exactly.
 AdamW's weight decay pulls the delta toward zero, i.e. the rows toward their pretrained values.
 
 ``merged_state_dict`` folds the deltas into the weights for export; a model saved without it would
