@@ -408,10 +408,12 @@ def runner_rows(stage: int, out_dir: Path) -> Dict:
     LisaOptimizer trains on the global batch; the saved model has the deltas merged."""
     from lisa_dist import vocab_rows
     from lisa_dist.backends.deepspeed.runner import DeepSpeedRunner
+    # 150 slots; 2 ranks feed about 180 distinct tokens of 256: the table fills up mid-run, so the
+    # cut-off must agree too
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7, embedding_update="rows", embedding_rows=150)
     model = build_model()
     start = copy.deepcopy(model)
-    # 200 slots for up to 256 tokens: the table fills up mid-run, so the cut-off must agree too
-    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7, embedding_update="rows", embedding_rows=200)
+    vocab_rows.attach(start, lisa)  # zero deltas: the start of what the engine's module holds
     gas, steps = 1, 5
     ref = copy.deepcopy(model)
     opt = LisaOptimizer(ref, lisa, torch.optim.AdamW, lr=LR, betas=BETAS, eps=EPS, weight_decay=WD)
