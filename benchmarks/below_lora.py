@@ -25,10 +25,16 @@ loading the model, minus the resident set then) over building the optimizer and 
 - frozen: the recommended setting, `LisaOptimizer(model, LisaConfig(**RECOMMENDED), torch.optim.AdamW)`.
 - frozen-switching: the same with interval_steps=2, so the measured steps cross switches.
 - full: LISA with today's defaults (gamma 2, embeddings and head trained densely).
+- rows: LISA with its defaults but embedding_update="rows" (lisa_dist/vocab_rows.py): the vocabulary
+  matrices frozen, a trained delta for the rows of the tokens fed in training (at most 8192).
 - lora: peft LoRA r=16, alpha 32, no dropout, on every linear layer but the head ("all-linear"), AdamW.
 
 The default order measures the recommended setting first, in a process that has not yet freed
 anything: glibc keeps some freed heap, which a later method's rise would not count.
+
+quality: a part that already holds the same model, batch, length, steps and learning rates keeps its
+rows for the methods this run does not train (each method starts from a fresh load and trains on the
+same batches, so a method's row does not depend on the others); the base loss must come out the same.
 """
 from __future__ import annotations
 
@@ -75,7 +81,7 @@ PLANNER_COMMAND = ("env WORLD_SIZE=8 python -m lisa_dist.train --dry-run --model
 no gradient checkpointing, beside LoRA r=16 on every linear layer (run from the repository root;
 `lisa-train` is the same entry point as `python -m lisa_dist.train`)."""
 
-METHODS = ("frozen", "frozen-switching", "full", "lora")
+METHODS = ("frozen", "frozen-switching", "full", "rows", "lora")
 MODELS = ("smollm2-135m", "gemma3-270m")
 PARTS = ROOT / "benchmarks" / "results" / "below_lora"
 LORA_RANK = 16
@@ -87,6 +93,9 @@ def lisa_config(method: str) -> LisaConfig:
         return LisaConfig(**RECOMMENDED)
     if method == "frozen-switching":
         return LisaConfig(**{**RECOMMENDED, "interval_steps": 2})
+    if method == "rows":
+        return LisaConfig(activated_layers=RECOMMENDED["activated_layers"],
+                          interval_steps=RECOMMENDED["interval_steps"], embedding_update="rows")
     return LisaConfig(activated_layers=RECOMMENDED["activated_layers"], interval_steps=RECOMMENDED["interval_steps"])
 
 
@@ -167,7 +176,10 @@ def measure(name: str, method: str, batches) -> Dict:
            "median_step_seconds": statistics.median(times), "losses": losses}
     if method != "lora":
         row["lisa_config"] = {k: getattr(optimizer.config, k) for k in ("activated_layers", "interval_steps",
-                                                                        "train_embeddings", "train_head")}
+                                                                        "train_embeddings", "train_head",
+                                                                        "embedding_update")}
+    if method == "rows":
+        row["rows_used"] = model.lisa_vocab_rows.used()
     del optimizer, model
     _trim()
     return row
@@ -309,12 +321,30 @@ def quality(args) -> Dict:
         row = {"model": args.model, "method": method, "lr": lr, "steps": args.steps,
                "train_seconds": time.perf_counter() - started, "train_losses": losses,
                "heldout": heldout(model, args.model, args.max_length)}
+        if method == "rows":
+            row["rows_used"] = model.lisa_vocab_rows.used()
         rows.append(row)
         print(f"{args.model} {method} lr {lr:g}: held-out loss {row['heldout']['loss']:.4f} "
               f"(base {rows[0]['heldout']['loss']:.4f}), {row['train_seconds']:.0f} s", flush=True)
         del optimizer, model
         _trim()
     return {"rows": rows}
+
+
+def merge_quality(old: Dict, new: Dict) -> Dict:
+    """`new` plus the rows of `old` for methods `new` did not train, when both trained the same way."""
+    same = ("model", "batch", "max_length", "steps", "lr", "lora_lr")
+    if any(old["config"].get(k) != new["config"].get(k) for k in same):
+        return new
+    old_base, new_base = old["rows"][0]["heldout"]["loss"], new["rows"][0]["heldout"]["loss"]
+    if old_base != new_base:
+        raise SystemExit(f"base held-out loss {new_base} differs from the saved part's {old_base}: not merging; "
+                         "rerun every method with --methods")
+    trained = set(new["config"]["methods"])
+    kept = [r for r in old["rows"][1:] if r["method"] not in trained]
+    methods = [r["method"] for r in kept] + new["config"]["methods"]
+    return {**new, "command": f"{old['command']}; {new['command']}", "config": {**new["config"], "methods": methods},
+            "wall_seconds": old["wall_seconds"] + new["wall_seconds"], "rows": new["rows"][:1] + kept + new["rows"][1:]}
 
 
 def main(argv=None) -> None:
@@ -349,6 +379,8 @@ def main(argv=None) -> None:
             "wall_seconds": time.perf_counter() - started, **result}
     args.parts.mkdir(parents=True, exist_ok=True)
     path = args.parts / f"{args.mode}-{args.model}.json"
+    if args.mode == "quality" and path.exists():
+        part = merge_quality(json.loads(path.read_text()), part)
     path.write_text(json.dumps(part, indent=1))
     print(f"wrote {path}", flush=True)
 

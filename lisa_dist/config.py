@@ -11,6 +11,8 @@ StatePolicy = Literal["reset", "offload"]
 SamplingMode = Literal["uniform", "weighted", "outlier", "gradient"]
 STATE_POLICIES: Tuple[str, ...] = typing.get_args(StatePolicy)
 SAMPLING_MODES: Tuple[str, ...] = typing.get_args(SamplingMode)
+EmbeddingUpdate = Literal["dense", "rows"]
+EMBEDDING_UPDATES: Tuple[str, ...] = typing.get_args(EmbeddingUpdate)
 
 
 @dataclass
@@ -31,6 +33,19 @@ class LisaConfig:
     """Always train everything outside the decoder blocks except the input embeddings:
     the LM head and the final norm (plus, for a vision-language model, its vision tower and projector).
     A model that ties the head to the input embeddings must freeze both or neither."""
+
+    embedding_update: EmbeddingUpdate = "dense"
+    """How trained input embeddings and LM head are updated: "dense" trains the whole vocab x hidden
+    matrices (a dense gradient, fp32 master and two Adam moments of that size); "rows" keeps them frozen
+    and trains a delta for the rows of the tokens fed in training, at most `embedding_rows` of them
+    (embedding lookup plus delta; head logits plus hidden x delta added in place), so gradient, master
+    and moments are embedding_rows x hidden and no dense vocabulary gradient exists. Tokens never fed
+    keep their pretrained rows. A tied embedding/head has one delta. Runs on LisaOptimizer, DeepSpeed
+    ZeRO-1/2 and FSDP2; see lisa_dist/vocab_rows.py and docs/below-lora.md."""
+
+    embedding_rows: int = 8192
+    """embedding_update="rows": how many vocabulary rows can train. Tokens take rows in the order they
+    are first fed; once all are taken, new tokens keep their pretrained rows (with a warning)."""
 
     layers_path: Optional[str] = None
     """Dotted path of the nn.ModuleList of decoder blocks (e.g. "model.layers"); found automatically when None."""
@@ -70,7 +85,7 @@ class LisaConfig:
     below exploration / num_layers."""
 
     def __post_init__(self):
-        for name in ("activated_layers", "interval_steps", "seed", "calibration_batches"):
+        for name in ("activated_layers", "interval_steps", "seed", "calibration_batches", "embedding_rows"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"LisaConfig.{name} must be an integer, got {value!r} ({type(value).__name__})")
@@ -85,6 +100,13 @@ class LisaConfig:
         if self.state_policy not in STATE_POLICIES:
             raise ValueError(
                 f"LisaConfig.state_policy must be one of {STATE_POLICIES}, got {self.state_policy!r}")
+        if self.embedding_update not in EMBEDDING_UPDATES:
+            raise ValueError(f"LisaConfig.embedding_update must be one of {EMBEDDING_UPDATES}, got "
+                             f"{self.embedding_update!r}")
+        if self.embedding_rows <= 0:
+            raise ValueError(f"LisaConfig.embedding_rows must be >= 1, got {self.embedding_rows}; it bounds the "
+                             "vocabulary rows embedding_update=\"rows\" trains (a fine-tuning set feeds a few "
+                             "thousand distinct tokens)")
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path.strip()):
             raise ValueError(f"LisaConfig.layers_path must be a dotted path such as 'model.layers' or None, "
                              f"got {self.layers_path!r}")
@@ -168,7 +190,8 @@ def check_weights(weights: Sequence[float], gamma: int, field: str) -> Tuple[flo
 # --- resuming ----------------------------------------------------------------------------------------
 
 RESUME_FIELDS = ("activated_layers", "interval_steps", "seed", "train_embeddings", "train_head", "state_policy",
-                 "sampling", "layer_weights", "gradient_eta", "gradient_beta", "exploration")
+                 "sampling", "layer_weights", "gradient_eta", "gradient_beta", "exploration", "embedding_update",
+                 "embedding_rows")
 """The LisaConfig fields a resumed run must share with the run that wrote the checkpoint: they decide
 which parameters train (the optimizer's layout) or which layers each interval draws (the schedule)."""
 

@@ -13,6 +13,7 @@ from typing import Iterable, Optional
 import torch
 from torch import nn
 
+from lisa_dist import vocab_rows
 from lisa_dist.config import LisaConfig
 
 __all__ = ["DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters", "tied_freeze_problem"]
@@ -228,7 +229,14 @@ def split_parameters(model: nn.Module, config: LisaConfig) -> ParamSplit:
     Outside the blocks, the input embeddings follow ``train_embeddings`` and everything else (LM head,
     final norm, a VLM's vision tower and projector, positional tables) follows ``train_head``; a tensor
     tied between the two trains if either flag is set (a warning says so when only one is).
+
+    Under ``config.embedding_update="rows"`` this first attaches the row deltas to the model
+    (lisa_dist.vocab_rows.attach, once): the deltas are always active, the vocabulary weights they
+    stand for frozen.
     """
+    rows = vocab_rows.attach(model, config)
+    replaced = {id(p) for p in vocab_rows.trained_weights(model).values()}
+    row_params = {id(p) for p in rows.parameters()} if rows is not None else set()
     found = find_decoder_layers(model, config.layers_path)
     block_prefix = f"{found.path}." if found.path else ""
 
@@ -253,6 +261,10 @@ def split_parameters(model: nn.Module, config: LisaConfig) -> ParamSplit:
         i = layer_of(name)
         if i is not None:
             per_layer[i].append((name, p))
+        elif id(p) in row_params:
+            always.append((name, p))
+        elif id(p) in replaced:
+            frozen_outside.append((name, p))
         elif (id(p) in is_embed and config.train_embeddings) or (id(p) in is_head and config.train_head):
             always.append((name, p))
         else:

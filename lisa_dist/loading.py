@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from lisa_dist import vocab_rows
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 
@@ -90,7 +92,14 @@ def _targets(model: nn.Module) -> Dict[str, torch.Tensor]:
     targets: Dict[str, torch.Tensor] = dict(model.named_parameters(remove_duplicate=False))
     persistent = set(model.state_dict(keep_vars=True))  # parameters and persistent buffers
     targets.update((n, b) for n, b in model.named_buffers(remove_duplicate=False) if n in persistent)
-    return targets
+    # A pretrained checkpoint has no row deltas (embedding_update="rows"): _reset_vocab_rows starts them.
+    return {n: t for n, t in targets.items() if not n.startswith(vocab_rows.MODULE_NAME + ".")}
+
+
+def _reset_vocab_rows(model: nn.Module) -> None:
+    rows = vocab_rows.find(model)
+    if rows is not None:
+        rows.reset_parameters()
 
 
 @torch.no_grad()
@@ -139,6 +148,7 @@ def load_safetensors(model: nn.Module, directory: Path) -> None:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             _fill(model, lambda: list(f.keys()), lambda key, rows: f.get_slice(key)[rows], filled, targets)
     _check_complete(model, targets, filled, str(directory))
+    _reset_vocab_rows(model)
 
 
 def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -146,3 +156,4 @@ def load_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None
     targets, filled = _targets(model), set()
     _fill(model, lambda: list(state), lambda key, rows: state[key][rows], filled, targets)
     _check_complete(model, targets, filled, "the state dict")
+    _reset_vocab_rows(model)

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-from lisa_dist import evaluation
+from lisa_dist import evaluation, vocab_rows
 from lisa_dist.config import LisaConfig
 from lisa_dist.devices import synchronize
 from lisa_dist.memory import count_params, model_state_floor
@@ -134,7 +134,9 @@ class SingleRunner:
         return int(state["step"])
 
     def save_pretrained(self, out_dir, tokenizer) -> None:
-        self.model.save_pretrained(out_dir, safe_serialization=True)
+        # embedding_update="rows": the row deltas merged into the weights (a no-op otherwise)
+        state = vocab_rows.merged_state_dict(self.model, self.model.state_dict())
+        self.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
         tokenizer.save_pretrained(out_dir)
 
     def close(self) -> None:

@@ -25,6 +25,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 from torch import nn
 
+from lisa_dist import vocab_rows
 from lisa_dist.backends import torch_compat
 from lisa_dist.backends.ddp import ActiveLayerGradReducer, broadcast_layers, layer_parameter_names
 from lisa_dist.config import LisaConfig
@@ -48,6 +49,11 @@ class LisaPrepared:
     def __init__(self, lisa: LisaConfig):
         if not isinstance(lisa, LisaConfig):
             raise ValueError(f"lisa must be a lisa_dist.LisaConfig, got {type(lisa).__name__}")
+        if lisa.embedding_update == "rows":
+            raise vocab_rows.unsupported(
+                "LisaCallback (HF Trainer) or lisa_dist.accelerate.prepare",
+                "their saves write the model's state as it is, which would drop what the rows learned (the "
+                "deltas must be merged into the weights: lisa_dist.vocab_rows.merged_state_dict)")
         self.lisa = lisa
         self.backend: Optional[str] = None
         self.engine = None

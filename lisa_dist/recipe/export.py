@@ -17,6 +17,7 @@ from typing import Dict, Optional
 
 import torch
 
+from lisa_dist import vocab_rows
 from lisa_dist.backends.deepspeed import _compat as ds_compat
 from lisa_dist.serialization import weights_only_loads
 
@@ -90,6 +91,7 @@ def export(checkpoint_dir, out_dir, model: Optional[str] = None, max_shard_size:
         hf_model = AutoModelForCausalLM.from_config(config)
     target = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
+    state = vocab_rows.merged_state_dict(hf_model, state)  # embedding_update="rows": deltas into the weights
     expected = set(hf_model.state_dict())
     missing = expected - set(state)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}

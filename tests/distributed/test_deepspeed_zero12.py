@@ -183,6 +183,22 @@ def test_runner(ranks):
     assert ranks[0]["runner"]["reload_max_diff"] == 0.0
 
 
+def test_runner_rows_agrees_across_ranks_and_with_one_process(ranks):
+    """embedding_update="rows" under ZeRO-2 (DeepSpeedRunner, lisa-train's path): same slots on every
+    rank and as LisaOptimizer on the global batch, same weights, merged on save."""
+    if "runner_rows" not in ranks[0]:
+        pytest.skip("ZeRO-2 launch only")
+    for rank in ranks:
+        r = rank["runner_rows"]
+        assert r["ranks_agree_on_slots"] and r["slots_equal_reference"] and r["slots_used"] == 150, r
+        assert r["deltas"] == ["embed", "head"], r  # untied: one delta each
+        # fp32; Adam turns reduction-order rounding on near-zero gradients into a few larger outliers
+        assert r["max_abs_diff"] <= 1e-3 and r["mean_abs_diff"] <= 1e-8 and r["mean_abs_update"] > 1e-4, r
+        assert max(abs(a - b) for a, b in zip(r["losses"], r["ref_losses"])) <= 1e-5, r
+    assert ranks[0]["runner_rows"]["losses"] == ranks[1]["runner_rows"]["losses"]
+    assert ranks[0]["runner_rows"]["reload_vs_reference_merged_max_diff"] <= 1e-3
+    assert ranks[0]["runner_rows"]["reload_vs_hooked_logits_max_diff"] <= 1e-4
+
 def test_loading_a_sharded_checkpoint_gives_from_pretrained_weights(ranks):
     for rank in ranks:
         r = rank["loading"]

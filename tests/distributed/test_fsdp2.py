@@ -51,6 +51,18 @@ def test_parity_with_single_process_reference(runs):
     assert rank0["parity_sgd_float32"]["update_deviation"] < 1e-5
 
 
+def test_rows_agree_across_ranks_and_with_one_process(runs):
+    """embedding_update="rows" on FSDPRunner: same slots on both ranks, the merged weights and the
+    losses of LisaOptimizer on the global batch (fp32, SGD), and only fed rows moved."""
+    for rank in runs["main"]:
+        r = rank["rows"]
+        assert r["ranks_agree_on_slots"], r
+        # 512 slots for tokens 3..255: no token is turned away; a token fed only as a sequence's last
+        # input gets no embedding gradient, so at most the slotted rows move
+        assert 200 < r["slots_used"] <= 253 and 0.9 * r["slots_used"] <= r["embedding_rows_moved"] <= r["slots_used"], r
+        assert r["update_deviation"] < 1e-5 and r["max_abs_loss_diff"] < 1e-5, r
+
+
 def test_optimizer_memory_is_the_active_share_and_flat(runs):
     for rank in runs["main"]:
         m = rank["memory"]

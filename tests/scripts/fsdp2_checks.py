@@ -174,6 +174,52 @@ def check_parity_dtype_and_comm(results: Dict, dtype: torch.dtype, opt_name: str
     dist.barrier()
 
 
+def check_rows(results: Dict) -> None:
+    """embedding_update="rows" on FSDPRunner (lisa-train's fsdp2 path), fp32 and SGD so rounding is
+    all that may differ: every rank assigns the same slots, and the deltas merged into the weights
+    equal LisaOptimizer's on the same examples (the merged weights are compared: the slot order is
+    the reference's too, but that is not what a user sees)."""
+    from lisa_dist import vocab_rows
+    lisa = LisaConfig(activated_layers=GAMMA, interval_steps=2, seed=0, embedding_update="rows", embedding_rows=512)
+    steps, lr, wd = 6, 0.5, 0.01
+    rank, world = dist.get_rank(), dist.get_world_size()
+    runner = FSDPRunner(build_model(dtype=torch.float32), lisa, lr=lr, weight_decay=wd, max_grad_norm=0.0,
+                        optimizer_cls=torch.optim.SGD, momentum=0.9)
+    losses = [runner.train_step(rank_batches(step, rank)) for step in range(steps)]
+    rows = vocab_rows.find(runner.model).rows
+    every = [torch.empty_like(rows) for _ in range(world)]
+    dist.all_gather(every, rows)
+    skeleton = build_model(dtype=torch.float32)
+    got = vocab_rows.merged_state_dict(skeleton, full_state(runner.model))
+    runner.close()
+    # The reference forwards micro-batch m of every rank together, as the ranks do (a token gets a slot,
+    # and so its head row a gradient, from the first forward that feeds it on any rank).
+    model = build_model(dtype=torch.float32)
+    opt = LisaOptimizer(model, lisa, torch.optim.SGD, lr=lr, weight_decay=wd, momentum=0.9)
+    ref_losses = []
+    for step in range(steps):
+        total = 0.0
+        for m in range(MICRO):
+            batches = [micro_batch(step, r, m) for r in range(world)]
+            loss = model(**{k: torch.cat([b[k] for b in batches]) for k in batches[0]}).loss / MICRO
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        ref_losses.append(total)
+    ref = model.state_dict()
+    ref = vocab_rows.merged_state_dict(skeleton, ref)
+    init = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    deviation = _update_deviation(got, ref, init)
+    embed = "model.embed_tokens.weight"
+    results["rows"] = {"ranks_agree_on_slots": all(torch.equal(r, rows) for r in every),
+                       "slots_used": int((rows >= 0).sum()), "update_deviation": deviation,
+                       "embedding_rows_moved": int((got[embed] != init[embed]).any(dim=1).sum()),
+                       "max_abs_loss_diff": max(abs(a - b) for a, b in zip(losses, ref_losses)),
+                       "losses": losses, "ref_losses": ref_losses}
+    log(f"rows: update deviation from the reference {deviation:.3g}, {results['rows']['slots_used']} slots")
+
+
 def check_dtype_fixup_needed(results: Dict) -> None:
     """Without the fix-up, on torch 2.13 a layer activated after the first forward reduce-scatters
     in bf16: this is what check_parity_dtype_and_comm would catch if the fix-up were removed. torch
@@ -520,7 +566,7 @@ def main() -> int:
         runs = (("sgd", "fp32", torch.float32), ("sgd", "bf16", torch.bfloat16), ("adamw", "bf16", torch.bfloat16))
         checks = {f"parity_{o}_{d}": functools.partial(check_parity_dtype_and_comm, dtype=dt, opt_name=o)
                   for o, d, dt in runs}
-        checks.update({"fixup": check_dtype_fixup_needed, "memory": check_memory_flat,
+        checks.update({"rows": check_rows, "fixup": check_dtype_fixup_needed, "memory": check_memory_flat,
                        "offload": check_offload_and_checkpointing, "disagree": check_disagreement_raises,
                        "resume": lambda r: check_resume_first_half(r, args.workdir),
                        "importance": lambda r: check_importance(r, args.workdir)})

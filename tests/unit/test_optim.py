@@ -1,4 +1,5 @@
 """LisaOptimizer: the single-process reference every backend is compared with."""
+import contextlib
 import copy
 
 import pytest
@@ -6,22 +7,23 @@ import torch
 from live_tensors import live_tensor_bytes
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lisa_dist import LisaConfig
+from lisa_dist import LisaConfig, vocab_rows
 from lisa_dist.optim import LisaOptimizer
 
 VOCAB = 64
 
 
-def tiny_llama(dtype=torch.float32, layers=6, seed=0):
+def tiny_llama(dtype=torch.float32, layers=6, seed=0, tied=False):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tied)
     return LlamaForCausalLM(cfg).to(dtype)
 
 
-def batch(step, size=4, length=12):
+def batch(step, size=4, length=12, high=VOCAB):
     g = torch.Generator().manual_seed(1000 + step)
-    ids = torch.randint(0, VOCAB, (size, length), generator=g)
+    ids = torch.randint(0, high, (size, length), generator=g)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -183,21 +185,26 @@ def test_reset_starts_fresh_moments():
     assert fresh >= 10
 
 
-@pytest.mark.parametrize("policy", ["reset", "offload"])
+@pytest.mark.parametrize("policy,embedding_update", [("reset", "dense"), ("offload", "dense"), ("reset", "rows")])
 @pytest.mark.parametrize("split_at", [6, 7])  # at a switch boundary, and mid-interval
-def test_state_dict_round_trip_resumes_bit_identical(policy, split_at, tmp_path):
-    cfg = LisaConfig(activated_layers=2, interval_steps=3, seed=9, state_policy=policy)
+def test_state_dict_round_trip_resumes_bit_identical(policy, embedding_update, split_at, tmp_path):
+    # rows: 40 slots for 64 tokens, so the slot table fills up and is part of what must resume
+    cfg = LisaConfig(activated_layers=2, interval_steps=3, seed=9, state_policy=policy,
+                     embedding_update=embedding_update, embedding_rows=40)
     total = 13
 
     def new():
-        model = tiny_llama(torch.bfloat16)
+        model = tiny_llama(torch.bfloat16, tied=embedding_update == "rows")
         opt = LisaOptimizer(model, cfg, lr=1e-2, weight_decay=0.01)
         sched = torch.optim.lr_scheduler.StepLR(opt, step_size=4, gamma=0.5)
         return model, opt, sched
 
     def run(model, opt, sched, steps, start):
         for s in range(start, start + steps):
-            model(**batch(s)).loss.backward()
+            with pytest.warns(UserWarning, match="slots are all taken") if s == 1 and cfg.embedding_update == "rows" \
+                    else contextlib.nullcontext():
+                loss = model(**batch(s)).loss
+            loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad()
@@ -220,6 +227,8 @@ def test_state_dict_round_trip_resumes_bit_identical(policy, split_at, tmp_path)
     assert o2.active_layers == opt.active_layers and o2.switch_index == opt.switch_index
     for (n, a), (_, b) in zip(model.named_parameters(), m2.named_parameters()):
         assert torch.equal(a, b), n
+    for (n, a), (_, b) in zip(model.named_buffers(), m2.named_buffers()):
+        assert torch.equal(a, b), n
     assert o2.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
@@ -240,3 +249,136 @@ def test_lr_scheduler_and_no_always_active():
     train(model, opt, 4, on_step=lambda s: sched.step())
     assert all(g["lr"] == 0.5 ** 4 for g in opt.param_groups)
     assert not model.model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
+
+
+# --- embedding_update="rows" ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rows_gradient_is_the_dense_gradient_of_the_fed_rows(tied):
+    model = tiny_llama(tied=tied)
+    ref = copy.deepcopy(model)
+    opt = LisaOptimizer(model, LisaConfig(activated_layers=1, embedding_update="rows", embedding_rows=48), lr=1e-2)
+    rows = model.lisa_vocab_rows
+    embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+    assert not embed.requires_grad and not head.requires_grad
+    deltas = [rows.embed] if tied else [rows.embed, rows.head]
+    assert [p for p in opt.split.always_params if p.dim() == 2] == deltas  # one delta for a tied weight
+    b = batch(0, high=40)  # tokens 40..63 are never fed
+    out = model(**b)
+    out.loss.backward()
+    for p in ref.parameters():
+        p.requires_grad_(True)
+    ref_out = ref(**b)
+    ref_out.loss.backward()
+    torch.testing.assert_close(out.logits, ref_out.logits, rtol=0, atol=0)  # zero deltas change nothing
+    n = rows.used()
+    fed = rows.rows[:n]
+    assert n == b["input_ids"].unique().numel() and set(fed.tolist()) == set(b["input_ids"].unique().tolist())
+    # tied: the delta collects both the embedding's and the head's gradient, as the shared weight does
+    torch.testing.assert_close(rows.embed.grad[:n], ref.model.embed_tokens.weight.grad[fed])
+    if not tied:
+        torch.testing.assert_close(rows.head.grad[:n], ref.lm_head.weight.grad[fed])
+    assert all(torch.count_nonzero(d.grad[n:]) == 0 for d in deltas)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_rows_train_only_fed_rows_and_merge_into_a_plain_model(tied, tmp_path):
+    model = tiny_llama(tied=tied)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = LisaOptimizer(model, LisaConfig(activated_layers=2, interval_steps=2, seed=4, embedding_update="rows",
+                                          embedding_rows=48), lr=1e-2)
+    for k in range(3):
+        frozen = {n: p.detach().clone() for n, p in model.named_parameters()
+                  if layer_of(opt, p) is not None and layer_of(opt, p) not in opt.active_layers}
+        for s in range(2 * k, 2 * k + 2):
+            model(**batch(s, high=40)).loss.backward()
+            opt.step()
+            opt.zero_grad()
+        params = dict(model.named_parameters())
+        assert all(torch.equal(params[n], t) for n, t in frozen.items())
+    rows = model.lisa_vocab_rows
+    n = rows.used()
+    assert 0 < n <= 40
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # the vocabulary matrices never move
+        if name in weights:
+            assert torch.equal(dict(model.named_parameters(remove_duplicate=False))[name], weights[name])
+    assert torch.count_nonzero(rows.embed[:n]) > 0 and torch.count_nonzero(rows.embed[n:]) == 0
+    always_state = sum(t.numel() for p in opt.split.always_params for t in opt.state[opt._masters[p]].values())
+    # two moments of each delta (48 x 32, not 64 x 32) and of the final norm, and a step counter each
+    assert always_state == 2 * (48 * 32 * (1 if tied else 2) + 32) + len(opt.split.always_params)
+
+    # Export: the deltas folded into a plain checkpoint (what every runner's save_pretrained writes).
+    merged = vocab_rows.merged_state_dict(model, model.state_dict())
+    assert not any(k.startswith(vocab_rows.MODULE_NAME) for k in merged)
+    model.save_pretrained(tmp_path, state_dict=merged)
+    plain = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert not hasattr(plain, vocab_rows.MODULE_NAME)
+    fed = rows.rows[:n]
+    for name in ("model.embed_tokens.weight",) + (() if tied else ("lm_head.weight",)):
+        changed = (dict(plain.named_parameters())[name] != weights[name]).any(dim=1).nonzero().flatten()
+        assert set(changed.tolist()) == set(fed.tolist())  # every fed row moved, no other
+    probe = batch(99)  # includes tokens 40..63, which never trained: they keep their pretrained rows
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**probe).logits, model(**probe).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_scaled_embeddings_match_the_dense_gradient():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    model = Gemma3ForCausalLM(cfg)
+    assert float(model.model.embed_tokens.embed_scale) != 1.0
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ref = copy.deepcopy(model)
+    LisaOptimizer(model, LisaConfig(activated_layers=1, embedding_update="rows"), lr=1e-3)
+    b = batch(0)
+    model(**b).loss.backward()
+    ref.model.embed_tokens.weight.requires_grad_(True)
+    ref(**b).loss.backward()
+    rows = model.lisa_vocab_rows
+    n = rows.used()
+    torch.testing.assert_close(rows.embed.grad[:n], ref.model.embed_tokens.weight.grad[rows.rows[:n]])
+
+
+def test_rows_refuses_an_embedding_that_is_not_a_lookup():
+    model = tiny_llama()
+    model.model.embed_tokens.register_forward_hook(lambda m, a, out: out + 1.0)  # e.g. a positional term inside
+    LisaOptimizer(model, LisaConfig(activated_layers=1, embedding_update="rows"), lr=1e-3)
+    with pytest.raises(ValueError, match="row delta cannot be added"):
+        model(**batch(0))
+
+
+def test_tied_dense_embeddings_hold_one_state():
+    model = tiny_llama(tied=True)
+    opt = LisaOptimizer(model, LisaConfig(activated_layers=1), lr=1e-3)
+    train(model, opt, 1)
+    tied = model.model.embed_tokens.weight
+    assert [id(p) for p in opt.split.always_params].count(id(tied)) == 1
+    assert sum(1 for m in opt.state if m is tied) == 1 and len(opt.state) == len(opt._masters)
+
+
+def test_rows_refuses_the_engines_it_does_not_run_on():
+    from lisa_dist.deepspeed import initialize
+    from lisa_dist.integrations.accelerate import LisaPrepared
+
+    lisa = LisaConfig(activated_layers=1, embedding_update="rows")
+    with pytest.raises(ValueError, match=r"does not run on LisaCallback .*It runs on LisaOptimizer .*ZeRO stage 1 or 2"
+                       r".*--embedding-update dense"):
+        LisaPrepared(lisa)
+    zero3 = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3},
+             "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    with pytest.raises(ValueError, match=r"does not run on DeepSpeed ZeRO-3: .*It runs on LisaOptimizer"):
+        initialize(model=tiny_llama(), config=zero3, lisa=lisa)
+
+
+def test_rows_config_and_flags():
+    from lisa_dist.recipe.run_config import parse_args
+
+    run = parse_args(["--embedding-update", "rows", "--embedding-rows", "100"])
+    assert run.lisa.embedding_update == "rows" and run.lisa.embedding_rows == 100
+    assert parse_args([]).lisa.embedding_update == "dense"
+    with pytest.raises(ValueError, match="embedding_update must be one of"):
+        LisaConfig(embedding_update="sparse")
+    with pytest.raises(ValueError, match="embedding_rows must be >= 1"):
+        LisaConfig(embedding_rows=0)

@@ -48,3 +48,24 @@ def test_read_flat_range_reads_every_zero3_partition(tmp_path):
                     if count:
                         got = read_flat_range(f.get_slice(name), tuple(whole.shape), start, count)
                         assert torch.equal(got, flat[start:start + count]), (name, world, rank)
+
+
+def test_loading_starts_row_deltas_empty(tmp_path):
+    """lisa-train's fsdp2 path with embedding_update="rows": the deltas are attached on the meta device,
+    materialized (undefined contents), then the checkpoint, which has none, is loaded: no slot taken,
+    zero deltas, the pretrained weights."""
+    from lisa_dist import LisaConfig, loading, vocab_rows
+    from lisa_dist.recipe.modeling import build_empty_model_and_tokenizer, build_model_and_tokenizer
+
+    write_checkpoint(tmp_path, tied=True, num_layers=2, hidden_size=64)
+    empty, _ = build_empty_model_and_tokenizer(str(tmp_path), torch.float32)
+    rows = vocab_rows.attach(empty, LisaConfig(embedding_update="rows", embedding_rows=16))
+    assert rows.embed.device.type == "meta" and rows.head is None  # tied: one delta
+    loading.materialize(empty, torch.device("cpu"))
+    with torch.no_grad():
+        rows.embed.fill_(1.0)
+        rows.rows.fill_(3)
+    loading.load_safetensors(empty, tmp_path)
+    assert rows.used() == 0 and torch.count_nonzero(rows.embed) == 0
+    whole, _ = build_model_and_tokenizer(str(tmp_path), torch.float32)
+    assert torch.equal(empty.model.embed_tokens.weight, whole.model.embed_tokens.weight)

@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from lisa_dist import vocab_rows
 from lisa_dist.agreement import check_agreement
 from lisa_dist.backends.deepspeed import _compat, engine_checkpoint, process_group, zero3, zero12
 from lisa_dist.backends.deepspeed.importance import Calibration, engine_outlier_ratios, layer_grad_squares
@@ -247,6 +248,10 @@ def initialize(args=None, model: Optional[nn.Module] = None, optimizer=None, mod
     ds_config = _compat.load_ds_config(config)
     _check_ds_config(ds_config)
     zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    if zero_stage == 3 and lisa.embedding_update == "rows":
+        raise vocab_rows.unsupported(
+            "DeepSpeed ZeRO-3", "its parameters are partitioned in place and gathered per module, and the row "
+            "deltas are applied from hooks on the embedding and head modules, which ZeRO-3 does not gather for")
     if zero_stage == 3:
         _compat.install_zero3_gather_fix()
     else:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lisa_dist import evaluation
+from lisa_dist import evaluation, vocab_rows
 from lisa_dist.backends.deepspeed import _compat, process_group
 from lisa_dist.backends.deepspeed.engine_hook import initialize
 from lisa_dist.backends.deepspeed.state_bytes import model_state_bytes, optimizer_bytes
@@ -130,6 +130,7 @@ class DeepSpeedRunner:
             # sharing a storage for tied weights, so hand it independent host copies.
             if state is None:
                 state = {k: v.detach().to("cpu", copy=True) for k, v in self.engine.module.state_dict().items()}
+            state = vocab_rows.merged_state_dict(self.engine.module, state)  # embedding_update="rows"
             self.engine.module.save_pretrained(out, state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(out)

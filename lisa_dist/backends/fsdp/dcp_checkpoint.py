@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
+from lisa_dist import vocab_rows
 from lisa_dist.backends.fsdp.optimizer import FSDPLisaOptimizer
 
 SIDECAR = "lisa_checkpoint.json"
@@ -133,6 +134,7 @@ def export_pretrained(model: nn.Module, out_dir: Path, tokenizer=None) -> None:
     """Full weights gathered to rank 0's host memory, written as HF safetensors by rank 0."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() == 0:
+        full = vocab_rows.merged_state_dict(model, full)  # embedding_update="rows": deltas into the weights
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir, state_dict=full)
         if tokenizer is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lisa_dist import vocab_rows
 from lisa_dist.agreement import check_agreement
 from lisa_dist.backends.fsdp.shard import default_device
 from lisa_dist.backends.torch_compat import check_torch, refresh_mp_dtypes
@@ -32,6 +33,10 @@ class FSDPLisaOptimizer(LisaOptimizer):
                  optimizer_cls: Type[torch.optim.Optimizer] = torch.optim.AdamW, *,
                  calibration: Optional[Iterable[Dict[str, Any]]] = None, **optimizer_kwargs):
         check_torch()
+        if config.embedding_update == "rows" and vocab_rows.find(model) is None:
+            raise ValueError("embedding_update=\"rows\" on FSDP2: call lisa_dist.vocab_rows.attach(model, config) "
+                             "before fully_shard / shard_model (FSDPRunner does), so the row deltas are sharded "
+                             "with the model's root unit")
         # Set before super().__init__(), which performs the first switch through _switch_to.
         self._model = model
         super().__init__(model, config, optimizer_cls, calibration=calibration, **optimizer_kwargs)

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lisa_dist import loading
+from lisa_dist import loading, vocab_rows
 from lisa_dist.backends.fsdp import dcp_checkpoint
 from lisa_dist.backends.fsdp.optimizer import FSDPLisaOptimizer
 from lisa_dist.backends.fsdp.shard import default_device, reshard_after_evaluation, shard_model
@@ -72,6 +72,8 @@ class FSDPRunner(SingleRunner):
         if self.weight_dtype not in (torch.bfloat16, torch.float32):
             raise ValueError(f"FSDPRunner trains bf16 or fp32 weights, the model is {self.weight_dtype}; "
                              "load it with dtype=torch.bfloat16 (or --dtype bf16)")
+        # embedding_update="rows": the row deltas must exist before sharding, to be sharded with the root unit
+        vocab_rows.attach(model, lisa)
         self.model = shard_model(model, mp_bf16=self.weight_dtype == torch.bfloat16, reduce_fp32=True,
                                  cpu_offload=cpu_offload, activation_checkpointing=activation_checkpointing,
                                  layers_path=lisa.layers_path, train_embeddings=lisa.train_embeddings,
