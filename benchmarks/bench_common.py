@@ -6,9 +6,10 @@ import argparse
 import json
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Sequence
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -92,3 +93,13 @@ def write_report(out: Path, result: Dict, markdown: Callable[[Dict], str]) -> No
     text = markdown(result)
     out.with_suffix(".md").write_text(text)
     print(text, flush=True)
+
+
+def subset(text: str, allowed: Sequence[str], flag: str) -> List[str]:
+    """The comma-separated choices of a benchmark flag, in `allowed`'s order; a bad one exits 2 (as argparse)."""
+    chosen = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in chosen if s not in allowed]
+    if bad or not chosen:
+        print(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}", file=sys.stderr)
+        raise SystemExit(2)
+    return [s for s in allowed if s in chosen]

@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
-from bench_common import add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes, versions  # noqa: E402
+from bench_common import add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes, subset, versions  # noqa: E402,E501
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, format_bytes, local_tensor_bytes  # noqa: E402
@@ -90,17 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
-    args.engine_list = _subset(args.engines, ENGINES, "--engines")
-    args.method_list = _subset(args.methods, METHODS, "--methods")
+    args.engine_list = subset(args.engines, ENGINES, "--engines")
+    args.method_list = subset(args.methods, METHODS, "--methods")
     return args
-
-
-def _subset(text: str, allowed: Sequence[str], flag: str) -> List[str]:
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in chosen if s not in allowed]
-    if bad or not chosen:
-        raise SystemExit(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}")
-    return [s for s in allowed if s in chosen]
 
 
 # --- the methods' common parts ------------------------------------------------------------------

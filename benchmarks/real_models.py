@@ -51,7 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -65,7 +65,7 @@ import real_assets  # noqa: E402
 from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 from peers import DeepSpeedRow, NaiveToggle, lora_model  # noqa: E402
 
-from bench_common import destroy_engine, machine, versions  # noqa: E402
+from bench_common import destroy_engine, machine, subset, versions  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -122,8 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.smoke:
         for k, v in SMOKE.items():
             setattr(args, k, v)
-    args.model_list = _subset(args.models, MODELS, "--models")
-    args.method_list = _subset(args.methods, METHODS, "--methods")
+    args.model_list = subset(args.models, MODELS, "--models")
+    args.method_list = subset(args.methods, METHODS, "--methods")
     args.seed_list = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     args.sweep = [float(x) for x in args.lora_sweep.split(",")] if args.lora_sweep else None
     args.lr_of = {name: per_model(args.lr, name, "--lr") for name in args.model_list}
@@ -141,14 +141,6 @@ def per_model(text: str, name: str, flag: str) -> float:
     except (KeyError, ValueError):
         raise SystemExit(f"{flag} {text!r}: give one number or MODEL=LR for each of the chosen models "
                          f"(missing or unreadable: {name})") from None
-
-
-def _subset(text: str, allowed: Sequence[str], flag: str) -> List[str]:
-    chosen = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in chosen if s not in allowed]
-    if bad or not chosen:
-        raise SystemExit(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}")
-    return [s for s in allowed if s in chosen]
 
 
 def rows_to_run(args, name: str) -> List[Tuple[str, float, int]]:
