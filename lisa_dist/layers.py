@@ -15,6 +15,7 @@ from torch import nn
 
 from lisa_dist import vocab_rows
 from lisa_dist.config import LisaConfig
+from lisa_dist.embeddings import input_embeddings
 
 __all__ = ["DecoderLayers", "ParamSplit", "find_decoder_layers", "split_parameters", "tied_freeze_problem"]
 
@@ -80,16 +81,6 @@ def _hint(example: str) -> str:
             f"or --layers-path {example} on the CLI")
 
 
-def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
-    get = getattr(model, "get_input_embeddings", None)
-    if get is None:
-        return None
-    try:
-        return get()
-    except NotImplementedError:  # transformers' base class raises this when it cannot guess
-        return None
-
-
 def _module_paths(model: nn.Module, target: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules(remove_duplicate=False) if m is target]
 
@@ -136,7 +127,7 @@ def find_decoder_layers(model: nn.Module, layers_path: Optional[str] = None) -> 
     language layers sit beside its token embeddings, the vision tower does not), then the one with
     the most parameters; a remaining tie, or no candidate, is an error naming the candidates.
     """
-    embed = _input_embeddings(model)
+    embed = input_embeddings(model)
     embed_paths = _module_paths(model, embed) if embed is not None else []
     candidates = _candidates(model, embed_paths)
     listing = "\n".join(f"  {_describe(p, m)}" for p, m in candidates) or "  (none)"
@@ -189,7 +180,7 @@ def _sides(model: nn.Module, block_prefix: str) -> tuple[set[int], set[int], tup
     """(ids of embedding-side parameters, ids of head-side parameters, the embeddings' name prefixes):
     outside the decoder blocks, a parameter under the input embeddings is embedding-side and anything
     else head-side. A tied tensor is listed once by named_parameters(); its aliases put it on both."""
-    embed = _input_embeddings(model)
+    embed = input_embeddings(model)
     embed_prefixes = tuple(p + "." for p in _module_paths(model, embed)) if embed is not None else ()
     is_embed: set[int] = set()
     is_head: set[int] = set()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lisa_dist.config import LisaConfig
+from lisa_dist.embeddings import input_embeddings, output_embeddings
 
 MODULE_NAME = "lisa_vocab_rows"
 """Attribute of the model that holds the VocabRows module (and prefix of its state-dict keys)."""
@@ -54,22 +55,6 @@ def unsupported(where: str, why: str) -> ValueError:
     """The error for embedding_update="rows" on an engine it does not run on."""
     return ValueError(f"embedding_update=\"rows\" does not run on {where}: {why}. It runs on {ENGINES}. "
                       "Use one of those, or embedding_update=\"dense\" (lisa-train: --embedding-update dense) here")
-
-
-def _output_embeddings(model: nn.Module) -> Optional[nn.Module]:
-    get = getattr(model, "get_output_embeddings", None)
-    try:
-        return get() if get is not None else None
-    except NotImplementedError:
-        return None
-
-
-def _input_embeddings(model: nn.Module) -> Optional[nn.Module]:
-    get = getattr(model, "get_input_embeddings", None)
-    try:
-        return get() if get is not None else None
-    except NotImplementedError:
-        return None
 
 
 def _embedding_scale(module: nn.Module) -> Optional[torch.Tensor]:
@@ -226,8 +211,8 @@ def attach(model: nn.Module, config: LisaConfig) -> Optional[VocabRows]:
             raise ValueError(f"the model already has {MODULE_NAME} with {existing.capacity} rows but "
                              f"LisaConfig.embedding_rows is {config.embedding_rows}")
         return existing
-    embed = _input_embeddings(model)
-    head = _output_embeddings(model)
+    embed = input_embeddings(model)
+    head = output_embeddings(model)
     train_embed = config.train_embeddings and embed is not None
     train_head = config.train_head and head is not None
     if not (train_embed or train_head):
@@ -289,9 +274,9 @@ def trained_weights(model: nn.Module) -> Dict[str, nn.Parameter]:
         return {}
     out = {}
     if rows.embed is not None:
-        out["embed"] = _input_embeddings(model).weight
+        out["embed"] = input_embeddings(model).weight
     if rows.head is not None:
-        out["head"] = _output_embeddings(model).weight
+        out["head"] = output_embeddings(model).weight
     return out
 
 
@@ -308,7 +293,7 @@ def merged_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> Dict[
     rows = state[prefix + "rows"]
     n = int((rows >= 0).sum())
     out = {k: v for k, v in state.items() if not k.startswith(prefix)}
-    for kind, module in (("embed", _input_embeddings(model)), ("head", _output_embeddings(model))):
+    for kind, module in (("embed", input_embeddings(model)), ("head", output_embeddings(model))):
         if prefix + kind not in state or module is None:
             continue
         keys = [k for k, p in model.named_parameters(remove_duplicate=False) if p is module.weight and k in out]
