@@ -373,20 +373,27 @@ def fp16_loss_scale(stage: int, offload: Optional[dict] = None) -> Dict:
                              lambda: ownership(engine))
 
 
-def runner_check(stage: int, out_dir: Path) -> Dict:
-    """DeepSpeedRunner: the recipe's interface; 2 micro-batches with a config saying 1."""
+def train_runner(model, lisa: LisaConfig, stage: int, steps: int, gas: int):
+    """A DeepSpeedRunner (lisa-train's) over `model`, trained `steps` steps of `gas` micro-batches of
+    this rank's share, with a config saying 1 micro-batch; returns it and its losses."""
     from lisa_dist.backends.deepspeed.runner import DeepSpeedRunner
-    model = build_model()
-    start = copy.deepcopy(model)
-    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7)
-    gas, steps = 2, 5
-    ref = reference(model, lisa, steps, gas, bf16=False)
     cfg = ds_config(stage, False, 1, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)})
     runner = DeepSpeedRunner(model, lisa, cfg)
     losses = []
     for step in range(steps):
         micro = [{"input_ids": ids, "labels": ids} for ids in rank_micro_batches(step, gas)]
         losses.append(runner.train_step(micro))
+    return runner, losses
+
+
+def runner_check(stage: int, out_dir: Path) -> Dict:
+    """DeepSpeedRunner: the recipe's interface; 2 micro-batches with a config saying 1."""
+    model = build_model()
+    start = copy.deepcopy(model)
+    lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7)
+    gas, steps = 2, 5
+    ref = reference(model, lisa, steps, gas, bf16=False)
+    runner, losses = train_runner(model, lisa, stage, steps, gas)
     result = compare(flat_weights(runner.engine.module), flat_weights(ref), flat_weights(start))
     result.update({"losses": losses, "rank": runner.rank, "world_size": runner.world_size,
                    "active_layers": list(runner.active_layers), "switch_index": runner.switch_index,
@@ -407,7 +414,6 @@ def runner_rows(stage: int, out_dir: Path) -> Dict:
     ranks feed different tokens but must assign the same slots in the same order, and train what
     LisaOptimizer trains on the global batch; the saved model has the deltas merged."""
     from lisa_dist import vocab_rows
-    from lisa_dist.backends.deepspeed.runner import DeepSpeedRunner
     # 150 slots; 2 ranks feed about 180 distinct tokens of 256: the table fills up mid-run, so the
     # cut-off must agree too
     lisa = LisaConfig(activated_layers=2, interval_steps=2, seed=7, embedding_update="rows", embedding_rows=150)
@@ -425,12 +431,7 @@ def runner_rows(stage: int, out_dir: Path) -> Dict:
         ref_losses.append(loss.item())
         opt.step()
         opt.zero_grad()
-    cfg = ds_config(stage, False, 1, optimizer={"type": "AdamW", "params": dict(ADAMW, torch_adam=True)})
-    runner = DeepSpeedRunner(model, lisa, cfg)
-    losses = []
-    for step in range(steps):
-        micro = [{"input_ids": ids, "labels": ids} for ids in rank_micro_batches(step, gas)]
-        losses.append(runner.train_step(micro))
+    runner, losses = train_runner(model, lisa, stage, steps, gas)
     module = runner.engine.module
     rows = vocab_rows.find(module).rows
     every = [torch.empty_like(rows) for _ in range(dist.get_world_size())]
