@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 import platform
+import shutil
+import socket
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -103,3 +105,19 @@ def subset(text: str, allowed: Sequence[str], flag: str) -> List[str]:
         print(f"{flag}: unknown {bad or 'empty list'}; choose from {', '.join(allowed)}", file=sys.stderr)
         raise SystemExit(2)
     return [s for s in allowed if s in chosen]
+
+
+def launcher(name: str) -> str:
+    """The `deepspeed`/`torchrun` script beside this python (a venv's), else on PATH; exits naming it if absent."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"the {name} launcher is not beside this python or on PATH; pip install deepspeed")
+    return found
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a launch's --master_port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

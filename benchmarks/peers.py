@@ -29,7 +29,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 
-from bench_common import add_model_args, build_model, destroy_engine, machine, optimizer_state_bytes, subset, versions  # noqa: E402,E501
+from bench_common import (  # noqa: E402
+    add_model_args,
+    build_model,
+    destroy_engine,
+    free_port,
+    launcher,
+    machine,
+    optimizer_state_bytes,
+    subset,
+    versions,
+)
 from lisa_dist.config import LisaConfig  # noqa: E402
 from lisa_dist.layers import split_parameters  # noqa: E402
 from lisa_dist.memory import count_params, format_bytes, local_tensor_bytes  # noqa: E402
@@ -444,18 +453,12 @@ def worker(args) -> None:
 
 
 def launch_workers(args, engines: List[str]) -> Dict:
-    launcher = Path(sys.executable).with_name("deepspeed")
-    launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
-    if launcher is None:
-        raise SystemExit("the deepspeed launcher is not beside this python or on PATH; pip install deepspeed")
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    ds_launcher = launcher("deepspeed")
+    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         result = Path(tmp) / "rows.json"
         flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in FORWARDED]
-        cmd = [launcher, f"--num_gpus={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
+        cmd = [ds_launcher, f"--num_gpus={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={port}",
                str(Path(__file__).resolve()), "--worker", f"--result-file={result}", f"--engines={','.join(engines)}",
                f"--methods={','.join(args.method_list)}", *flags]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ["OMP_NUM_THREADS"],

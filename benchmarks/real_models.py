@@ -42,8 +42,6 @@ import argparse
 import gc
 import json
 import os
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -65,7 +63,7 @@ import real_assets  # noqa: E402
 from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 from peers import DeepSpeedRow, NaiveToggle, lora_model  # noqa: E402
 
-from bench_common import destroy_engine, machine, subset, versions  # noqa: E402
+from bench_common import destroy_engine, free_port, launcher, machine, subset, versions  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -378,18 +376,6 @@ def first_lisa(args, name: str) -> Optional[int]:
 
 # --- the main process ----------------------------------------------------------------------------
 
-def _tool(name: str) -> str:
-    path = Path(sys.executable).with_name(name)
-    found = str(path) if path.exists() else shutil.which(name)
-    if found is None:
-        raise SystemExit(f"the {name} launcher is not beside this python or on PATH; pip install deepspeed")
-    return found
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env() -> Dict[str, str]:
@@ -402,7 +388,7 @@ def launch_workers(args, assets_file: Path, tmp: Path) -> Dict:
     flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in FORWARDED]
     if args.sweep:
         flags.append(f"--lora-sweep={args.lora_sweep}")
-    cmd = [_tool("deepspeed"), f"--num_gpus={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+    cmd = [launcher("deepspeed"), f"--num_gpus={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            str(Path(__file__).resolve()), "--worker", f"--assets={assets_file}", f"--result-file={result}",
            f"--save-dir={tmp / 'saved'}", *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), text=True)
@@ -420,7 +406,7 @@ def lisa_train_run(args, spec: Dict, tmp: Path) -> Dict:
              str(args.gamma), "--interval-steps", str(args.interval), "--seed", str(args.seed_list[0]),
              "--max-length", str(args.max_length),
              "--data-format", args.data_format, "--no-plots", "--log-every", "1000", "--output-dir", str(out)]
-    cmd = [_tool("deepspeed"), f"--num_gpus={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={_port()}",
+    cmd = [launcher("deepspeed"), f"--num_gpus={args.nproc}", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
            "--module", "lisa_dist.train", *flags]
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), text=True, capture_output=True)
