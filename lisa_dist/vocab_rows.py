@@ -220,9 +220,9 @@ def attach(model: nn.Module, config: LisaConfig) -> Optional[VocabRows]:
     if embed is None:
         raise ValueError(f"embedding_update=\"rows\" needs {type(model).__name__}.get_input_embeddings(): the rows "
                          "that train are those of the token ids fed to it; use embedding_update=\"dense\"")
-    ref = (embed if embed is not None else head).weight
+    ref = embed.weight
     vocab, hidden = _shape(ref)
-    tied = embed is not None and head is not None and head.weight is embed.weight
+    tied = head is not None and head.weight is embed.weight
     if head is not None and not tied and _shape(head.weight) != (vocab, hidden):
         raise ValueError(f"embedding_update=\"rows\": the LM head's weight is {_shape(head.weight)} but the "
                          f"input embeddings' is {(vocab, hidden)}; row deltas need both to be vocab x hidden")
