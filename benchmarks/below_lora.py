@@ -85,18 +85,24 @@ METHODS = ("frozen", "frozen-switching", "full", "rows", "lora")
 MODELS = ("smollm2-135m", "gemma3-270m")
 PARTS = ROOT / "benchmarks" / "results" / "below_lora"
 LORA_RANK = 16
+LOGGED = ("activated_layers", "interval_steps", "seed", "sampling", "train_embeddings", "train_head",
+          "embedding_update")
 MAX_GRAD_NORM = 1.0
 
 
-def lisa_config(method: str) -> LisaConfig:
+def lisa_config(method: str, **schedule) -> LisaConfig:
+    """The method's LisaConfig; `schedule` (activated_layers, interval_steps, seed, sampling) overrides the
+    recommended one."""
+    shape = {"activated_layers": RECOMMENDED["activated_layers"], "interval_steps": RECOMMENDED["interval_steps"],
+             "seed": RECOMMENDED["seed"], "sampling": RECOMMENDED.get("sampling", "uniform"),
+             **{k: v for k, v in schedule.items() if v is not None}}
     if method == "frozen":
-        return LisaConfig(**RECOMMENDED)
+        return LisaConfig(**{**RECOMMENDED, **shape})
     if method == "frozen-switching":
-        return LisaConfig(**{**RECOMMENDED, "interval_steps": 2})
+        return LisaConfig(**{**RECOMMENDED, **shape, "interval_steps": 2})
     if method == "rows":
-        return LisaConfig(activated_layers=RECOMMENDED["activated_layers"],
-                          interval_steps=RECOMMENDED["interval_steps"], embedding_update="rows")
-    return LisaConfig(activated_layers=RECOMMENDED["activated_layers"], interval_steps=RECOMMENDED["interval_steps"])
+        return LisaConfig(**shape, embedding_update="rows")
+    return LisaConfig(**shape)
 
 
 def load_model(name: str):
@@ -118,6 +124,9 @@ def train_batches(name: str, batch: int, max_length: int, count: int, seed: int 
     tok = _tokenizer(str(real_assets.checkpoint(name)), None, False)  # lisa-train's own (pad = eos when missing)
     train, _, _ = real_assets.gsm_split()
     dataset = data.build_dataset(train, tok, max_length=max_length)
+    if batch * count > len(dataset):
+        raise SystemExit(f"--steps {count} x --batch {batch} needs {batch * count} training examples; the GSM-Symbolic "
+                         f"training split has {len(dataset)}: lower --steps or --batch")
     order = list(range(len(dataset)))
     random.Random(f"below-lora:{seed}").shuffle(order)
     return [data.collate([dataset[i] for i in order[b * batch:(b + 1) * batch]], tok.pad_token_id)
@@ -130,7 +139,7 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def with_optimizer(model, method: str, lr: float):
+def with_optimizer(model, method: str, lr: float, **schedule):
     """(model, optimizer) for a method: peft LoRA r=16 on every linear layer with AdamW over its
     adapters, or LisaOptimizer with the method's LisaConfig."""
     if method == "lora":
@@ -141,7 +150,7 @@ def with_optimizer(model, method: str, lr: float):
         return model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     from lisa_dist.optim import LisaOptimizer
 
-    return model, LisaOptimizer(model, lisa_config(method), torch.optim.AdamW, lr=lr)
+    return model, LisaOptimizer(model, lisa_config(method, **schedule), torch.optim.AdamW, lr=lr)
 
 
 def train_step(model, optimizer, batch, scheduler=None) -> float:
@@ -156,12 +165,17 @@ def train_step(model, optimizer, batch, scheduler=None) -> float:
     return loss.item()
 
 
-def measure(name: str, method: str, batches) -> Dict:
+def schedule_args(args) -> Dict:
+    return {"activated_layers": args.activated_layers, "interval_steps": args.interval_steps, "seed": args.seed,
+            "sampling": args.sampling}
+
+
+def measure(name: str, method: str, batches, **schedule) -> Dict:
     model = load_model(name)
     _trim()
     reset_peak_host_rss()
     start = host_rss_bytes()
-    model, optimizer = with_optimizer(model, method, 1e-4 if method == "lora" else 1e-5)
+    model, optimizer = with_optimizer(model, method, 1e-4 if method == "lora" else 1e-5, **schedule)
     model.train()
     times, losses = [], []
     for b in batches:
@@ -175,9 +189,7 @@ def measure(name: str, method: str, batches) -> Dict:
            "rise_bytes": peak - start, "optimizer_state_bytes": state,
            "median_step_seconds": statistics.median(times), "losses": losses}
     if method != "lora":
-        row["lisa_config"] = {k: getattr(optimizer.config, k) for k in ("activated_layers", "interval_steps",
-                                                                        "train_embeddings", "train_head",
-                                                                        "embedding_update")}
+        row["lisa_config"] = {k: getattr(optimizer.config, k) for k in LOGGED}
     if method == "rows":
         row["rows_used"] = model.lisa_vocab_rows.used()
     del optimizer, model
@@ -190,7 +202,7 @@ def memory(args) -> Dict:
     tokens = [int(b["attention_mask"].sum()) for b in batches]
     rows = []
     for method in args.method_list:
-        row = measure(args.model, method, batches)
+        row = measure(args.model, method, batches, **schedule_args(args))
         rows.append(row)
         print(f"{args.model} {method}: peak RSS rise {row['rise_bytes'] / 2 ** 30:.2f} GiB, "
               f"{row['median_step_seconds']:.1f} s/step", flush=True)
@@ -236,7 +248,26 @@ def report(parts: Path) -> Dict:
     for path in sorted(parts.glob("quality-*.json")):
         part = json.loads(path.read_text())
         result["quality"][part["config"]["model"]] = part
+    result["quality_sweeps"] = sweep_rows(parts)
     return result
+
+
+def sweep_rows(parts: Path) -> List[Dict]:
+    """One row per trained method of every quality part in a folder under `parts` (the sweeps of learning
+    rate, gamma, K and steps), with the settings it ran under."""
+    # Parts written before the benchmark recorded gamma and K ran the setting recommended then: 2 and 20.
+    before = {"activated_layers": 2, "interval_steps": 20, "seed": 0, "sampling": "uniform"}
+    rows = []
+    for path in sorted(parts.glob("*/quality-*.json")):
+        part = json.loads(path.read_text())
+        base = part["rows"][0]["heldout"]["loss"]
+        for r in part["rows"][1:]:
+            schedule = {**before, **part["config"], **(r.get("lisa_config") or {})}
+            rows.append({"part": str(path.relative_to(ROOT)), "model": part["config"]["model"], "method": r["method"],
+                         "steps": r["steps"], "lr": r["lr"],
+                         **{k: None if r["method"] == "lora" and k != "seed" else schedule[k] for k in before},
+                         "heldout_loss": r["heldout"]["loss"], "base_loss": base, "command": part["command"]})
+    return rows
 
 
 def markdown(result: Dict) -> str:
@@ -277,6 +308,19 @@ def markdown(result: Dict) -> str:
             lines.append(f"| {r['method']} | {r.get('lr', '')} | {r['heldout']['loss']:.4f} | "
                          f"{r['heldout']['loss'] / base:.3f} | {r.get('train_seconds', 0):.0f} |")
         lines.append("")
+    if result.get("quality_sweeps"):
+        lines += ["## Sweeps: learning rate, gamma, K, steps (one process, fp32, 4 x up to 256 tokens per step)", "",
+                  "Each row: one method trained from the checkpoint with these settings; the part file holds the "
+                  "command, machine and versions. gamma / K are LISA's (blank for LoRA).", "",
+                  "| model | steps | method | peak lr | gamma | K | sampling | seed | held-out loss | vs base | part |",
+                  "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---|"]
+        for r in result["quality_sweeps"]:
+            lisa = r["method"] != "lora"
+            gamma, k, sampling = (r["activated_layers"], r["interval_steps"], r["sampling"]) if lisa else ("", "", "")
+            lines.append(f"| {r['model']} | {r['steps']} | {r['method']} | {r['lr']:g} | {gamma} | {k} | {sampling} | "
+                         f"{r['seed']} | {r['heldout_loss']:.4f} | {r['heldout_loss'] / r['base_loss']:.3f} | "
+                         f"{Path(r['part']).parent.name}/{Path(r['part']).name} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -312,13 +356,14 @@ def quality(args) -> Dict:
     del base
     for method in args.method_list:
         lr = args.lora_lr if method == "lora" else args.lr
-        torch.manual_seed(0)  # LoRA's random init
-        model, optimizer = with_optimizer(load_model(args.model), method, lr)
+        torch.manual_seed(args.seed or 0)  # LoRA's random init
+        model, optimizer = with_optimizer(load_model(args.model), method, lr, **schedule_args(args))
         scheduler = _schedule(optimizer, args.steps)
         model.train()
         started = time.perf_counter()
         losses = [train_step(model, optimizer, b, scheduler) for b in batches]
         row = {"model": args.model, "method": method, "lr": lr, "steps": args.steps,
+               **({"lisa_config": {k: getattr(optimizer.config, k) for k in LOGGED}} if method != "lora" else {}),
                "train_seconds": time.perf_counter() - started, "train_losses": losses,
                "heldout": heldout(model, args.model, args.max_length)}
         if method == "rows":
@@ -333,7 +378,8 @@ def quality(args) -> Dict:
 
 def merge_quality(old: Dict, new: Dict) -> Dict:
     """`new` plus the rows of `old` for methods `new` did not train, when both trained the same way."""
-    same = ("model", "batch", "max_length", "steps", "lr", "lora_lr")
+    same = ("model", "batch", "max_length", "steps", "lr", "lora_lr", "activated_layers", "interval_steps", "seed",
+            "sampling")
     if any(old["config"].get(k) != new["config"].get(k) for k in same):
         return new
     old_base, new_base = old["rows"][0]["heldout"]["loss"], new["rows"][0]["heldout"]["loss"]
@@ -358,6 +404,14 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=6, help="training steps (memory: 6; quality: e.g. 60)")
     p.add_argument("--lr", type=float, default=1e-4, help="quality: LISA's peak learning rate")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="quality: LoRA's peak learning rate")
+    p.add_argument("--activated-layers", type=int, default=None,
+                   help=f"LISA methods' gamma (default {RECOMMENDED['activated_layers']}, the recommended setting's)")
+    p.add_argument("--interval-steps", type=int, default=None,
+                   help=f"LISA methods' K (default {RECOMMENDED['interval_steps']}; frozen-switching keeps 2)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="quality: LISA's sampling seed and LoRA's init seed (default 0); the batches stay the same")
+    p.add_argument("--sampling", choices=("uniform", "gradient"), default=None,
+                   help="LISA methods' layer sampling (default: the recommended setting's)")
     p.add_argument("--parts", type=Path, default=PARTS)
     args = p.parse_args(argv)
     args.method_list = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -375,7 +429,8 @@ def main(argv=None) -> None:
             "machine": {**machine(), "torch_threads": torch.get_num_threads()}, "versions": versions(),
             "config": {"model": args.model, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
                        "methods": args.method_list, "lora_rank": LORA_RANK,
-                       **({"lr": args.lr, "lora_lr": args.lora_lr} if args.mode == "quality" else {})},
+                       **({"lr": args.lr, "lora_lr": args.lora_lr} if args.mode == "quality" else {}),
+                       **{k: v for k, v in schedule_args(args).items() if v is not None}},
             "wall_seconds": time.perf_counter() - started, **result}
     args.parts.mkdir(parents=True, exist_ok=True)
     path = args.parts / f"{args.mode}-{args.model}.json"
