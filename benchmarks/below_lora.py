@@ -9,9 +9,11 @@ measured on real checkpoints beside peft LoRA r=16, and planned for Llama-3-8B o
         --methods frozen,full,lora     # held-out loss after the same training
     python benchmarks/below_lora.py report    # benchmarks/results/below_lora.{json,md}
 
-The recommended setting is RECOMMENDED below: LISA with gamma=2 and the vocabulary matrices (input
-embeddings, LM head and final norm) frozen, so LISA trains two whole decoder layers at a time and
-nothing else. `memory` writes one part per model under benchmarks/results/below_lora/; `report`
+The recommended setting is RECOMMENDED below: LISA with gamma=2, K=5 and the vocabulary matrices
+(input embeddings, LM head and final norm) frozen, so LISA trains two whole decoder layers at a time
+and nothing else. --activated-layers, --interval-steps, --seed and --sampling override it for every LISA
+method (the sweeps under benchmarks/results/below_lora/sweep/; give each its own --parts folder).
+`memory` writes one part per model under benchmarks/results/below_lora/; `report`
 runs PLANNER_COMMAND (the dry run for Llama-3-8B with that setting, 8 ranks, ZeRO-2), reads its
 printed `LISA / LoRA` ratio, and joins it with the parts and benchmarks/results/llama3_8b_plan.json.
 
@@ -66,11 +68,11 @@ from host_memory import host_rss_bytes, reset_peak_host_rss  # noqa: E402
 from bench_common import machine, versions, write_report  # noqa: E402
 from lisa_dist.config import LisaConfig  # noqa: E402
 
-RECOMMENDED = {"activated_layers": 2, "interval_steps": 20, "seed": 0, "train_embeddings": False,
+RECOMMENDED = {"activated_layers": 2, "interval_steps": 5, "seed": 0, "train_embeddings": False,
                "train_head": False}
 """LisaConfig field values of the recommended setting (every other field at its default)."""
 
-LISA_TRAIN_ARGS = ["--activated-layers", "2", "--interval-steps", "20", "--seed", "0", "--no-train-embeddings",
+LISA_TRAIN_ARGS = ["--activated-layers", "2", "--interval-steps", "5", "--seed", "0", "--no-train-embeddings",
                    "--no-train-head"]
 """The same setting as lisa-train flags."""
 
@@ -85,6 +87,8 @@ METHODS = ("frozen", "frozen-switching", "full", "rows", "lora")
 MODELS = ("smollm2-135m", "gemma3-270m")
 PARTS = ROOT / "benchmarks" / "results" / "below_lora"
 LORA_RANK = 16
+SWEPT = ("activated_layers", "interval_steps", "seed", "sampling")
+"""The LisaConfig fields the sweep flags set; every part's config records their effective values."""
 LOGGED = ("activated_layers", "interval_steps", "seed", "sampling", "train_embeddings", "train_head",
           "embedding_update")
 MAX_GRAD_NORM = 1.0
@@ -234,14 +238,7 @@ def report(parts: Path) -> Dict:
     planner = run_planner()
     plan8b = ROOT / "benchmarks" / "results" / "llama3_8b_plan.json"
     table = json.loads(plan8b.read_text()) if plan8b.exists() else None
-    rows = []
-    for model, part in measured.items():
-        lora = next((r["rise_bytes"] for r in part["rows"] if r["method"] == "lora"), None)
-        for r in part["rows"]:
-            rows.append({"model": model, "method": r["method"], "rise_bytes": r["rise_bytes"],
-                         "rise_over_lora": r["rise_bytes"] / lora if lora else None,
-                         "batch": part["config"]["batch"], "max_length": part["config"]["max_length"],
-                         "steps": part["config"]["steps"], "command": part["command"]})
+    rows = [row for part in measured.values() for row in memory_rows(part)]
     result = {"planner_command": PLANNER_COMMAND, "lisa_config": RECOMMENDED, "lisa_train_args": LISA_TRAIN_ARGS,
               "rows": rows, "planner": planner, "measured": measured, "llama3_8b_plan": table,
               "quality": {}}
@@ -249,7 +246,19 @@ def report(parts: Path) -> Dict:
         part = json.loads(path.read_text())
         result["quality"][part["config"]["model"]] = part
     result["quality_sweeps"] = sweep_rows(parts)
+    result["memory_sweeps"] = [dict(row, part=str(path.relative_to(ROOT)))
+                               for path in sorted(parts.glob("*/memory-*.json"))
+                               for row in memory_rows(json.loads(path.read_text()))]
     return result
+
+
+def memory_rows(part: Dict) -> List[Dict]:
+    """A memory part's rows: each method's rise of peak RSS, and that over LoRA's in the same process."""
+    lora = next((r["rise_bytes"] for r in part["rows"] if r["method"] == "lora"), None)
+    return [{"model": part["config"]["model"], "method": r["method"], "rise_bytes": r["rise_bytes"],
+             "rise_over_lora": r["rise_bytes"] / lora if lora else None, "lisa_config": r.get("lisa_config"),
+             "batch": part["config"]["batch"], "max_length": part["config"]["max_length"],
+             "steps": part["config"]["steps"], "command": part["command"]} for r in part["rows"]]
 
 
 def sweep_rows(parts: Path) -> List[Dict]:
@@ -307,6 +316,16 @@ def markdown(result: Dict) -> str:
         for r in part["rows"]:
             lines.append(f"| {r['method']} | {r.get('lr', '')} | {r['heldout']['loss']:.4f} | "
                          f"{r['heldout']['loss'] / base:.3f} | {r.get('train_seconds', 0):.0f} |")
+        lines.append("")
+    if result.get("memory_sweeps"):
+        lines += ["## Memory sweeps: gamma and K (one process, the same batches, rise of peak RSS)", "",
+                  "| model | method | gamma | K | peak RSS rise GiB | / LoRA's in the same run | part |",
+                  "|---|---|---:|---:|---:|---:|---|"]
+        for r in result["memory_sweeps"]:
+            cfg = r["lisa_config"] or {}
+            lines.append(f"| {r['model']} | {r['method']} | {cfg.get('activated_layers', '')} | "
+                         f"{cfg.get('interval_steps', '')} | {r['rise_bytes'] / gib:.2f} | {r['rise_over_lora']:.2f} | "
+                         f"{Path(r['part']).name} |")
         lines.append("")
     if result.get("quality_sweeps"):
         lines += ["## Sweeps: learning rate, gamma, K, steps (one process, fp32, 4 x up to 256 tokens per step)", "",
@@ -378,8 +397,7 @@ def quality(args) -> Dict:
 
 def merge_quality(old: Dict, new: Dict) -> Dict:
     """`new` plus the rows of `old` for methods `new` did not train, when both trained the same way."""
-    same = ("model", "batch", "max_length", "steps", "lr", "lora_lr", "activated_layers", "interval_steps", "seed",
-            "sampling")
+    same = ("model", "batch", "max_length", "steps", "lr", "lora_lr", *SWEPT)
     if any(old["config"].get(k) != new["config"].get(k) for k in same):
         return new
     old_base, new_base = old["rows"][0]["heldout"]["loss"], new["rows"][0]["heldout"]["loss"]
@@ -430,7 +448,7 @@ def main(argv=None) -> None:
             "config": {"model": args.model, "batch": args.batch, "max_length": args.max_length, "steps": args.steps,
                        "methods": args.method_list, "lora_rank": LORA_RANK,
                        **({"lr": args.lr, "lora_lr": args.lora_lr} if args.mode == "quality" else {}),
-                       **{k: v for k, v in schedule_args(args).items() if v is not None}},
+                       **{k: getattr(lisa_config("full", **schedule_args(args)), k) for k in SWEPT}},
             "wall_seconds": time.perf_counter() - started, **result}
     args.parts.mkdir(parents=True, exist_ok=True)
     path = args.parts / f"{args.mode}-{args.model}.json"
